@@ -1,0 +1,17 @@
+"""peft-layersched: LoRA on chosen transformer layers, with a schedule of which layers train when.
+
+Importing the package registers the ``SCHEDULED_LORA`` PEFT type, so ``get_peft_model(model,
+ScheduledLoraConfig(...))`` and ``PeftModel.from_pretrained(base, path)`` work as for plain LoRA.
+"""
+
+from .config import ScheduledLoraConfig
+from .export import export_lora
+from .registration import register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = ["ScheduledLoraConfig", "LayerScheduleCallback", "export_lora", "__version__"]
+
+

@@ -1,0 +1,149 @@
+"""``ScheduledLoraConfig``: a ``peft.LoraConfig`` plus a layer schedule."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+from peft import LoraConfig
+
+from . import _compat
+from .schedule import LayerId, MilestoneSchedule, check_layer_list, check_unit, parse_schedule
+
+
+@dataclass
+class ScheduledLoraConfig(LoraConfig):
+    """LoRA whose trainable layers follow a schedule.
+
+    Every ``LoraConfig`` field keeps its meaning (``r``, ``lora_alpha``, ``lora_dropout``,
+    ``target_modules``, ``bias``, ``modules_to_save``, ``task_type``, ``fan_in_fan_out``,
+    ``init_lora_weights``, ...).  ``lora_alpha`` defaults to 8 and ``lora_dropout`` to 0.0 on every
+    PEFT (PEFT 0.3.0 ships ``None`` for both and crashes on them).
+
+    Args:
+        layer_schedule (`dict`, *optional*):
+            ``{start: layers}``: from epoch (or optimizer step, see ``schedule_unit``) ``start`` on,
+            exactly ``layers`` train, until the next start.  ``{0: [11], 3: [1, 11]}`` trains layer 11,
+            and from epoch 3 on also layer 1.  An empty list trains only ``modules_to_save``.  Layer ids
+            are ints (negative counts from the top) or ``"<stack>.<index>"`` for models with several
+            stacks (``"decoder.-1"``).  ``None`` (default): no schedule, plain LoRA.
+        schedule_unit (`str`):
+            ``"epoch"`` (default) or ``"step"`` (optimizer steps).
+        preallocate_layers (`list`, *optional*):
+            Layers that get adapters up front.  Default: every layer the schedule names.
+        layers_pattern (`str` or `list[str]`, *optional*):
+            Dotted path (or suffix) of the block list(s), overriding automatic stack discovery.
+        init_seed (`int`, *optional*):
+            Adapter initial weights depend only on ``(init_seed, module name)``.  ``None``: taken from
+            ``torch.initial_seed()`` when the model is built (with a schedule) and recorded here.
+        ever_active_layers (`list`, *optional*):
+            Written by the tuner: layers whose adapters have been active at least once.  Saved with
+            the adapter so a loaded model knows which adapters carry trained weights.
+
+    Example:
+
+    ```py
+    >>> from peft import get_peft_model
+    >>> from peft_layersched import ScheduledLoraConfig
+    >>> config = ScheduledLoraConfig(r=8, target_modules=["query", "value"], layer_schedule={0: [11], 3: [1, 11]})
+    >>> model = get_peft_model(bert, config)
+    >>> model.activate_layers(3)
+    [1, 11]
+    ```
+    """
+
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scaling = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    layers_pattern: Optional[Union[List[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Dotted path or suffix of the model's block list(s) (e.g. 'encoder.layer', "
+            "'model.layers'); overrides automatic layer-stack discovery."
+        },
+    )
+    layer_schedule: Optional[Dict[int, List[LayerId]]] = field(
+        default=None,
+        metadata={
+            "help": "{start: layers}: from epoch/step `start` on, exactly `layers` train (until the next "
+            "start). E.g. {0: [11], 3: [1, 11]}. None: no schedule (plain LoRA)."
+        },
+    )
+    schedule_unit: str = field(
+        default="epoch", metadata={"help": "'epoch' or 'step' (optimizer steps): the unit of schedule starts."}
+    )
+    preallocate_layers: Optional[List[LayerId]] = field(
+        default=None,
+        metadata={"help": "Layers that get adapters up front; default: every layer the schedule names."},
+    )
+    init_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Adapter init depends only on (init_seed, module name). None: torch.initial_seed() at "
+            "model creation, recorded in the config."
+        },
+    )
+    ever_active_layers: Optional[List[LayerId]] = field(
+        default=None,
+        metadata={"help": "Set by the tuner: layers whose adapters have been active at least once."},
+    )
+
+    def __post_init__(self) -> None:
+        # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
+        # lists are layer stacks" and is never handed to PEFT's own layer filter.
+        with self._hidden_layers_pattern():
+            super().__post_init__()
+        self.peft_type = _compat.SCHEDULED_LORA
+        # PEFT 0.3.0's LoraConfig defaults are None; a loaded 0.3.0 file may carry them too.
+        if self.lora_alpha is None:
+            self.lora_alpha = 8
+        if self.lora_dropout is None:
+            self.lora_dropout = 0.0
+        self.validate()
+
+    @contextlib.contextmanager
+    def _hidden_layers_pattern(self) -> Iterator[None]:
+        saved = self.layers_pattern
+        self.layers_pattern = None
+        try:
+            yield
+        finally:
+            self.layers_pattern = saved
+
+    @property
+    def is_scheduled(self) -> bool:
+        return self.layer_schedule is not None
+
+    def validate(self) -> None:
+        """Check and normalise the schedule fields (JSON string keys become ints again).
+
+        Called by ``__post_init__`` and again by the tuner, because PEFT 0.3.0 loads configs by
+        ``setattr`` after construction.
+        """
+        check_unit(self.schedule_unit)
+        if self.layer_schedule is not None:
+            self.layer_schedule = parse_schedule(self.layer_schedule).to_json()
+        if self.preallocate_layers is not None:
+            self.preallocate_layers = check_layer_list(self.preallocate_layers, "preallocate_layers")
+        if self.ever_active_layers is not None:
+            self.ever_active_layers = check_layer_list(self.ever_active_layers, "ever_active_layers")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise TypeError(f"init_seed must be an int or None, got {self.init_seed!r}.")
+        if self.is_scheduled and getattr(self, "layers_to_transform", None) is not None:
+            raise ValueError(
+                "layers_to_transform cannot be combined with layer_schedule: the schedule decides the layers. "
+                "Use preallocate_layers to give adapters to more layers than the schedule names."
+            )
+
+    def schedule(self) -> Optional[MilestoneSchedule]:
+        return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        # In memory the tuner runs as PeftType.LORA (so every LoRA branch inside PEFT applies); on
+        # disk the type must name us, so PeftModel.from_pretrained comes back to this package.
+        in_memory = self.peft_type
+        self.peft_type = _compat.SCHEDULED_LORA
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.peft_type = in_memory

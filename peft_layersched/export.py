@@ -1,0 +1,75 @@
+"""``export_lora``: write a plain PEFT LoRA adapter that vanilla PEFT loads without this package."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from peft import LoraConfig
+
+from . import _compat
+from .tuner import ScheduledLoraModel
+
+# Fields of ours that plain LoRA must not see, and PEFT's layer filter (the target list is exact).
+_DROP = {"peft_type", "target_modules", "layers_to_transform", "layers_pattern", "inference_mode"}
+
+
+def _tuner_of(model: Any) -> ScheduledLoraModel:
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, ScheduledLoraModel):
+        raise TypeError(
+            f"export_lora() needs a PeftModel built from a ScheduledLoraConfig (get_peft_model or "
+            f"PeftModel.from_pretrained), got {type(model).__name__}."
+        )
+    return tuner
+
+
+def export_lora(
+    model: Any,
+    output_dir: str,
+    adapter_name: Optional[str] = None,
+    safe_serialization: Optional[bool] = None,
+) -> LoraConfig:
+    """Write ``model``'s adapter as a plain LoRA adapter (``peft_type`` ``LORA``) to ``output_dir``.
+
+    Only adapters that were ever active are written (never-active ones never contributed), with an
+    exact ``target_modules`` list of their full module names, plus ``modules_to_save``.  Load it with
+    ``PeftModel.from_pretrained(base, output_dir)`` on any PEFT, no ``peft_layersched`` needed; the
+    outputs equal the scheduled model's.  ``safe_serialization``: default safetensors where the
+    installed PEFT reads them (0.4+), else ``adapter_model.bin``.  Returns the written config.
+    """
+    tuner = _tuner_of(model)
+    name, plan = tuner._adapter(adapter_name)
+    source = tuner.peft_config[name]
+    kept_layers = set(tuner.ever_active_layers) if plan.schedule is not None else None
+    kept = sorted(n for n, layer in plan.modules.items() if kept_layers is None or layer in kept_layers)
+    dropped = sorted(set(plan.modules) - set(kept))
+    if not kept:
+        raise ValueError(
+            f"nothing to export: no layer of adapter {name!r} has been active yet (preallocated: "
+            f"{tuner.preallocated_layers}). Call activate_layers(t) / train first."
+        )
+    kwargs: Dict[str, Any] = {}
+    for f in dataclasses.fields(LoraConfig):
+        if f.init and f.name not in _DROP and hasattr(source, f.name):
+            kwargs[f.name] = getattr(source, f.name)
+    config = LoraConfig(target_modules=kept, **kwargs)
+    config.inference_mode = True
+
+    prefixes = tuple(f"base_model.model.{n}.lora_" for n in dropped)
+    state = _compat.get_adapter_state_dict(model, name)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if not k.startswith(prefixes)}
+
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    if safe_serialization is None:
+        safe_serialization = _compat.PEFT_READS_SAFETENSORS
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, os.path.join(output_dir, "adapter_model.bin"))
+    return config

@@ -1,0 +1,301 @@
+"""Layer discovery and addressing: find a model's block stacks and map user layer ids to modules.
+
+Layer ids the way users think:
+
+* one stack (BERT ``encoder.layer``, GPT-2 ``transformer.h``, LLaMA ``model.layers`` ...): ints,
+  negative ints count from the top (``-1`` is the last layer);
+* several stacks (T5/BART encoder + decoder): strings ``"<stack>.<index>"`` such as
+  ``"decoder.-1"``; stack names are the shortest unique suffix of the stack's parent path
+  (``encoder``/``decoder`` for encoder-decoder models).
+
+Canonical ids (what :meth:`LayerIndex.canonical` returns) have a non-negative index: ``11`` or
+``"decoder.5"``.  Module-to-layer mapping works on dotted path *segments*, never substrings, so
+layer ``1`` never captures layer ``10``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from torch import nn
+
+from .schedule import LayerId, check_layer_id, split_layer_id
+
+ALL_LINEAR = "all-linear"
+
+
+class LayerStack(object):
+    """One repeated block stack: an ``nn.ModuleList`` at ``path`` with ``length`` blocks."""
+
+    def __init__(self, name: str, path: str, length: int) -> None:
+        self.name = name
+        self.path = path
+        self.length = length
+
+    @property
+    def aliases(self) -> Set[str]:
+        parent = self.path.rsplit(".", 1)[0] if "." in self.path else self.path
+        return {self.name, self.path, parent}
+
+    def __repr__(self) -> str:
+        return f"LayerStack(name={self.name!r}, path={self.path!r}, length={self.length})"
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    kinds = {type(child) for child in module}
+    if len(kinds) != 1:
+        return False
+    # Blocks have sub-modules; a list of bare Linear heads is not a layer stack.
+    return any(True for _ in next(iter(module)).children())
+
+
+def _matches_pattern(path: str, pattern: str) -> bool:
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _name_stacks(paths: List[str]) -> List[str]:
+    if len(paths) == 1:
+        return [paths[0]]
+    parents = [p.rsplit(".", 1)[0] if "." in p else p for p in paths]
+    split = [parent.split(".") for parent in parents]
+    longest = max(len(parts) for parts in split)
+    for k in range(1, longest + 1):
+        names = [".".join(parts[-k:]) for parts in split]
+        if len(set(names)) == len(names):
+            return names
+    return paths
+
+
+def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerStack]:
+    """Find the model's repeated block stacks (outermost ``nn.ModuleList`` s of identical blocks).
+
+    ``layers_pattern`` (a string or list of strings) overrides discovery: each entry names a
+    ``ModuleList`` by its dotted path or a dotted suffix of it (``"layer"``, ``"decoder.layers"``).
+    """
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    if layers_pattern is not None:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise TypeError(
+                f"layers_pattern must be a non-empty string or list of strings naming layer stacks, "
+                f"got {layers_pattern!r}."
+            )
+        chosen: List[Tuple[str, nn.Module]] = []
+        for pattern in patterns:
+            hits = [(n, m) for n, m in lists if _matches_pattern(n, pattern) and len(m) > 0]
+            if not hits:
+                found = [n for n, _ in lists] or ["(none)"]
+                raise ValueError(
+                    f"layers_pattern entry {pattern!r} matches no nn.ModuleList of the model; "
+                    f"ModuleLists found: {found}. Give a path or dotted suffix of one of them."
+                )
+            chosen.extend(hit for hit in hits if hit[0] not in {c[0] for c in chosen})
+        selected = chosen
+    else:
+        selected = []
+        for name, module in lists:
+            if not _is_block_list(module):
+                continue
+            if any(name.startswith(outer + ".") for outer, _ in selected):
+                continue  # nested lists (MoE experts, T5 sub-layers) belong to their block
+            selected.append((name, module))
+    paths = [name for name, _ in selected]
+    names = _name_stacks(paths)
+    return [LayerStack(n, p, len(m)) for n, p, (_, m) in zip(names, paths, selected)]
+
+
+class LayerIndex(object):
+    """Translate user layer ids to canonical ids and module names to layer ids for one model."""
+
+    def __init__(self, stacks: Sequence[LayerStack]) -> None:
+        self.stacks = list(stacks)
+        self._order = {stack.name: i for i, stack in enumerate(self.stacks)}
+
+    @classmethod
+    def from_model(cls, model: nn.Module, layers_pattern: Any = None) -> "LayerIndex":
+        return cls(discover_stacks(model, layers_pattern))
+
+    @property
+    def multi(self) -> bool:
+        return len(self.stacks) > 1
+
+    def describe(self) -> str:
+        if not self.stacks:
+            return "no layer stacks (no nn.ModuleList of repeated blocks) were found"
+        if not self.multi:
+            stack = self.stacks[0]
+            return f"{stack.length} layers in '{stack.path}' (ids 0..{stack.length - 1}, or -{stack.length}..-1)"
+        parts = [f"'{s.name}' ({s.path}, {s.length} layers)" for s in self.stacks]
+        return "stacks " + ", ".join(parts)
+
+    def _require_stacks(self, raw: Any) -> None:
+        if not self.stacks:
+            raise ValueError(
+                f"cannot place layer {raw!r}: {self.describe()}. Set layers_pattern to the dotted path of "
+                f"the model's block list (e.g. 'encoder.layer' or 'model.layers')."
+            )
+
+    def _stack_for(self, alias: str, raw: Any) -> LayerStack:
+        for stack in self.stacks:
+            if alias in stack.aliases:
+                return stack
+        raise ValueError(
+            f"layer {raw!r}: unknown stack {alias!r}; the model has {self.describe()}. "
+            f"Write e.g. {self.example()!r}."
+        )
+
+    def example(self) -> LayerId:
+        if not self.stacks:
+            return 0
+        if not self.multi:
+            return -1
+        return f"{self.stacks[-1].name}.-1"
+
+    def canonical(self, raw: Any, where: str = "layer") -> LayerId:
+        """Canonical id for a user id: ``-1 -> 11``, ``"decoder.-1" -> "decoder.5"``."""
+        raw = check_layer_id(raw, where)
+        self._require_stacks(raw)
+        alias, index = split_layer_id(raw)
+        if alias is None:
+            if self.multi:
+                raise ValueError(
+                    f"{where}: bare layer id {raw!r} is ambiguous: the model has {self.describe()}. "
+                    f"Write '<stack>.<index>', e.g. '{self.stacks[0].name}.{index}' or "
+                    f"'{self.stacks[-1].name}.{index}'."
+                )
+            stack = self.stacks[0]
+        else:
+            stack = self._stack_for(alias, raw)
+        if not -stack.length <= index < stack.length:
+            raise ValueError(
+                f"{where}: layer {raw!r} is out of range: stack '{stack.name}' ({stack.path}) has "
+                f"{stack.length} layers, valid indices are 0..{stack.length - 1} or -{stack.length}..-1."
+            )
+        index %= stack.length
+        return index if not self.multi else f"{stack.name}.{index}"
+
+    def canonical_list(self, raws: Iterable[Any], where: str = "layer") -> List[LayerId]:
+        return self.sort({self.canonical(raw, where) for raw in raws})
+
+    def sort_key(self, layer: LayerId) -> Tuple[int, int]:
+        if isinstance(layer, int):
+            return (0, layer)
+        name, index = layer.rsplit(".", 1)
+        return (self._order.get(name, len(self._order)), int(index))
+
+    def sort(self, layers: Iterable[LayerId]) -> List[LayerId]:
+        return sorted(set(layers), key=self.sort_key)
+
+    def all_layers(self) -> List[LayerId]:
+        if not self.multi:
+            return list(range(self.stacks[0].length)) if self.stacks else []
+        return [f"{s.name}.{i}" for s in self.stacks for i in range(s.length)]
+
+    def layer_of(self, module_name: str) -> Optional[LayerId]:
+        """The canonical layer that holds ``module_name`` (a dotted path), or ``None``."""
+        for stack in self.stacks:
+            prefix = stack.path + "."
+            if module_name.startswith(prefix):
+                head = module_name[len(prefix):].split(".", 1)[0]
+                if head.isdigit():
+                    index = int(head)
+                    return index if not self.multi else f"{stack.name}.{index}"
+        return None
+
+
+def _linear_types() -> Tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def target_matcher(target_modules: Any):
+    """A predicate ``(name, module) -> bool`` with PEFT's meaning of ``target_modules``.
+
+    str: full-name regex (``re.fullmatch``); list/set: the name or a dotted suffix of it (newest PEFT's
+    rule on every PEFT version, so ``"proj"`` never hits ``q_proj``); ``"all-linear"``: every
+    ``nn.Linear``/``Conv1D``.
+    """
+    if isinstance(target_modules, str):
+        if target_modules == ALL_LINEAR:
+            kinds = _linear_types()
+            return lambda name, module: isinstance(module, kinds)
+        pattern = re.compile(target_modules)
+        return lambda name, module: pattern.fullmatch(name) is not None
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
+        suffixes = [str(t) for t in target_modules]
+        return lambda name, module: any(name == t or name.endswith("." + t) for t in suffixes)
+    raise TypeError(
+        f"target_modules must be a list of module names, a regex string or 'all-linear', got "
+        f"{target_modules!r} ({type(target_modules).__name__})."
+    )
+
+
+def exact_names_regex(names: Iterable[str]) -> str:
+    """A regex that ``re.fullmatch`` es exactly ``names`` (PEFT's rule for a str ``target_modules``)."""
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def resolve_targets(
+    model: nn.Module,
+    target_modules: Any,
+    index: LayerIndex,
+    layers: Optional[Sequence[LayerId]],
+) -> Dict[str, LayerId]:
+    """Module names (relative to ``model``) that get LoRA, each mapped to its canonical layer.
+
+    ``layers`` are canonical ids to keep (``None``: every module that matches, in or outside stacks;
+    then the layer of a module outside every stack is ``None``).  Raises ``ValueError`` when
+    ``target_modules`` matches nothing, or when a requested layer holds no target module.
+    """
+    match = target_matcher(target_modules)
+    matched: List[Tuple[str, Optional[LayerId]]] = []
+    for name, module in model.named_modules():
+        if name and match(name, module):
+            matched.append((name, index.layer_of(name)))
+    if not matched:
+        samples = _sample_names(model, index)
+        raise ValueError(
+            f"target_modules={_show(target_modules)} matches no module of the model. A list entry must be a "
+            f"module name or its dotted suffix (e.g. 'query', 'q_proj', 'c_attn'); a string is a regex that "
+            f"must match the whole name. Names of Linear modules in this model: {samples}."
+        )
+    if layers is None:
+        return dict(matched)
+    wanted = set(layers)
+    chosen = {name: layer for name, layer in matched if layer in wanted}
+    present = {layer for _, layer in matched if layer is not None}
+    empty = [layer for layer in layers if layer not in present]
+    if empty:
+        covered = index.sort(present)
+        raise ValueError(
+            f"layer(s) {empty} contain no module matching target_modules={_show(target_modules)}; "
+            f"layers with target modules: {_short(covered)}. Schedule only those layers, or widen "
+            f"target_modules."
+        )
+    return chosen
+
+
+def _show(target_modules: Any) -> str:
+    if isinstance(target_modules, (set, frozenset)):
+        return repr(sorted(target_modules))
+    return repr(target_modules)
+
+
+def _short(layers: List[LayerId]) -> str:
+    if len(layers) <= 12:
+        return repr(layers)
+    return f"{layers[:6]} ... {layers[-3:]} ({len(layers)} layers)"
+
+
+def _sample_names(model: nn.Module, index: LayerIndex, limit: int = 8) -> List[str]:
+    kinds = _linear_types()
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    first = index.stacks[0].path + ".0." if index.stacks else ""
+    inside = [n for n in names if first and n.startswith(first)]
+    return (inside or names)[:limit]

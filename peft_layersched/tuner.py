@@ -1,0 +1,381 @@
+"""``ScheduledLoraModel``: PEFT's ``LoraModel`` with preallocated adapters and a layer schedule.
+
+How it plugs into PEFT (every version 0.3.0 .. newest):
+
+* PEFT picks this class through the ``SCHEDULED_LORA`` entry of its mappings; the tuner then runs as
+  ``PeftType.LORA`` in memory so every LoRA-only branch inside PEFT (state dicts, DoRA renames,
+  transformers-v5 conversion) applies.  The config flips the type back when written to disk.
+* Injection is PEFT's own.  We only hand it an exact regex of the modules to wrap: the user's
+  ``target_modules`` inside the preallocated layers, resolved by :mod:`peft_layersched.layers`.
+* A never-active adapter is bypassed with the LoRA layer's own disable flag (base output only: no
+  dropout, no matmul, no RNG).  A trained-then-frozen adapter keeps contributing, with
+  ``requires_grad=False`` and ``grad=None`` so torch optimizers skip it (no momentum, no decay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+import torch
+from peft.tuners.lora import LoraModel
+from torch import nn
+
+from . import _compat
+from .config import ScheduledLoraConfig
+from .layers import LayerIndex, exact_names_regex, resolve_targets
+from .schedule import LayerId, MilestoneSchedule, check_time
+
+
+class _Plan(object):
+    """What one adapter's schedule means on this model."""
+
+    def __init__(
+        self,
+        index: LayerIndex,
+        schedule: Optional[MilestoneSchedule],
+        preallocated: Optional[List[LayerId]],
+        targets: Optional[Dict[str, Optional[LayerId]]],
+    ) -> None:
+        self.index = index
+        self.schedule = schedule
+        self.preallocated = preallocated
+        self.targets = targets
+        # Set after injection:
+        self.modules: Dict[str, Optional[LayerId]] = {}
+        self.active: Optional[List[LayerId]] = None  # None until the first activate_layers()
+        self.ever: Set[LayerId] = set()
+        self.time: Optional[int] = None
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if _compat.is_tuner_layer(module):
+            raise ValueError(
+                f"get_peft_model() was given a model that already carries PEFT adapter layers ('{name}' is "
+                f"a {type(module).__name__}); wrapping it again would target the adapters' own modules "
+                f"(PEFT's 'Target module Dropout is not supported'). To continue training a saved adapter, "
+                f"load it with PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=True). To add "
+                f"a second adapter, call peft_model.add_adapter(name, config). Otherwise pass a fresh base "
+                f"model, not a PeftModel or its get_base_model()."
+            )
+
+
+def _module_seed(init_seed: int, module_name: str) -> int:
+    digest = hashlib.sha256(f"{init_seed}:{module_name}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _fill_uniform_fan_in(param: torch.Tensor, generator: torch.Generator) -> None:
+    # = nn.init.kaiming_uniform_(a=sqrt(5)), PEFT's lora_A init; torch 1.13 has no generator argument.
+    fan_in = param[0].numel() if param.dim() > 1 else param.numel()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    param.copy_(values.to(dtype=param.dtype))
+
+
+def _fill_normal(param: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    param.copy_(values.to(dtype=param.dtype))
+
+
+def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int) -> None:
+    """PEFT's LoRA init for ``init_lora_weights`` in (True, False, "gaussian"), from a private generator."""
+    generator = torch.Generator().manual_seed(seed)
+    r = layer.r[adapter_name]
+    with torch.no_grad():
+        if adapter_name in getattr(layer, "lora_A", {}):
+            weight_a = layer.lora_A[adapter_name].weight
+            weight_b = layer.lora_B[adapter_name].weight
+            if init_mode == "gaussian":
+                _fill_normal(weight_a, 1.0 / r, generator)
+            else:
+                _fill_uniform_fan_in(weight_a, generator)
+            if init_mode is False:
+                _fill_uniform_fan_in(weight_b, generator)
+            else:
+                weight_b.zero_()
+        if adapter_name in getattr(layer, "lora_embedding_A", {}):
+            emb_a = layer.lora_embedding_A[adapter_name]
+            emb_b = layer.lora_embedding_B[adapter_name]
+            if init_mode is False:
+                _fill_normal(emb_a, 1.0, generator)
+            else:
+                emb_a.zero_()
+            _fill_normal(emb_b, 1.0, generator)
+
+
+_SEEDED_INIT_MODES = (True, False, "gaussian")
+
+
+class ScheduledLoraModel(LoraModel):
+    """LoRA tuner with a layer schedule.  Created by ``get_peft_model(model, ScheduledLoraConfig(...))``.
+
+    Reach its methods through the ``PeftModel``: ``peft_model.activate_layers(epoch)``,
+    ``peft_model.active_layers``, ``peft_model.preallocated_layers``.
+    """
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        _refuse_wrapped(model)
+        configs = config if isinstance(config, dict) else {adapter_name: config}
+        for cfg in configs.values():
+            if isinstance(cfg, ScheduledLoraConfig):
+                cfg.validate()
+                # PEFT has chosen this class by now; from here on every LoRA branch in PEFT must apply.
+                cfg.peft_type = _compat.LORA
+        super().__init__(model, config, adapter_name, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------- injection
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
+        model, adapter_name = _compat.injection_args("inject_adapter", args, kwargs, None)
+        with self._scheduled_injection(model, adapter_name):
+            return super().inject_adapter(*args, **kwargs)
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT 0.3 / 0.4 inject through this
+        parent = getattr(super(), "add_adapter", None)
+        if parent is None:
+            raise AttributeError("add_adapter")
+        model, adapter_name = _compat.injection_args("add_adapter", args, kwargs, self.model)
+        if len(args) > 1 or kwargs.get("config") is not None:
+            config = args[1] if len(args) > 1 else kwargs["config"]
+            self.peft_config[adapter_name] = config
+        with self._scheduled_injection(model, adapter_name):
+            return parent(*args, **kwargs)
+
+    @property
+    def _plans(self) -> Dict[str, _Plan]:
+        plans = self.__dict__.get("_layer_plans")
+        if plans is None:
+            plans = {}
+            self.__dict__["_layer_plans"] = plans
+        return plans
+
+    @contextlib.contextmanager
+    def _scheduled_injection(self, model: nn.Module, adapter_name: str) -> Iterator[None]:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, ScheduledLoraConfig):
+            yield
+            return
+        config.validate()
+        config.peft_type = _compat.LORA
+        plan = self._plan(model, config)
+        if plan.targets is not None and config.init_seed is None:
+            config.init_seed = int(torch.initial_seed()) & ((1 << 63) - 1)
+        saved_targets, saved_pattern = config.target_modules, config.layers_pattern
+        if plan.targets is not None:
+            config.target_modules = exact_names_regex(plan.targets)
+        config.layers_pattern = None
+        seeded = config.init_seed is not None and config.init_lora_weights in _SEEDED_INIT_MODES
+        rng = _compat.fork_rng() if seeded else contextlib.nullcontext()
+        try:
+            with rng:
+                yield
+                self._after_injection(model, adapter_name, config, plan, seeded)
+        finally:
+            if plan.targets is not None:
+                config.target_modules = saved_targets
+            config.layers_pattern = saved_pattern
+
+    def _plan(self, model: nn.Module, config: ScheduledLoraConfig) -> _Plan:
+        restricted = config.is_scheduled or config.preallocate_layers is not None
+        if not restricted:
+            # Plain LoRA: PEFT targets as it always does; the index only names layers for reporting.
+            try:
+                index = LayerIndex.from_model(model, config.layers_pattern)
+            except ValueError:
+                index = LayerIndex([])
+            return _Plan(index, None, None, None)
+        index = LayerIndex.from_model(model, config.layers_pattern)
+        if not index.stacks:
+            raise ValueError(
+                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layers_pattern "
+                f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
+            )
+        schedule = config.schedule()
+        scheduled: List[LayerId] = []
+        if schedule is not None:
+            for start, layers in schedule.phases:
+                scheduled.extend(index.canonical_list(layers, f"layer_schedule[{start}]"))
+        scheduled = index.sort(scheduled)
+        if config.preallocate_layers is not None:
+            preallocated = index.canonical_list(config.preallocate_layers, "preallocate_layers")
+            missing = [layer for layer in scheduled if layer not in preallocated]
+            if missing:
+                raise ValueError(
+                    f"layer_schedule uses layer(s) {missing} that preallocate_layers={config.preallocate_layers!r} "
+                    f"leaves out; adapters cannot be added later. Add them to preallocate_layers, or drop "
+                    f"preallocate_layers to preallocate exactly the scheduled layers."
+                )
+        else:
+            preallocated = scheduled
+        if not preallocated:
+            raise ValueError(
+                f"layer_schedule={config.layer_schedule!r} names no layer, so no layer would get a LoRA adapter. "
+                f"Schedule at least one layer ({index.describe()}), or set preallocate_layers."
+            )
+        target_modules = config.target_modules
+        if target_modules is None:
+            target_modules = _compat.default_target_modules(model)
+        targets = resolve_targets(model, target_modules, index, preallocated)
+        return _Plan(index, schedule, preallocated, targets)
+
+    def _after_injection(
+        self, model: nn.Module, adapter_name: str, config: ScheduledLoraConfig, plan: _Plan, seeded: bool
+    ) -> None:
+        for name, module in model.named_modules():
+            if _compat.is_lora_layer(module) and any(True for _ in _compat.adapter_parameters(module, adapter_name)):
+                plan.modules[name] = plan.index.layer_of(name)
+                if seeded:
+                    _seeded_init(module, adapter_name, config.init_lora_weights, _module_seed(config.init_seed, name))
+        if config.ever_active_layers:
+            plan.ever = set(plan.index.canonical_list(config.ever_active_layers, "ever_active_layers"))
+        self._plans[adapter_name] = plan
+        if self.__dict__.get("_scheduled_adapter") is None:
+            self.__dict__["_scheduled_adapter"] = adapter_name
+        self._apply(adapter_name)
+
+    # ------------------------------------------------------------------------------------ schedule
+
+    def _adapter(self, adapter_name: Optional[str]) -> Tuple[str, _Plan]:
+        name = adapter_name if adapter_name is not None else self.__dict__.get("_scheduled_adapter")
+        if name not in self._plans:
+            raise ValueError(
+                f"adapter {name!r} has no layer schedule; scheduled adapters: {sorted(self._plans)}."
+            )
+        return name, self._plans[name]
+
+    def activate_layers(self, t: Any, adapter_name: Optional[str] = None) -> List[LayerId]:
+        """Make exactly the layers scheduled at ``t`` (epoch or optimizer step) trainable.
+
+        Every other preallocated LoRA parameter gets ``requires_grad=False`` and ``grad=None`` (torch
+        optimizers then skip it: no momentum, no weight decay).  Adapters that were active before keep
+        contributing to the output; never-active ones are bypassed.  Idempotent; returns the active
+        layer ids, canonical and sorted.
+        """
+        name, plan = self._adapter(adapter_name)
+        t = check_time(t)
+        if plan.schedule is None:
+            active = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+            plan.ever.update(active)
+        else:
+            active = plan.index.canonical_list(plan.schedule.active_at(t))
+            for start, layers in plan.schedule.phases:
+                if start <= t:
+                    plan.ever.update(plan.index.canonical_list(layers))
+        plan.active = active
+        plan.time = t
+        config = self.peft_config[name]
+        if isinstance(config, ScheduledLoraConfig) and plan.schedule is not None:
+            config.ever_active_layers = plan.index.sort(plan.ever)
+        self._apply(name)
+        return list(active)
+
+    def _apply(self, adapter_name: str) -> None:
+        """Write the adapter's schedule state into the LoRA layers (flags, requires_grad, grad)."""
+        plan = self._plans[adapter_name]
+        config = self.peft_config[adapter_name]
+        inference = bool(getattr(config, "inference_mode", False))
+        if plan.active is None:
+            # Before the first activate_layers(): every preallocated parameter requires grad, so an
+            # optimizer built the usual way (p.requires_grad filter) holds them all; never-active
+            # adapters are bypassed, so they get no gradient until their phase.
+            first = plan.schedule.active_at(0) if plan.schedule is not None else None
+            enabled = None if first is None else plan.ever | set(plan.index.canonical_list(first))
+            trainable = None
+        else:
+            enabled = None if plan.schedule is None else plan.ever | set(plan.active)
+            trainable = set(plan.active)
+        for name, layer_id in plan.modules.items():
+            module = self.model.get_submodule(name)
+            bypass = enabled is not None and layer_id not in enabled
+            train = not inference and (trainable is None or layer_id in trainable)
+            if adapter_name == self._current_adapter():
+                _compat.set_layer_bypassed(module, bypass)
+            for param in _compat.adapter_parameters(module, adapter_name):
+                param.requires_grad_(train)
+                if not train:
+                    param.grad = None
+
+    def _current_adapter(self) -> Optional[str]:
+        return self.__dict__.get("_scheduled_adapter")
+
+    def _reapply(self) -> None:
+        name = self._current_adapter()
+        if name in self._plans:
+            self._apply(name)
+
+    @property
+    def active_layers(self) -> List[LayerId]:
+        """Layers whose adapters train now (before the first ``activate_layers``: those that get grads)."""
+        _, plan = self._adapter(None)
+        if plan.active is not None:
+            return list(plan.active)
+        if plan.schedule is None:
+            return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+        return plan.index.sort(plan.ever | set(plan.index.canonical_list(plan.schedule.active_at(0))))
+
+    @property
+    def preallocated_layers(self) -> List[LayerId]:
+        """Layers that carry an adapter (trained, frozen or not yet active)."""
+        _, plan = self._adapter(None)
+        return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+
+    @property
+    def ever_active_layers(self) -> List[LayerId]:
+        """Layers whose adapters have been active at least once (they carry trained weights)."""
+        _, plan = self._adapter(None)
+        if plan.schedule is None:
+            return self.preallocated_layers
+        return plan.index.sort(plan.ever)
+
+    @property
+    def layer_index(self) -> LayerIndex:
+        return self._adapter(None)[1].index
+
+    def scheduled_modules(self, adapter_name: Optional[str] = None) -> Dict[str, Optional[LayerId]]:
+        """``{module name: layer id}`` of every LoRA module of the adapter (relative to the base model)."""
+        return dict(self._adapter(adapter_name)[1].modules)
+
+    def layer_parameters(self, adapter_name: Optional[str] = None) -> Dict[LayerId, List[nn.Parameter]]:
+        """The adapter's LoRA parameters grouped by layer (every preallocated layer, in layer order)."""
+        name, plan = self._adapter(adapter_name)
+        grouped: Dict[Any, List[nn.Parameter]] = {}
+        for module_name, layer_id in plan.modules.items():
+            module = self.model.get_submodule(module_name)
+            grouped.setdefault(layer_id, []).extend(_compat.adapter_parameters(module, name))
+        return {layer: grouped[layer] for layer in plan.index.sort(k for k in grouped if k is not None)}
+
+    # --------------------------------------------- PEFT calls that reset per-layer flags or merge
+
+    def enable_adapter_layers(self, *args: Any, **kwargs: Any) -> Any:
+        # PEFT resets every layer's flag and requires_grad here (the exit of PeftModel.disable_adapter()).
+        result = super().enable_adapter_layers(*args, **kwargs)
+        self._reapply()
+        return result
+
+    def set_adapter(self, adapter_name: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().set_adapter(adapter_name, *args, **kwargs)
+        if isinstance(adapter_name, str) and adapter_name in self._plans:
+            self.__dict__["_scheduled_adapter"] = adapter_name
+        self._reapply()
+        return result
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        # merge() ignores the per-layer bypass flag on every PEFT version, so a never-active adapter
+        # would be merged although it never contributed: its delta (B) is zeroed first.
+        name = self._current_adapter()
+        if name in self._plans:
+            for module_name, layer_id in self._plans[name].modules.items():
+                module = self.model.get_submodule(module_name)
+                if layer_id is None or not _compat.layer_bypassed(module):
+                    continue
+                with torch.no_grad():
+                    for attr in ("lora_B", "lora_embedding_B"):
+                        container = getattr(module, attr, None)
+                        if container is not None and name in container:
+                            item = container[name]
+                            (item if isinstance(item, nn.Parameter) else item.weight).zero_()
+        return super().merge_and_unload(*args, **kwargs)
