@@ -4,6 +4,7 @@ Importing the package registers the ``SCHEDULED_LORA`` PEFT type, so ``get_peft_
 ScheduledLoraConfig(...))`` and ``PeftModel.from_pretrained(base, path)`` work as for plain LoRA.
 """
 
+from .callback import LayerScheduleCallback
 from .config import ScheduledLoraConfig
 from .export import export_lora
 from .registration import register
@@ -13,5 +14,3 @@ __version__ = "0.1.0"
 register()
 
 __all__ = ["ScheduledLoraConfig", "LayerScheduleCallback", "export_lora", "__version__"]
-
-

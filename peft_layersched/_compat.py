@@ -7,6 +7,7 @@ except where noted.  Facts per version: ``shared/reference/peft-versions.md``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib
 from typing import Any, Dict, Iterator, List
 
@@ -163,3 +164,31 @@ def _reads_safetensors() -> bool:
 
 
 PEFT_READS_SAFETENSORS = _reads_safetensors()
+
+
+def _transformers_version() -> Any:
+    import transformers
+    from packaging.version import Version
+
+    return Version(Version(transformers.__version__).base_version)
+
+
+def update_steps_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps per epoch the way the installed Trainer counts them (floor <= 4.51, ceil >= 4.52)."""
+    from packaging.version import Version
+
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return 1
+    accumulation = max(int(gradient_accumulation_steps or 1), 1)
+    if _transformers_version() >= Version("4.52"):
+        return max(int(math.ceil(batches / float(accumulation))), 1)
+    return max(batches // accumulation, 1)
+
+
+def trainer_resumes_adapter_checkpoints() -> bool:
+    """transformers >= 4.31 resumes a PeftModel from its adapter files; 4.30 needs a full weights file."""
+    from packaging.version import Version
+
+    return _transformers_version() >= Version("4.31")

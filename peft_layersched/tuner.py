@@ -235,7 +235,7 @@ class ScheduledLoraModel(LoraModel):
         self._plans[adapter_name] = plan
         if self.__dict__.get("_scheduled_adapter") is None:
             self.__dict__["_scheduled_adapter"] = adapter_name
-        self._apply(adapter_name)
+        self._write_layer_state(adapter_name)
 
     # ------------------------------------------------------------------------------------ schedule
 
@@ -270,10 +270,19 @@ class ScheduledLoraModel(LoraModel):
         config = self.peft_config[name]
         if isinstance(config, ScheduledLoraConfig) and plan.schedule is not None:
             config.ever_active_layers = plan.index.sort(plan.ever)
-        self._apply(name)
+        self._write_layer_state(name)
         return list(active)
 
-    def _apply(self, adapter_name: str) -> None:
+    def register_all_for_optimizer(self, adapter_name: Optional[str] = None) -> None:
+        """Back to the state right after ``get_peft_model``: every preallocated LoRA parameter requires
+        grad (so an optimizer built now holds them all), never-active adapters stay bypassed.  The next
+        ``activate_layers`` call applies the schedule again.
+        """
+        name, plan = self._adapter(adapter_name)
+        plan.active = None
+        self._write_layer_state(name)
+
+    def _write_layer_state(self, adapter_name: str) -> None:
         """Write the adapter's schedule state into the LoRA layers (flags, requires_grad, grad)."""
         plan = self._plans[adapter_name]
         config = self.peft_config[adapter_name]
@@ -305,7 +314,7 @@ class ScheduledLoraModel(LoraModel):
     def _reapply(self) -> None:
         name = self._current_adapter()
         if name in self._plans:
-            self._apply(name)
+            self._write_layer_state(name)
 
     @property
     def active_layers(self) -> List[LayerId]:

@@ -1,0 +1,416 @@
+"""``LayerScheduleCallback``: the HF Trainer drives the schedule stored in the model's config.
+
+What it guarantees, and how (facts: ``shared/reference/trainer-internals.md``):
+
+* Newly active layers train.  ``Trainer.create_optimizer`` keeps only parameters that require grad
+  *when it runs*; the callback puts the model back into "every preallocated parameter requires grad"
+  at ``on_init_end``, so the Trainer's optimizer holds all of them, in the Trainer's own groups (no
+  groups are ever added: the LR scheduler covers them and ``optimizer.pt`` keeps its layout on
+  resume).  At ``on_train_begin`` it checks that the optimizer holds every preallocated parameter;
+  if not it adds them to the optimizer's existing groups, or refuses a user-built optimizer.
+* Frozen layers stay put: freezing sets ``requires_grad=False`` and ``grad=None``; torch optimizers
+  skip ``grad is None`` (no momentum, no weight decay).
+* Switches happen at optimizer-step boundaries only: ``on_step_end`` for step schedules; epoch
+  switches are deferred to the next ``on_step_end`` when an accumulation window spans the epoch
+  boundary (transformers <= 4.46).
+* The schedule is a pure function of ``state.global_step`` / the epoch index, so resume and every DDP
+  rank compute the same active set with no callback state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from . import _compat
+from .schedule import LayerId
+from .tuner import ScheduledLoraModel
+
+logger = logging.getLogger(__name__)
+
+_REACTIVATED_STATE = ("keep", "reset")
+
+
+def find_tuner(model: Any) -> ScheduledLoraModel:
+    """The ``ScheduledLoraModel`` inside ``model`` (a PeftModel, or a wrapper around one)."""
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, ScheduledLoraModel):
+        return tuner
+    for module in getattr(model, "modules", lambda: [])():
+        if isinstance(module, ScheduledLoraModel):
+            return module
+    raise TypeError(
+        f"LayerScheduleCallback needs a model built from a ScheduledLoraConfig (get_peft_model(model, "
+        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got "
+        f"{type(model).__name__}."
+    )
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    # accelerate's AcceleratedOptimizer forwards param_groups but keeps state on the inner optimizer.
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class LayerScheduleCallback(TrainerCallback):
+    """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during ``Trainer.train()``.
+
+    Args:
+        new_layer_lr_scale (`float`): learning-rate multiplier for layers that join after the first
+            phase (a lower LR for newly added modules is common advice).  1.0 (default) = same LR.
+        new_layer_warmup_steps (`int`): linear warm-up of such layers' LR over this many optimizer
+            steps after they join.  0 (default) = none.
+        reactivated_state (`str`): ``"keep"`` (default) the optimizer state (Adam moments) of a layer
+            that is frozen and later active again, or ``"reset"`` it.
+        warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
+            over a phase (a silent no-update).
+        adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
+
+    The LR multiplier and warm-up scale the optimizer's update of those layers' parameters (exactly
+    an LR multiplier for SGD/Adam/AdamW, whose updates are proportional to the LR), so the optimizer
+    layout never changes and resume keeps working.
+
+    Example:
+
+    ```py
+    >>> model = get_peft_model(bert, ScheduledLoraConfig(target_modules=["query", "value"],
+    ...                                                  layer_schedule={0: [11], 3: [1, 11]}))
+    >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[LayerScheduleCallback()])
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(
+        self,
+        new_layer_lr_scale: float = 1.0,
+        new_layer_warmup_steps: int = 0,
+        reactivated_state: str = "keep",
+        warn_on_no_update: bool = True,
+        adapter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(new_layer_lr_scale, bool) or not isinstance(new_layer_lr_scale, (int, float)):
+            raise TypeError(f"new_layer_lr_scale must be a number, got {new_layer_lr_scale!r}.")
+        if not new_layer_lr_scale >= 0:
+            raise ValueError(f"new_layer_lr_scale must be >= 0, got {new_layer_lr_scale}.")
+        if isinstance(new_layer_warmup_steps, bool) or not isinstance(new_layer_warmup_steps, int):
+            raise TypeError(f"new_layer_warmup_steps must be an int, got {new_layer_warmup_steps!r}.")
+        if new_layer_warmup_steps < 0:
+            raise ValueError(f"new_layer_warmup_steps must be >= 0, got {new_layer_warmup_steps}.")
+        if reactivated_state not in _REACTIVATED_STATE:
+            raise ValueError(
+                f"reactivated_state={reactivated_state!r} is not supported; use one of {list(_REACTIVATED_STATE)}."
+            )
+        self.new_layer_lr_scale = float(new_layer_lr_scale)
+        self.new_layer_warmup_steps = new_layer_warmup_steps
+        self.reactivated_state = reactivated_state
+        self.warn_on_no_update = warn_on_no_update
+        self.adapter_name = adapter_name
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._tuner: Optional[ScheduledLoraModel] = None
+        self._user_optimizer = False
+        self._next_epoch = 0
+        self._pending_epoch: Optional[int] = None
+        self._micro_steps = 0
+        self._current: Optional[List[LayerId]] = None
+        self._time: Optional[int] = None
+        self._steps_per_epoch = 1
+        self._optimizer: Any = None
+        self._phase_start: Dict[Any, torch.Tensor] = {}
+        self._phase_steps = 0
+        self._before_step: Dict[Any, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------ events
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any):
+        tuner = find_tuner(model)
+        self._user_optimizer = optimizer is not None
+        # The Trainer's optimizer is built later from `requires_grad` as it is then: make it all.
+        tuner.register_all_for_optimizer(self.adapter_name)
+        self._check_ddp(args)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        self._reset_run()
+        self._tuner = find_tuner(model)
+        self._check_ddp(args)
+        optimizer = kwargs.get("optimizer")
+        self._optimizer = optimizer
+        self._steps_per_epoch = _compat.update_steps_per_epoch(
+            kwargs.get("train_dataloader"), args.gradient_accumulation_steps
+        )
+        if optimizer is not None:
+            self._ensure_optimized(optimizer, args)
+        if self._unit == "epoch":
+            epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+            self._next_epoch = epoch
+            t = epoch
+        else:
+            t = int(state.global_step)
+        self._switch(t, state, initial=True)
+        self._snapshot_before_step()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self._tuner is None or self._unit != "epoch":
+            return
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        if self._micro_steps:
+            # An accumulation window spans the epoch boundary (transformers <= 4.46): switching now
+            # would change the trainable set inside the window.  Switch after its optimizer step.
+            self._pending_epoch = epoch
+        else:
+            self._switch(epoch, state)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        self._micro_steps += 1
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self._tuner is None:
+            return
+        self._micro_steps = 0
+        self._phase_steps += 1
+        self._scale_updates(state)
+        if self._unit == "step":
+            self._switch(int(state.global_step), state)
+        elif self._pending_epoch is not None:
+            epoch, self._pending_epoch = self._pending_epoch, None
+            self._switch(epoch, state)
+        self._snapshot_before_step()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self._tuner is not None:
+            self._check_phase_updates(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if _compat.trainer_resumes_adapter_checkpoints() or model is None:
+            return
+        # transformers 4.30 resumes only from a full weights file, which a PeftModel checkpoint lacks:
+        # write the trainable part (LoRA + modules_to_save); Trainer loads it non-strictly.
+        folder = os.path.join(args.output_dir, "checkpoint-{}".format(state.global_step))
+        if os.path.isdir(folder) and args.should_save:
+            weights = {
+                k: v.detach().cpu()
+                for k, v in model.state_dict().items()
+                if "lora_" in k or "modules_to_save" in k
+            }
+            torch.save(weights, os.path.join(folder, "pytorch_model.bin"))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+        if self._tuner is None or logs is None or self._current is None:
+            return
+        # Callbacks that run after this one (and the log history entry) see the schedule too.
+        logs["active_layers"] = _layers_text(self._current)
+
+    # ---------------------------------------------------------------------------------- internals
+
+    @property
+    def _unit(self) -> str:
+        assert self._tuner is not None
+        name = self.adapter_name or self._tuner._adapter(None)[0]
+        return getattr(self._tuner.peft_config[name], "schedule_unit", "epoch")
+
+    def _check_ddp(self, args: Any) -> None:
+        distributed = getattr(args, "world_size", 1) > 1 or getattr(args, "local_rank", -1) != -1
+        if not distributed:
+            return
+        if getattr(args, "ddp_find_unused_parameters", None) is False:
+            raise ValueError(
+                "LayerScheduleCallback under DDP needs ddp_find_unused_parameters=True: frozen and not-yet-"
+                "active layers get no gradient, and DDP without it fails at the next forward. Set "
+                "TrainingArguments(ddp_find_unused_parameters=True) (or leave it None)."
+            )
+        if getattr(args, "ddp_find_unused_parameters", None) is None:
+            args.ddp_find_unused_parameters = True
+
+    def _ensure_optimized(self, optimizer: Any, args: Any) -> None:
+        assert self._tuner is not None
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing: Dict[Any, List[torch.nn.Parameter]] = {}
+        for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
+            lost = [p for p in params if id(p) not in held]
+            if lost:
+                missing[layer] = lost
+        if not missing:
+            return
+        count = sum(p.numel() for ps in missing.values() for p in ps)
+        if self._user_optimizer or not optimizer.param_groups:
+            raise ValueError(
+                f"the optimizer does not hold the LoRA parameters of layer(s) {list(missing)} ({count} "
+                f"parameters); they would never train when their phase comes. Build the optimizer over "
+                f"[p for p in model.parameters() if p.requires_grad] right after get_peft_model / "
+                f"PeftModel.from_pretrained (before activate_layers), or let the Trainer build it with "
+                f"LayerScheduleCallback passed to Trainer(callbacks=[...])."
+            )
+        # The Trainer built its optimizer while some layers were frozen (activate_layers() ran before
+        # train() and the callback was added after Trainer.__init__).  Put them into the Trainer's
+        # existing groups, so the LR scheduler covers them; no group is added.
+        decay = _decay_group(optimizer, args)
+        for params in missing.values():
+            optimizer.param_groups[decay]["params"].extend(params)
+        warnings.warn(
+            f"LayerScheduleCallback: the optimizer lacked the LoRA parameters of layer(s) {list(missing)}; "
+            f"they were added to its existing param groups. Pass the callback to Trainer(callbacks=[...]) "
+            f"so the optimizer is built with them (needed for resume_from_checkpoint to match).",
+            stacklevel=2,
+        )
+
+    def _switch(self, t: int, state: Any, initial: bool = False) -> None:
+        assert self._tuner is not None
+        tuner = self._tuner
+        name, plan = tuner._adapter(self.adapter_name)
+        if plan.schedule is None and not initial:
+            return
+        if plan.schedule is not None and not initial and self._time is not None:
+            if plan.schedule.active_at(t) == plan.schedule.active_at(self._time):
+                self._time = t
+                return
+        previous = self._current
+        if not initial:
+            self._check_phase_updates(state)
+        active = tuner.activate_layers(t, name)
+        self._time = t
+        self._current = active
+        if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
+            before = set(tuner.layer_index.canonical_list(plan.schedule.active_at(t - 1)))
+            earlier = set()
+            for start, layers in plan.schedule.phases:
+                if start < t:
+                    earlier.update(tuner.layer_index.canonical_list(layers))
+            for layer in active:
+                if layer not in before and layer in earlier:
+                    self._reset_state(layer)
+        self._start_phase()
+        if initial or previous != active:
+            self._log_change(t, active, state)
+
+    def _reset_state(self, layer: LayerId) -> None:
+        if self._optimizer is None or self._tuner is None:
+            return
+        inner = _inner_optimizer(self._optimizer)
+        for param in self._tuner.layer_parameters(self.adapter_name).get(layer, []):
+            inner.state.pop(param, None)
+
+    def _log_change(self, t: int, active: List[LayerId], state: Any) -> None:
+        assert self._tuner is not None
+        model_params = list(self._tuner.model.parameters())
+        trainable = sum(p.numel() for p in model_params if p.requires_grad)
+        entry = {
+            "active_layers": _layers_text(active),
+            "trainable_params": trainable,
+            "schedule_time": t,
+            "epoch": state.epoch,
+            "step": state.global_step,
+        }
+        state.log_history.append(entry)
+        unit = self._unit
+        logger.info(
+            "layer schedule: %s %d: active layers %s, %d trainable parameters", unit, t, active or "[]", trainable
+        )
+
+    def _start_phase(self) -> None:
+        assert self._tuner is not None
+        self._phase_steps = 0
+        self._phase_start = {}
+        if not self.warn_on_no_update or self._current is None:
+            return
+        params = self._tuner.layer_parameters(self.adapter_name)
+        for layer in self._current:
+            self._phase_start[layer] = torch.cat([p.detach().reshape(-1).float() for p in params[layer]]).clone()
+
+    def _check_phase_updates(self, state: Any) -> None:
+        if not self._phase_start or self._phase_steps == 0 or self._tuner is None:
+            return
+        params = self._tuner.layer_parameters(self.adapter_name)
+        still = [
+            layer
+            for layer, start in self._phase_start.items()
+            if torch.equal(torch.cat([p.detach().reshape(-1).float() for p in params[layer]]), start)
+        ]
+        if still:
+            warnings.warn(
+                f"LayerScheduleCallback: the LoRA weights of active layer(s) {still} did not change at all "
+                f"over the phase that ended at step {state.global_step} ({self._phase_steps} optimizer steps). "
+                f"Check that the optimizer holds them and that their learning rate is not 0.",
+                stacklevel=2,
+            )
+        self._phase_start = {}
+
+    # LR multiplier / warm-up for layers that join later ------------------------------------------
+
+    def _update_factors(self, state: Any) -> Dict[LayerId, float]:
+        """The factor on each active layer's update for the optimizer step that just ran."""
+        if self._tuner is None or self._current is None:
+            return {}
+        if self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0:
+            return {}
+        _, plan = self._tuner._adapter(self.adapter_name)
+        if plan.schedule is None:
+            return {}
+        index = self._tuner.layer_index
+        first = set(index.canonical_list(plan.schedule.phases[0][1]))
+        step = int(state.global_step)
+        factors: Dict[LayerId, float] = {}
+        for layer in self._current:
+            if layer in first:
+                continue
+            factor = self.new_layer_lr_scale
+            if self.new_layer_warmup_steps:
+                joined = self._join_step(layer, plan, index)
+                done = max(step - joined, 0)
+                factor *= min(1.0, done / float(self.new_layer_warmup_steps))
+            if factor != 1.0:
+                factors[layer] = factor
+        return factors
+
+    def _join_step(self, layer: LayerId, plan: Any, index: Any) -> int:
+        """Global step at which ``layer`` joined its current active run (a function of the schedule)."""
+        joined = 0
+        was_active = False
+        t = self._time if self._time is not None else 0
+        for start, layers in plan.schedule.phases:
+            if start > t:
+                break
+            active = layer in index.canonical_list(layers)
+            if active and not was_active:
+                joined = start
+            was_active = active
+        return joined * self._steps_per_epoch if self._unit == "epoch" else joined
+
+    def _snapshot_before_step(self) -> None:
+        self._before_step = {}
+        if self._tuner is None or (self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0):
+            return
+        params = self._tuner.layer_parameters(self.adapter_name)
+        for layer in self._current or []:
+            for param in params.get(layer, []):
+                self._before_step[param] = param.detach().clone()
+
+    def _scale_updates(self, state: Any) -> None:
+        factors = self._update_factors(state)
+        if not factors or self._tuner is None:
+            return
+        params = self._tuner.layer_parameters(self.adapter_name)
+        with torch.no_grad():
+            for layer, factor in factors.items():
+                for param in params.get(layer, []):
+                    before = self._before_step.get(param)
+                    if before is not None:
+                        param.copy_(before + factor * (param - before))
+
+
+def _decay_group(optimizer: Any, args: Any) -> int:
+    wanted = getattr(args, "weight_decay", 0.0)
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("weight_decay", 0.0) == wanted:
+            return i
+    return 0
+
+
+def _layers_text(layers: List[LayerId]) -> str:
+    return ",".join(str(layer) for layer in layers) if layers else "none"
