@@ -110,11 +110,11 @@ class LayerScheduleCallback(TrainerCallback):
         self.reactivated_state = reactivated_state
         self.warn_on_no_update = warn_on_no_update
         self.adapter_name = adapter_name
+        self._user_optimizer = False
         self._reset_run()
 
     def _reset_run(self) -> None:
         self._tuner: Optional[ScheduledLoraModel] = None
-        self._user_optimizer = False
         self._next_epoch = 0
         self._pending_epoch: Optional[int] = None
         self._micro_steps = 0
@@ -286,6 +286,7 @@ class LayerScheduleCallback(TrainerCallback):
                 if layer not in before and layer in earlier:
                     self._reset_state(layer)
         self._start_phase()
+        self._snapshot_before_step()
         if initial or previous != active:
             self._log_change(t, active, state)
 

@@ -1,0 +1,311 @@
+"""Real ``transformers.Trainer`` runs that prove each guarantee of ``LayerScheduleCallback``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import tiny_models
+from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
+
+TOP = 11  # tiny_models.bert() has 12 layers
+
+
+class ToyClassification(Dataset):
+    """A learnable toy task: the label is whether token 7 appears in the sequence."""
+
+    def __init__(self, n=16, seq=8, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 99, (n, seq), generator=generator)
+        self.ids[: n // 2, 0] = 7
+        self.labels = (self.ids == 7).any(dim=1).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def scheduled_bert(schedule, unit="epoch", dropout=0.1, **config):
+    cfg = ScheduledLoraConfig(
+        r=4,
+        target_modules=["query", "value"],
+        layer_schedule=schedule,
+        schedule_unit=unit,
+        task_type="SEQ_CLS",
+        lora_dropout=dropout,
+        init_seed=0,
+        **config
+    )
+    return get_peft_model(tiny_models.bert(), cfg)
+
+
+def training_args(out, **overrides):
+    kwargs = dict(
+        output_dir=str(out),
+        num_train_epochs=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def lora_of(model, layer):
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if "lora_" in n and ".layer.{}.".format(layer) in n
+    }
+
+
+def same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Probe(TrainerCallback):
+    """Records, per optimizer step, the LoRA weights of the watched layers and the trainable set."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.at_step = {}
+        self.windows = []
+        self._window = []
+
+    def _trainable(self, model):
+        return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.at_step[state.global_step] = {layer: lora_of(model, layer) for layer in self.layers}
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._window.append(self._trainable(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Runs before LayerScheduleCallback (listed first), i.e. before any switch at this step.
+        self._window.append(self._trainable(model))
+        self.windows.append(self._window)
+        self._window = []
+        self.at_step[state.global_step] = {layer: lora_of(model, layer) for layer in self.layers}
+
+
+def schedule_entries(trainer):
+    return [e for e in trainer.state.log_history if "schedule_time" in e]
+
+
+def test_newly_active_layer_trains_and_frozen_layer_stays_bitwise(tmp_path):
+    # 16 samples / batch 4 = 4 steps per epoch. Layer 11 trains epochs 0-1 and is frozen in 2-3;
+    # layer 1 joins at epoch 2 (it was frozen when the optimizer was built? no: registration state).
+    model = scheduled_bert({0: [TOP], 2: [1]})
+    probe = Probe([1, TOP])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=ToyClassification(),
+        callbacks=[probe, LayerScheduleCallback()],
+    )
+    trainer.train()
+    steps = probe.at_step
+    assert not same(steps[0][TOP], steps[8][TOP]), "the first-phase layer never trained"
+    assert same(steps[0][1], steps[8][1]), "a dormant layer moved before its phase"
+    assert not same(steps[8][1], steps[16][1]), "the layer unfrozen at epoch 2 never trained"
+    # Frozen from epoch 2 on with weight_decay=0.1 and AdamW momentum: bitwise still.
+    for step in range(9, 17):
+        assert same(steps[8][TOP], steps[step][TOP]), "frozen layer drifted at step {}".format(step)
+    entries = schedule_entries(trainer)
+    assert [(e["schedule_time"], e["active_layers"], e["step"]) for e in entries] == [
+        (0, "11", 0),
+        (2, "1", 8),
+    ]
+    assert entries[0]["trainable_params"] < entries[1]["trainable_params"] + 1  # both count LoRA + head
+
+
+def test_every_group_follows_the_lr_schedule(tmp_path):
+    model = scheduled_bert({0: [TOP], 1: [1, TOP]})
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback()],
+    )
+    trainer.train()
+    optimizer = trainer.optimizer
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for params in model.base_model.layer_parameters().values():
+        assert all(id(p) in held for p in params)
+    last = trainer.lr_scheduler.get_last_lr()
+    assert len(last) == len(optimizer.param_groups)
+    assert [g["lr"] for g in optimizer.param_groups] == last
+    assert len(set(last)) == 1  # linear decay reached the same point for every group
+
+
+def test_callback_added_after_activate_layers_still_trains_every_layer(tmp_path):
+    model = scheduled_bert({0: [TOP], 1: [1]})
+    model.activate_layers(0)  # freezes layer 1 before the Trainer builds its optimizer
+    probe = Probe([1])
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, num_train_epochs=2), train_dataset=ToyClassification()
+    )
+    trainer.add_callback(probe)
+    trainer.add_callback(LayerScheduleCallback())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("lacked the LoRA parameters" in str(w.message) for w in caught)
+    assert not same(probe.at_step[4][1], probe.at_step[8][1]), "layer 1 never trained"
+
+
+def test_user_optimizer_without_later_layers_is_refused(tmp_path):
+    model = scheduled_bert({0: [TOP], 1: [1]})
+    model.activate_layers(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2),
+        train_dataset=ToyClassification(),
+        optimizers=(optimizer, scheduler),
+        callbacks=[LayerScheduleCallback()],
+    )
+    with pytest.raises(ValueError, match=r"does not hold the LoRA parameters of layer\(s\) \[1\]"):
+        trainer.train()
+
+
+def test_step_schedule_switches_at_scheduled_optimizer_steps(tmp_path):
+    model = scheduled_bert({0: [TOP], 3: [1, TOP], 6: [1]}, unit="step")
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback()],
+    )
+    trainer.train()
+    assert [(e["step"], e["active_layers"]) for e in schedule_entries(trainer)] == [
+        (0, "11"),
+        (3, "1,11"),
+        (6, "1"),
+    ]
+
+
+@pytest.mark.parametrize("unit,schedule", [("epoch", {0: [TOP], 1: [1, TOP], 2: [1]}), ("step", {0: [TOP], 2: [1]})])
+def test_no_switch_inside_a_gradient_accumulation_window(tmp_path, unit, schedule):
+    # 5 batches per epoch with accumulation 2: on transformers <= 4.46 windows span epoch boundaries.
+    model = scheduled_bert(schedule, unit=unit)
+    probe = Probe([])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=3, gradient_accumulation_steps=2),
+        train_dataset=ToyClassification(n=20),
+        callbacks=[probe, LayerScheduleCallback()],
+    )
+    trainer.train()
+    assert probe.windows
+    for window in probe.windows:
+        assert len(set(window)) == 1, "the trainable set changed inside an accumulation window"
+    assert len(schedule_entries(trainer)) == len(schedule)
+
+
+def test_new_layer_lr_scale_zero_means_the_new_layer_never_moves(tmp_path):
+    model = scheduled_bert({0: [TOP], 1: [1, TOP]})
+    probe = Probe([1, TOP])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback(new_layer_lr_scale=0.0), probe],  # probe sees the scaled update
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert same(probe.at_step[4][1], probe.at_step[8][1])
+    assert not same(probe.at_step[4][TOP], probe.at_step[8][TOP])
+    assert any("did not change at all" in str(w.message) for w in caught), "no-update detector stayed silent"
+
+
+def _first_update_of_new_layer(tmp_path, scale, warmup):
+    model = scheduled_bert({0: [TOP], 1: [1, TOP]}, dropout=0.0)
+    probe = Probe([1])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2, optim="sgd", weight_decay=0.0, lr_scheduler_type="constant"),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback(new_layer_lr_scale=scale, new_layer_warmup_steps=warmup), probe],
+    )
+    trainer.train()
+    return [{k: probe.at_step[s][1][k] - probe.at_step[s - 1][1][k] for k in probe.at_step[s][1]} for s in (5, 6)]
+
+
+def test_new_layer_lr_scale_and_warmup_scale_the_update(tmp_path):
+    plain = _first_update_of_new_layer(tmp_path / "a", 1.0, 0)
+    half = _first_update_of_new_layer(tmp_path / "b", 0.5, 0)
+    warm = _first_update_of_new_layer(tmp_path / "c", 1.0, 4)
+    for name, delta in plain[0].items():
+        if delta.abs().sum() == 0:
+            continue  # lora_A gets no gradient while lora_B is still zero
+        torch.testing.assert_close(half[0][name], 0.5 * delta, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(warm[0][name], 0.25 * delta, rtol=1e-4, atol=1e-7)  # step 1 of 4
+
+
+def test_reactivated_layer_state_reset(tmp_path):
+    model = scheduled_bert({0: [TOP], 1: [1], 2: [TOP]})
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=3),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback(reactivated_state="reset")],
+    )
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    top_param = model.base_model.layer_parameters()[TOP][0]
+    assert int(inner.state[top_param]["step"]) == 4  # epoch 2 only, state from epochs 0 was dropped
+    layer1 = model.base_model.layer_parameters()[1][0]
+    assert int(inner.state[layer1]["step"]) == 4
+
+
+def _run(tmp_path, epochs, resume=None, save=True):
+    model = scheduled_bert({0: [TOP], 2: [1, TOP]})
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=epochs, save_strategy="epoch" if save else "no"),
+        train_dataset=ToyClassification(),
+        callbacks=[LayerScheduleCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path):
+    straight, _ = _run(tmp_path / "straight", 4, save=False)
+    _run(tmp_path / "first", 4)
+    checkpoint = os.path.join(str(tmp_path / "first"), "checkpoint-8")  # end of epoch 1
+    assert os.path.isdir(checkpoint), sorted(glob.glob(str(tmp_path / "first" / "*")))
+    resumed, trainer = _run(tmp_path / "first", 4, resume=checkpoint)
+    entries = schedule_entries(trainer)
+    assert (entries[-1]["schedule_time"], entries[-1]["active_layers"], entries[-1]["step"]) == (2, "1,11", 8)
+    for layer in (1, TOP):
+        assert same(lora_of(straight, layer), lora_of(resumed, layer))
+
+
+def test_resume_mid_phase_restores_the_active_set(tmp_path):
+    _run(tmp_path, 4)
+    checkpoint = os.path.join(str(tmp_path), "checkpoint-12")  # end of epoch 2, inside phase {1, 11}
+    _, trainer = _run(tmp_path, 4, resume=checkpoint)
+    first = [e for e in schedule_entries(trainer) if e["step"] == 12][0]
+    assert first["active_layers"] == "1,11"
+    assert trainer.model.active_layers == [1, TOP]
