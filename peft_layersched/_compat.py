@@ -192,3 +192,50 @@ def trainer_resumes_adapter_checkpoints() -> bool:
     from packaging.version import Version
 
     return _transformers_version() >= Version("4.31")
+
+
+def install_legacy_safetensors_reader() -> None:
+    """Let PEFT without safetensors support (0.3.0) load ``adapter_model.safetensors`` adapters.
+
+    PEFT >= 0.7 saves safetensors by default; 0.3.0 looks only for ``adapter_model.bin`` and fails
+    with "Can't find weights".  When only the safetensors file is there, it is converted into a
+    temporary folder that PEFT then loads as usual.  Idempotent; a no-op where PEFT reads safetensors.
+    """
+    if PEFT_READS_SAFETENSORS:
+        return
+    import os
+    import shutil
+    import tempfile
+
+    from peft import PeftModel
+
+    original = PeftModel.load_adapter
+    if getattr(original, "_peft_layersched_shim", False):
+        return
+
+    def load_adapter(self: Any, model_id: str, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        subfolder = kwargs.get("subfolder")
+        path = os.path.join(model_id, subfolder) if subfolder else model_id
+        safetensors_file = os.path.join(path, "adapter_model.safetensors")
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "adapter_model.bin")) and (
+            os.path.exists(safetensors_file)
+        ):
+            try:
+                from safetensors.torch import load_file
+            except ImportError as exc:
+                raise ValueError(
+                    f"{path} holds adapter_model.safetensors, which PEFT {PEFT_VERSION} cannot read; install "
+                    f"safetensors, or save the adapter with save_pretrained(..., safe_serialization=False)."
+                ) from exc
+            folder = tempfile.mkdtemp(prefix="peft_layersched_")
+            try:
+                shutil.copy(os.path.join(path, "adapter_config.json"), folder)
+                torch.save(load_file(safetensors_file), os.path.join(folder, "adapter_model.bin"))
+                kwargs.pop("subfolder", None)
+                return original(self, folder, adapter_name, *args, **kwargs)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        return original(self, model_id, adapter_name, *args, **kwargs)
+
+    load_adapter._peft_layersched_shim = True  # type: ignore[attr-defined]
+    PeftModel.load_adapter = load_adapter

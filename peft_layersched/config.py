@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -137,6 +139,21 @@ class ScheduledLoraConfig(LoraConfig):
 
     def schedule(self) -> Optional[MilestoneSchedule]:
         return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
+        # PEFT 0.6-0.13 build configs with cls(**json) and fail on keys a newer PEFT wrote; 0.14+ drops
+        # them with a warning.  Do the same on every version, so adapters move between versions.
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(key for key in loaded if key not in known)
+        if unknown:
+            warnings.warn(
+                f"{path_json_file}: ignoring {unknown}, written by a newer PEFT than the installed "
+                f"{_compat.PEFT_VERSION}; the adapter loads without them.",
+                stacklevel=2,
+            )
+        return {key: value for key, value in loaded.items() if key in known}
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         # In memory the tuner runs as PeftType.LORA (so every LoRA branch inside PEFT applies); on

@@ -14,4 +14,5 @@ def register() -> List[str]:
 
     Returns the PEFT mappings that now hold the entry.
     """
+    _compat.install_legacy_safetensors_reader()
     return _compat.register(ScheduledLoraConfig, ScheduledLoraModel)
