@@ -215,10 +215,26 @@ class LayerScheduleCallback(TrainerCallback):
         name = self.adapter_name or self._tuner._adapter(None)[0]
         return getattr(self._tuner.peft_config[name], "schedule_unit", "epoch")
 
-    def _check_ddp(self, args: Any) -> None:
-        distributed = getattr(args, "world_size", 1) > 1 or getattr(args, "local_rank", -1) != -1
-        if not distributed:
+    def _check_engine(self, args: Any) -> None:
+        engine = _sharding_engine(args)
+        if engine is None:
             return
+        raise ValueError(
+            f"LayerScheduleCallback does not support {engine}. {_ENGINE_REASONS[engine]} Supported: one "
+            f"process, or DDP (torchrun / accelerate launch with plain multi-GPU or multi-CPU), where the "
+            f"callback sets ddp_find_unused_parameters=True. LoRA adapters are small, so plain DDP with "
+            f"gradient checkpointing usually fits where ZeRO/FSDP would be used for full fine-tuning."
+        )
+
+    def _check_ddp(self, args: Any) -> None:
+        self._check_engine(args)
+        if not _distributed(args):
+            return
+        if getattr(args, "ddp_static_graph", None):
+            raise ValueError(
+                "LayerScheduleCallback under DDP cannot use ddp_static_graph=True: the set of parameters that "
+                "get gradients changes with the schedule. Set TrainingArguments(ddp_static_graph=False)."
+            )
         if getattr(args, "ddp_find_unused_parameters", None) is False:
             raise ValueError(
                 "LayerScheduleCallback under DDP needs ddp_find_unused_parameters=True: frozen and not-yet-"
@@ -239,6 +255,13 @@ class LayerScheduleCallback(TrainerCallback):
         if not missing:
             return
         count = sum(p.numel() for ps in missing.values() for p in ps)
+        if _distributed(args):
+            raise ValueError(
+                f"the LoRA parameters of layer(s) {list(missing)} did not require grad when DDP wrapped the "
+                f"model, so DDP would never all-reduce them and the ranks would silently diverge once they "
+                f"train. Pass LayerScheduleCallback to Trainer(callbacks=[...]) (it prepares the model before "
+                f"the optimizer and DDP are built), and do not call activate_layers() before trainer.train()."
+            )
         if self._user_optimizer or not optimizer.param_groups:
             raise ValueError(
                 f"the optimizer does not hold the LoRA parameters of layer(s) {list(missing)} ({count} "
@@ -403,6 +426,36 @@ class LayerScheduleCallback(TrainerCallback):
                     before = self._before_step.get(param)
                     if before is not None:
                         param.copy_(before + factor * (param - before))
+
+
+_ENGINE_REASONS = {
+    "DeepSpeed": (
+        "ZeRO flattens only the parameters that require grad at initialize and zero-fills missing "
+        "gradients, so newly active layers would never update and frozen ones would keep moving "
+        "(momentum, weight decay)."
+    ),
+    "FSDP": (
+        "FSDP flattens parameters into shards at wrap time; per-layer freezing needs use_orig_params=True "
+        "(torch >= 2.1) and is not verified with this callback yet."
+    ),
+}
+
+
+def _distributed(args: Any) -> bool:
+    return getattr(args, "world_size", 1) > 1 or getattr(args, "local_rank", -1) != -1
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def _sharding_engine(args: Any) -> Optional[str]:
+    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
 
 
 def _decay_group(optimizer: Any, args: Any) -> int:

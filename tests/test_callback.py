@@ -309,3 +309,13 @@ def test_resume_mid_phase_restores_the_active_set(tmp_path):
     first = [e for e in schedule_entries(trainer) if e["step"] == 12][0]
     assert first["active_layers"] == "1,11"
     assert trainer.model.active_layers == [1, TOP]
+
+
+@pytest.mark.parametrize("variable,engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_sharding_engines_are_refused_with_the_supported_alternative(tmp_path, monkeypatch, variable, engine):
+    # accelerate launch --use_deepspeed / --use_fsdp set these variables for every rank.
+    model = scheduled_bert({0: [TOP]})
+    args = training_args(tmp_path)
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match="does not support {}.*Supported: one process, or DDP".format(engine)):
+        LayerScheduleCallback().on_init_end(args, None, None, model=model)

@@ -1,0 +1,69 @@
+"""Real 2-process DDP training (torchrun, gloo, CPU) with the Trainer and LayerScheduleCallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+KINDS = ("epoch", "step")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        WORKER, str(out), ",".join(KINDS + ("refuse",)),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        universal_newlines=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        process.communicate()
+        pytest.fail("the 2-process DDP run did not finish within 300 s")
+    assert process.returncode == 0, output[-4000:]
+    return out
+
+
+def _ranks(out, kind):
+    return [json.load(open(os.path.join(str(out), "{}{}.json".format(kind, rank)))) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_stay_identical_and_frozen_layers_stay_put(ddp_run, kind):
+    first, second = _ranks(ddp_run, kind)
+    assert first["world"] == second["world"] == 2, "the Trainer did not run distributed"
+    assert first["find_unused"] is True, "DDP must find unused parameters: frozen layers get no grad"
+    # Same active set and bitwise-identical LoRA weights on both ranks at every optimizer step.
+    assert first["steps"] == second["steps"]
+    steps = first["steps"]
+    if kind == "epoch":  # 4 steps per epoch: layer 3 trains epochs 0-1, frozen after; layer 1 joins at 2
+        frozen = [s["hashes"]["3"] for s in steps if s["step"] >= 8]
+        assert len(set(frozen)) == 1, "layer 3 moved while frozen"
+        assert steps[0]["hashes"]["3"] != steps[8]["hashes"]["3"], "layer 3 never trained"
+        assert steps[0]["hashes"]["1"] == steps[8]["hashes"]["1"], "layer 1 moved before its phase"
+        assert steps[8]["hashes"]["1"] != steps[-1]["hashes"]["1"], "layer 1 never trained after joining"
+        # recorded at on_step_end; the epoch switch comes at the next on_epoch_begin
+        assert [s["active"] for s in steps if s["step"] in (0, 8, 9)] == [[3], [3], [1]]
+    else:  # {0: [3], 3: [1, 3], 6: [2]} in optimizer steps
+        assert [s["active"] for s in steps if s["step"] in (0, 2, 3, 5, 6)] == [[3], [3], [1, 3], [1, 3], [2]]
+        late = [s["hashes"]["3"] for s in steps if s["step"] >= 6]
+        assert len(set(late)) == 1, "layer 3 moved while frozen"
+        assert steps[6]["hashes"]["2"] != steps[-1]["hashes"]["2"], "layer 2 never trained"
+
+
+def test_find_unused_parameters_false_is_refused(ddp_run):
+    for result in _ranks(ddp_run, "refuse"):
+        assert result["message"] is not None, "the callback accepted ddp_find_unused_parameters=False"
+        assert "ddp_find_unused_parameters=True" in result["message"]
