@@ -7,8 +7,8 @@ except where noted.  Facts per version: ``shared/reference/peft-versions.md``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import importlib
+import math
 from typing import Any, Dict, Iterator, List
 
 import peft

@@ -7,12 +7,12 @@ import os
 import warnings
 
 import pytest
+import tiny_models
 import torch
 from peft import get_peft_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import tiny_models
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
 TOP = 11  # tiny_models.bert() has 12 layers
@@ -311,7 +311,9 @@ def test_resume_mid_phase_restores_the_active_set(tmp_path):
     assert trainer.model.active_layers == [1, TOP]
 
 
-@pytest.mark.parametrize("variable,engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+@pytest.mark.parametrize(
+    "variable,engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")]
+)
 def test_sharding_engines_are_refused_with_the_supported_alternative(tmp_path, monkeypatch, variable, engine):
     # accelerate launch --use_deepspeed / --use_fsdp set these variables for every rank.
     model = scheduled_bert({0: [TOP]})

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-
 import xversion_worker
 
 LEGACY_PYTHON = os.environ.get("LEGACY_PYTHON", "")

@@ -85,7 +85,11 @@ def load(folder):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     _train(model, 1, seed=3)
     changed = sorted(
-        {n.split(".layer.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])}
+        {
+            n.split(".layer.")[1].split(".")[0]
+            for n, p in model.named_parameters()
+            if "lora_B" in n and not torch.equal(p, before[n])
+        }
     )
     return {
         "tuner": tuner,
