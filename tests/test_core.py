@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import tiny_models
 from peft_layersched import ScheduledLoraConfig, export_lora
 from peft_layersched.layers import discover_stacks
 
@@ -336,7 +336,9 @@ def test_export_loads_in_vanilla_peft_without_this_package(tmp_path):
     written = json.load(open(str(tmp_path / "export" / "adapter_config.json")))
     assert written["peft_type"] == "LORA"
     assert sorted(written["target_modules"]) == sorted(
-        "bert.encoder.layer.{}.attention.self.{}".format(layer, kind) for layer in (1, 11) for kind in ("query", "value")
+        "bert.encoder.layer.{}.attention.self.{}".format(layer, kind)
+        for layer in (1, 11)
+        for kind in ("query", "value")
     )  # layer 5 never trained: not exported
     assert sorted(config.target_modules) == sorted(written["target_modules"])
     tiny_models.bert().save_pretrained(str(tmp_path / "base"))
