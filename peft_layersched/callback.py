@@ -442,7 +442,8 @@ _ENGINE_REASONS = {
 
 
 def _distributed(args: Any) -> bool:
-    return getattr(args, "world_size", 1) > 1 or getattr(args, "local_rank", -1) != -1
+    # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
+    return int(getattr(args, "world_size", 1) or 1) > 1
 
 
 def _env_flag(name: str) -> bool:
