@@ -17,12 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tiny_models  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig  # noqa: E402
+from peft_layersched import LayerScheduleCallback  # noqa: E402
+
+from toy_training import ToyClassification, cpu_flag, scheduled_bert, train, training_args  # noqa: E402
 
 LAYERS = 4
 SCHEDULES = {
@@ -31,20 +30,6 @@ SCHEDULES = {
     # optimizer-step phases, switching inside epochs
     "step": ({0: [3], 3: [1, 3], 6: [2]}, "step"),
 }
-
-
-class Toy(Dataset):
-    def __init__(self, n=32, seq=8):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 99, (n, seq), generator=generator)
-        self.ids[: n // 2, 0] = 7
-        self.labels = (self.ids == 7).any(dim=1).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def layer_hashes(model):
@@ -69,23 +54,12 @@ class Recorder(TrainerCallback):
         self.steps.append({"step": state.global_step, "active": model.active_layers, "hashes": layer_hashes(model)})
 
 
-def cpu_flag():
-    # Gloo DDP on CPU: `use_cpu` since transformers 4.34, `no_cuda` before.
-    fields = TrainingArguments.__dataclass_fields__
-    return {"use_cpu": True} if "use_cpu" in fields else {"no_cuda": True}
-
-
 def refuse(out_dir):
     """ddp_find_unused_parameters=False cannot work with a schedule: the callback must say so."""
-    model = get_peft_model(
-        tiny_models.bert(num_layers=LAYERS),
-        ScheduledLoraConfig(r=4, target_modules=["query"], layer_schedule={0: [3]}, task_type="SEQ_CLS"),
-    )
-    args = TrainingArguments(
-        output_dir=out_dir, report_to="none", ddp_find_unused_parameters=False, ddp_backend="gloo", **cpu_flag()
-    )
+    model = scheduled_bert({0: [3]}, num_layers=LAYERS)
+    args = training_args(out_dir, ddp_find_unused_parameters=False, ddp_backend="gloo", **cpu_flag())
     try:
-        Trainer(model=model, args=args, train_dataset=Toy(), callbacks=[LayerScheduleCallback()])
+        Trainer(model=model, args=args, train_dataset=ToyClassification(n=32), callbacks=[LayerScheduleCallback()])
     except ValueError as error:
         return str(error)
     return None
@@ -99,34 +73,16 @@ def main(out_dir, kind):
             json.dump({"message": message}, handle)
         return
     schedule, unit = SCHEDULES[kind]
-    config = ScheduledLoraConfig(
-        r=4,
-        target_modules=["query", "value"],
-        layer_schedule=schedule,
-        schedule_unit=unit,
-        task_type="SEQ_CLS",
-        lora_dropout=0.1,
-        init_seed=0,
-    )
-    model = get_peft_model(tiny_models.bert(num_layers=LAYERS), config)
+    model = scheduled_bert(schedule, unit=unit, num_layers=LAYERS)
     recorder = Recorder()
-    args = TrainingArguments(
-        output_dir=out_dir,
-        num_train_epochs=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        optim="adamw_torch",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
+    trainer = train(
+        model,
+        out_dir,
+        callbacks=[LayerScheduleCallback(), recorder],
+        dataset=ToyClassification(n=32),
         ddp_backend="gloo",
-        **cpu_flag()
+        **cpu_flag(),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Toy(), callbacks=[LayerScheduleCallback(), recorder])
-    trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     find_unused = getattr(trainer.model_wrapped, "find_unused_parameters", None)

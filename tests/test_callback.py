@@ -7,71 +7,19 @@ import os
 import warnings
 
 import pytest
-import tiny_models
 import torch
-from peft import get_peft_model
-from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
+from peft_layersched import LayerScheduleCallback
+
+from toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers
 
 
-class ToyClassification(Dataset):
-    """A learnable toy task: the label is whether token 7 appears in the sequence."""
-
-    def __init__(self, n=16, seq=8, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 99, (n, seq), generator=generator)
-        self.ids[: n // 2, 0] = 7
-        self.labels = (self.ids == 7).any(dim=1).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def scheduled_bert(schedule, unit="epoch", dropout=0.1, **config):
-    cfg = ScheduledLoraConfig(
-        r=4,
-        target_modules=["query", "value"],
-        layer_schedule=schedule,
-        schedule_unit=unit,
-        task_type="SEQ_CLS",
-        lora_dropout=dropout,
-        init_seed=0,
-        **config
-    )
-    return get_peft_model(tiny_models.bert(), cfg)
-
-
-def training_args(out, **overrides):
-    kwargs = dict(
-        output_dir=str(out),
-        num_train_epochs=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        lr_scheduler_type="linear",
-        optim="adamw_torch",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
-
-
 def lora_of(model, layer):
     return {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if "lora_" in n and ".layer.{}.".format(layer) in n
+        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".layer.{}.".format(layer) in n
     }
 
 
@@ -114,13 +62,7 @@ def test_newly_active_layer_trains_and_frozen_layer_stays_bitwise(tmp_path):
     # layer 1 joins at epoch 2 (it was frozen when the optimizer was built? no: registration state).
     model = scheduled_bert({0: [TOP], 2: [1]})
     probe = Probe([1, TOP])
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path),
-        train_dataset=ToyClassification(),
-        callbacks=[probe, LayerScheduleCallback()],
-    )
-    trainer.train()
+    trainer = train(model, tmp_path, callbacks=[probe, LayerScheduleCallback()])
     steps = probe.at_step
     assert not same(steps[0][TOP], steps[8][TOP]), "the first-phase layer never trained"
     assert same(steps[0][1], steps[8][1]), "a dormant layer moved before its phase"
@@ -138,13 +80,7 @@ def test_newly_active_layer_trains_and_frozen_layer_stays_bitwise(tmp_path):
 
 def test_every_group_follows_the_lr_schedule(tmp_path):
     model = scheduled_bert({0: [TOP], 1: [1, TOP]})
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=2),
-        train_dataset=ToyClassification(),
-        callbacks=[LayerScheduleCallback()],
-    )
-    trainer.train()
+    trainer = train(model, tmp_path, callbacks=[LayerScheduleCallback()], num_train_epochs=2)
     optimizer = trainer.optimizer
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for params in model.base_model.layer_parameters().values():
@@ -159,9 +95,7 @@ def test_callback_added_after_activate_layers_still_trains_every_layer(tmp_path)
     model = scheduled_bert({0: [TOP], 1: [1]})
     model.activate_layers(0)  # freezes layer 1 before the Trainer builds its optimizer
     probe = Probe([1])
-    trainer = Trainer(
-        model=model, args=training_args(tmp_path, num_train_epochs=2), train_dataset=ToyClassification()
-    )
+    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=2), train_dataset=ToyClassification())
     trainer.add_callback(probe)
     trainer.add_callback(LayerScheduleCallback())
     with warnings.catch_warnings(record=True) as caught:
@@ -189,13 +123,7 @@ def test_user_optimizer_without_later_layers_is_refused(tmp_path):
 
 def test_step_schedule_switches_at_scheduled_optimizer_steps(tmp_path):
     model = scheduled_bert({0: [TOP], 3: [1, TOP], 6: [1]}, unit="step")
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=2),
-        train_dataset=ToyClassification(),
-        callbacks=[LayerScheduleCallback()],
-    )
-    trainer.train()
+    trainer = train(model, tmp_path, callbacks=[LayerScheduleCallback()], num_train_epochs=2)
     assert [(e["step"], e["active_layers"]) for e in schedule_entries(trainer)] == [
         (0, "11"),
         (3, "1,11"),
@@ -208,13 +136,14 @@ def test_no_switch_inside_a_gradient_accumulation_window(tmp_path, unit, schedul
     # 5 batches per epoch with accumulation 2: on transformers <= 4.46 windows span epoch boundaries.
     model = scheduled_bert(schedule, unit=unit)
     probe = Probe([])
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=3, gradient_accumulation_steps=2),
-        train_dataset=ToyClassification(n=20),
+    trainer = train(
+        model,
+        tmp_path,
         callbacks=[probe, LayerScheduleCallback()],
+        dataset=ToyClassification(n=20),
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
     )
-    trainer.train()
     assert probe.windows
     for window in probe.windows:
         assert len(set(window)) == 1, "the trainable set changed inside an accumulation window"
@@ -224,15 +153,10 @@ def test_no_switch_inside_a_gradient_accumulation_window(tmp_path, unit, schedul
 def test_new_layer_lr_scale_zero_means_the_new_layer_never_moves(tmp_path):
     model = scheduled_bert({0: [TOP], 1: [1, TOP]})
     probe = Probe([1, TOP])
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=2),
-        train_dataset=ToyClassification(),
-        callbacks=[LayerScheduleCallback(new_layer_lr_scale=0.0), probe],  # probe sees the scaled update
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.train()
+        # the probe runs after the callback: it sees the scaled update
+        train(model, tmp_path, callbacks=[LayerScheduleCallback(new_layer_lr_scale=0.0), probe], num_train_epochs=2)
     assert same(probe.at_step[4][1], probe.at_step[8][1])
     assert not same(probe.at_step[4][TOP], probe.at_step[8][TOP])
     assert any("did not change at all" in str(w.message) for w in caught), "no-update detector stayed silent"
@@ -241,13 +165,15 @@ def test_new_layer_lr_scale_zero_means_the_new_layer_never_moves(tmp_path):
 def _first_update_of_new_layer(tmp_path, scale, warmup):
     model = scheduled_bert({0: [TOP], 1: [1, TOP]}, dropout=0.0)
     probe = Probe([1])
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=2, optim="sgd", weight_decay=0.0, lr_scheduler_type="constant"),
-        train_dataset=ToyClassification(),
+    train(
+        model,
+        tmp_path,
         callbacks=[LayerScheduleCallback(new_layer_lr_scale=scale, new_layer_warmup_steps=warmup), probe],
+        num_train_epochs=2,
+        optim="sgd",
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
     )
-    trainer.train()
     return [{k: probe.at_step[s][1][k] - probe.at_step[s - 1][1][k] for k in probe.at_step[s][1]} for s in (5, 6)]
 
 
@@ -264,13 +190,7 @@ def test_new_layer_lr_scale_and_warmup_scale_the_update(tmp_path):
 
 def test_reactivated_layer_state_reset(tmp_path):
     model = scheduled_bert({0: [TOP], 1: [1], 2: [TOP]})
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=3),
-        train_dataset=ToyClassification(),
-        callbacks=[LayerScheduleCallback(reactivated_state="reset")],
-    )
-    trainer.train()
+    trainer = train(model, tmp_path, callbacks=[LayerScheduleCallback(reactivated_state="reset")], num_train_epochs=3)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     top_param = model.base_model.layer_parameters()[TOP][0]
     assert int(inner.state[top_param]["step"]) == 4  # epoch 2 only, state from epochs 0 was dropped
@@ -280,13 +200,7 @@ def test_reactivated_layer_state_reset(tmp_path):
 
 def _run(tmp_path, epochs, resume=None, save=True):
     model = scheduled_bert({0: [TOP], 2: [1, TOP]})
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, num_train_epochs=epochs, save_strategy="epoch" if save else "no"),
-        train_dataset=ToyClassification(),
-        callbacks=[LayerScheduleCallback()],
-    )
-    trainer.train(resume_from_checkpoint=resume)
+    trainer = train(model, tmp_path, resume=resume, num_train_epochs=epochs, save_strategy="epoch" if save else "no")
     return model, trainer
 
 
