@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import tiny_models
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, export_lora
 from peft_layersched.layers import discover_stacks
+
+import tiny_models
 
 # family -> (stacks as (name, path, length), schedule, expected active ids at t=0 and t=2, preallocated)
 CASES = {

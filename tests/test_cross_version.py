@@ -12,6 +12,7 @@ import os
 import subprocess
 
 import pytest
+
 import xversion_worker
 
 LEGACY_PYTHON = os.environ.get("LEGACY_PYTHON", "")

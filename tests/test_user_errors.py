@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models
 from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig
+
+import tiny_models
 
 # (case id, model family, config kwargs, exception type, regex the message must contain)
 CONFIG_ERRORS = [

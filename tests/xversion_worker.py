@@ -16,11 +16,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tiny_models  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 
 import peft_layersched  # noqa: E402
 from peft_layersched import ScheduledLoraConfig  # noqa: E402
+
+import tiny_models  # noqa: E402
 
 SCHEDULE = {0: [11], 2: [1, 11]}
 
