@@ -35,6 +35,10 @@ class Probe(TrainerCallback):
         self.at_step = {}
         self.windows = []
         self._window = []
+        self.epochs_begun = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epochs_begun += 1
 
     def _trainable(self, model):
         return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
@@ -147,7 +151,10 @@ def test_no_switch_inside_a_gradient_accumulation_window(tmp_path, unit, schedul
     assert probe.windows
     for window in probe.windows:
         assert len(set(window)) == 1, "the trainable set changed inside an accumulation window"
-    assert len(schedule_entries(trainer)) == len(schedule)
+    # Trainers up to 4.51 count floor(5 / 2) = 2 steps per epoch but run 3: max_steps can end the run
+    # before the last epoch begins. Every phase that was reached must have switched.
+    reached = [start for start in schedule if unit == "step" or start < probe.epochs_begun]
+    assert [e["schedule_time"] for e in schedule_entries(trainer)] == reached
 
 
 def test_new_layer_lr_scale_zero_means_the_new_layer_never_moves(tmp_path):
