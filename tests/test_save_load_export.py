@@ -1,0 +1,242 @@
+"""save_pretrained -> PeftModel.from_pretrained (continue training / inference), and export_lora to a plain
+LoRA adapter that vanilla PEFT loads in a process where peft_layersched cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peft_layersched import _compat, export_lora
+from peft_layersched.tuner import ScheduledLoraModel
+
+from scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
+
+
+def _read_json(folder, name="adapter_config.json"):
+    with open(os.path.join(folder, name)) as handle:
+        return json.load(handle)
+
+
+def _read_weights(folder):
+    files = sorted(f for f in os.listdir(folder) if f.startswith("adapter_model."))
+    assert len(files) == 1, files
+    path = os.path.join(folder, files[0])
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return files[0], load_file(path)
+    return files[0], torch.load(path)
+
+
+def _lora_keys(module_names):
+    return sorted("{}{}.lora_{}.weight".format(PREFIX, name, ab) for name in module_names for ab in "AB")
+
+
+def _spare_prealloc(case):
+    return [case.raw_spare, case.raw_low, case.raw_top]
+
+
+@pytest.mark.parametrize("saved_at", [0, 2], ids=["saved in phase 0", "saved in phase 2"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_save_then_from_pretrained_continues_the_schedule(case, saved_at, tmp_path):
+    # init_lora_weights=False: the never-active spare has B != 0, so a bypass lost on load shows in the output.
+    model = case.build(preallocate_layers=_spare_prealloc(case), init_lora_weights=False)
+    for t in sorted({0, saved_at}):
+        model.activate_layers(t)
+        perturb(model)
+    ever = case.first if saved_at == 0 else case.later
+    expected, weights = logits(model, case), snapshot(model)
+    model.save_pretrained(str(tmp_path))
+    assert model.peft_config["default"].peft_type == "LORA"  # saving does not change the running tuner
+
+    written = _read_json(str(tmp_path))
+    assert written["peft_type"] == "SCHEDULED_LORA"
+    assert written["layer_schedule"] == {str(k): v for k, v in case.schedule.items()}
+    assert (written["ever_active_layers"], written["init_seed"]) == (ever, 0)
+    _, state = _read_weights(str(tmp_path))
+    assert sorted(state) == _lora_keys(model.scheduled_modules())  # every preallocated adapter, active or not
+
+    loaded = PeftModel.from_pretrained(case.base(), str(tmp_path), is_trainable=True)
+    assert isinstance(loaded.base_model, ScheduledLoraModel)
+    config = loaded.peft_config["default"]
+    assert config.layer_schedule == model.peft_config["default"].layer_schedule
+    assert all(type(start) is int for start in config.layer_schedule)
+    assert (config.init_seed, config.ever_active_layers) == (0, ever)
+    assert loaded.preallocated_layers == model.preallocated_layers
+    assert loaded.scheduled_modules() == model.scheduled_modules()
+    assert loaded.ever_active_layers == ever
+    assert all(torch.equal(value, weights[name]) for name, value in snapshot(loaded).items())
+    assert torch.equal(logits(loaded, case), expected)
+    assert trainable(loaded) == sorted(lora_params(loaded))  # as after get_peft_model: all registered
+
+    # Continue: the schedule goes on, and a step trains exactly the active layers.
+    assert loaded.activate_layers(3) == case.later
+    assert loaded.ever_active_layers == case.later
+    assert trainable(loaded) == sorted(n for n in lora_params(loaded) if case.layer_of(n) in case.later)
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    before = snapshot(loaded)
+    loaded.train()
+    loss(loaded, case, seed=0).backward()
+    optimizer.step()
+    changed = sorted(n for n, p in lora_params(loaded).items() if not torch.equal(p, before[n]))
+    assert changed == trainable(loaded)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_inference_load_matches_and_trains_nothing(case, tmp_path):
+    model = case.build(preallocate_layers=_spare_prealloc(case), init_lora_weights=False)
+    model.activate_layers(0)
+    perturb(model)
+    expected = logits(model, case)
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(case.base(), str(tmp_path))
+    assert isinstance(loaded.base_model, ScheduledLoraModel)
+    assert torch.equal(logits(loaded, case), expected)
+    assert trainable(loaded) == []
+    assert loaded.activate_layers(2) == case.later
+    assert trainable(loaded) == []
+
+
+# ------------------------------------------------------------------------------------------- export
+
+# (case id, family, config kwargs, activate_layers calls, export kwargs, ever-active layers, modules whose
+# modules_to_save copy is exported)
+EXPORTS = [
+    ("bert", "bert", dict(task_type="SEQ_CLS"), [0, 2], {}, [1, 11], ["classifier"]),
+    ("bert .bin", "bert", {}, [0], dict(safe_serialization=False), [11], []),
+    ("gpt2", "gpt2", {}, [0], {}, [3], []),
+    ("llama", "llama", {}, [0, 2, 0], {}, [1, 3], []),
+    ("llama lm_head", "llama", dict(modules_to_save=["lm_head"]), [0], {}, [3], ["lm_head"]),
+    ("t5", "t5", {}, [2], {}, ["encoder.1", "decoder.1"], []),
+]
+EXPORT_IDS = [c[0] for c in EXPORTS]
+ROWS = {c[0]: c[1:] for c in EXPORTS}
+
+_VANILLA = r"""
+import importlib.abc, json, sys
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "peft_layersched":
+            raise ImportError("peft_layersched is blocked in this process")
+
+
+sys.meta_path.insert(0, Block())
+try:
+    import peft_layersched  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("peft_layersched was importable")
+
+import torch
+import transformers
+from peft import PeftModel
+
+results = {}
+for job in json.load(open(sys.argv[1])):
+    base = getattr(transformers, job["model_class"]).from_pretrained(job["base"])
+    model = PeftModel.from_pretrained(base, job["adapter"]).eval()
+    with torch.no_grad():
+        out = model(**torch.load(job["inputs"])).logits
+    expected = torch.load(job["expected"])
+    peft_type = model.peft_config["default"].peft_type
+    results[job["id"]] = {
+        "tuner": type(model.base_model).__name__,
+        "peft_type": str(getattr(peft_type, "value", peft_type)),
+        "lora_modules": sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_A." in n}),
+        "max_abs_diff": float((out - expected).abs().max()),
+        "exact": bool(torch.equal(out, expected)),
+    }
+assert not any(name.split(".")[0] == "peft_layersched" for name in sys.modules)
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Every EXPORTS row exported, then loaded by vanilla PEFT in one subprocess (its imports cost ~10 s)."""
+    root = tmp_path_factory.mktemp("exports")
+    made, jobs = {}, []
+    for case_id, family, kwargs, times, export_kwargs, _, _ in EXPORTS:
+        case = BY_FAMILY[family]
+        folder = root / case_id.replace(" ", "_")
+        model = case.build(preallocate_layers=_spare_prealloc(case), init_lora_weights=False, **kwargs)
+        for t in times:
+            model.activate_layers(t)
+            perturb(model)
+        # modules_to_save: their trained copy must travel too.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".modules_to_save." in name:
+                    param.add_(0.1)
+        expected = logits(model, case)
+        config = export_lora(model, str(folder / "adapter"), **export_kwargs)
+        base = case.base()
+        base.save_pretrained(str(folder / "base"))
+        torch.save(case.inputs(), str(folder / "inputs.pt"))
+        torch.save(expected, str(folder / "expected.pt"))
+        made[case_id] = (model, config, str(folder / "adapter"))
+        jobs.append(
+            dict(
+                id=case_id,
+                model_class=type(base).__name__,
+                base=str(folder / "base"),
+                adapter=str(folder / "adapter"),
+                inputs=str(folder / "inputs.pt"),
+                expected=str(folder / "expected.pt"),
+            )
+        )
+    with open(str(root / "jobs.json"), "w") as handle:
+        json.dump(jobs, handle)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _VANILLA, str(root / "jobs.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        universal_newlines=True,
+        cwd=str(root),
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return made, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case_id", EXPORT_IDS)
+def test_export_writes_plain_lora_of_ever_active_modules(exports, case_id):
+    family, kwargs, _, export_kwargs, ever, saved = ROWS[case_id]
+    model, config, folder = exports[0][case_id]
+    assert model.ever_active_layers == ever
+    kept = BY_FAMILY[family].target_names(ever)
+    written = _read_json(folder)
+    assert written["peft_type"] == "LORA"
+    assert sorted(written["target_modules"]) == kept  # exact full names, never-active layers left out
+    assert sorted(config.target_modules) == kept
+    assert not {"layer_schedule", "ever_active_layers", "init_seed", "preallocate_layers"} & set(written)
+    # SEQ_CLS: PEFT adds the head itself (to the config from 0.4 on); the weights below must hold it.
+    assert set(kwargs.get("modules_to_save", [])) <= set(written["modules_to_save"] or [])
+    assert written["task_type"] == kwargs.get("task_type")
+    name, state = _read_weights(folder)
+    safe = export_kwargs.get("safe_serialization", _compat.PEFT_READS_SAFETENSORS)
+    assert name == ("adapter_model.safetensors" if safe else "adapter_model.bin")
+    assert sorted(k for k in state if ".lora_" in k) == _lora_keys(kept)
+    assert {k[len(PREFIX) :].split(".")[0] for k in state if ".lora_" not in k} == set(saved)
+
+
+@pytest.mark.parametrize("case_id", EXPORT_IDS)
+def test_export_loads_in_vanilla_peft_without_this_package(exports, case_id):
+    family, _, _, _, ever, _ = ROWS[case_id]
+    result = exports[1][case_id]
+    assert result["tuner"] == "LoraModel"
+    assert result["peft_type"] == "LORA"
+    assert result["lora_modules"] == [PREFIX + n for n in BY_FAMILY[family].target_names(ever)]
+    assert result["max_abs_diff"] <= 1e-6, result
