@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
+import re
 from typing import Any, Dict, Iterator, List
 
 import peft
@@ -239,3 +241,117 @@ def install_legacy_safetensors_reader() -> None:
 
     load_adapter._peft_layersched_shim = True  # type: ignore[attr-defined]
     PeftModel.load_adapter = load_adapter
+
+
+def empty_weights() -> Any:
+    """A context in which modules are built without allocating their weights, and the device it uses.
+
+    Returns ``(context, device_name)``: ``with torch.device("meta")`` where torch has it (2.0+); torch
+    1.13 has the meta device but not the context manager, so accelerate's ``init_empty_weights`` (PEFT
+    depends on accelerate); else plain CPU allocation.
+    """
+    import contextlib
+
+    meta = torch.device("meta")
+    if hasattr(meta, "__enter__"):
+        return meta, "meta"
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # pragma: no cover - every supported PEFT installs accelerate
+        return contextlib.nullcontext(), "cpu"
+    return init_empty_weights(include_buffers=True), "meta"
+
+
+# The input-require-grads forward hooks (``output.requires_grad_(True)`` on the input embeddings):
+# transformers' ``enable_input_require_grads`` (4.30 .. 5.x; 5.x's gradient_checkpointing_enable calls it
+# for every model that reads input_ids) and PEFT's fallback for models without that method (0.4+).
+# transformers 4.x keeps only the last handle (a second call orphans the first hook) and 5.x keeps a
+# list, so they are found on the modules themselves rather than through transformers' handles.
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def input_require_grads_hooks_of(module: nn.Module) -> List[Any]:
+    """``(key, hook)`` for each input-require-grads hook registered on ``module`` itself."""
+    found = []
+    for key, hook in module._forward_hooks.items():
+        if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
+            origin = str(getattr(hook, "__module__", "") or "").split(".")[0]
+            if origin in ("transformers", "peft"):
+                found.append((key, hook))
+    return found
+
+
+def input_require_grads_hooks(model: nn.Module) -> List[Any]:
+    """``(module, key, hook)`` for each input-require-grads hook registered on a module of ``model``."""
+    return [(m, key, hook) for m in model.modules() for key, hook in input_require_grads_hooks_of(m)]
+
+
+def take_forward_hook(module: nn.Module, key: Any) -> None:
+    """Unregister the forward hook ``key`` (what its ``RemovableHandle.remove()`` does)."""
+    module._forward_hooks.pop(key, None)
+
+
+def put_forward_hook(module: nn.Module, key: Any, hook: Any) -> None:
+    """Register ``hook`` again under its old key, so the owner's handle still removes it."""
+    module._forward_hooks[key] = hook
+
+
+def checkpoint_reentrant(holder: nn.Module) -> bool:
+    """Whether the gradient checkpointing that ``holder``'s flag switches is torch's reentrant kind.
+
+    transformers >= 4.35 store ``functools.partial(checkpoint, **gradient_checkpointing_kwargs)`` as
+    ``_gradient_checkpointing_func`` (4.35 .. 4.57 default ``use_reentrant=True``, 5.x ``False``);
+    < 4.35 call ``torch.utils.checkpoint.checkpoint`` without ``use_reentrant``, which is reentrant on
+    every torch this package supports (1.13 .. 2.13).  An unknown function counts as reentrant: that
+    is the kind that needs a leaf input, and a leaf is correct for either kind.
+    """
+    func = getattr(holder, "_gradient_checkpointing_func", None)
+    if func is None:
+        return True
+    keywords = getattr(func, "keywords", None)
+    if not isinstance(keywords, dict):
+        return True
+    return keywords.get("use_reentrant", True) is not False
+
+
+# transformers 4.35 .. 4.51 T5-family stacks (t5, mt5, umt5, longt5, switch_transformers, ...) checkpoint
+# ``layer_module.forward`` instead of the module: the blocks' forward hooks do not run under checkpointing.
+_CHECKPOINTS_FORWARD = re.compile(r"_gradient_checkpointing_func\(\s*[\w.]+\.forward\s*,")
+_SKIPS_HOOKS: Dict[type, bool] = {}
+
+
+def checkpointing_skips_layer_hooks(stack_parent: nn.Module) -> bool:
+    """Whether ``stack_parent`` (the module that loops over a layer stack) calls the layers' ``forward``
+    directly when it checkpoints them, so their forward hooks do not run (transformers 4.35 .. 4.51,
+    T5 family); everywhere else the checkpointed call is ``layer(...)`` / ``layer.__call__``.
+    """
+    cls = type(stack_parent)
+    if cls not in _SKIPS_HOOKS:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # pragma: no cover - source not available (frozen app)
+            source = ""
+        _SKIPS_HOOKS[cls] = bool(_CHECKPOINTS_FORWARD.search(source))
+    return _SKIPS_HOOKS[cls]
+
+
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = True) -> bool:
+    """Turn on transformers' gradient checkpointing of the given kind on a base model.
+
+    transformers 5.x: ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
+    deprecated alias); 4.35 .. 4.57: ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=)``;
+    < 4.35: no arguments, always reentrant.  Returns False (and changes nothing) where the installed
+    transformers cannot do the requested kind.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    keyword = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+        keyword = "gradient_checkpointing_kwargs"
+    if keyword not in inspect.signature(enable).parameters:
+        if not reentrant:
+            return False
+        enable()
+        return True
+    enable(**{keyword: {"use_reentrant": bool(reentrant)}})
+    return True

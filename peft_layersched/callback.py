@@ -301,10 +301,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._current = active
         if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
             before = set(tuner.layer_index.canonical_list(plan.schedule.active_at(t - 1)))
-            earlier = set()
-            for start, layers in plan.schedule.phases:
-                if start < t:
-                    earlier.update(tuner.layer_index.canonical_list(layers))
+            earlier = set(plan.schedule.layers_until(t - 1))
             for layer in active:
                 if layer not in before and layer in earlier:
                     self._reset_state(layer)
@@ -377,7 +374,7 @@ class LayerScheduleCallback(TrainerCallback):
         if plan.schedule is None:
             return {}
         index = self._tuner.layer_index
-        first = set(index.canonical_list(plan.schedule.phases[0][1]))
+        first = set(index.canonical_list(plan.schedule.initial_layers()))
         step = int(state.global_step)
         factors: Dict[LayerId, float] = {}
         for layer in self._current:
@@ -394,16 +391,8 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _join_step(self, layer: LayerId, plan: Any, index: Any) -> int:
         """Global step at which ``layer`` joined its current active run (a function of the schedule)."""
-        joined = 0
-        was_active = False
         t = self._time if self._time is not None else 0
-        for start, layers in plan.schedule.phases:
-            if start > t:
-                break
-            active = layer in index.canonical_list(layers)
-            if active and not was_active:
-                joined = start
-            was_active = active
+        joined = plan.schedule.run_start(layer, t) or 0
         return joined * self._steps_per_epoch if self._unit == "epoch" else joined
 
     def _snapshot_before_step(self) -> None:

@@ -1,10 +1,47 @@
-"""The ``peft-layersched`` command line."""
+"""The ``peft-layersched`` command line.
+
+* ``peft-layersched plan --model MODEL --config SCHEDULE_JSON [--epochs N | --steps N]``: what a schedule
+  does on a model (built from its config on the meta device: no weights), as a timeline grid.
+* ``peft-layersched inspect ADAPTER_DIR``: a saved adapter's schedule, which adapters trained, counts,
+  and whether ``export_lora`` can turn it into plain LoRA.
+* ``peft-layersched demo``: registered when :mod:`peft_layersched.demo` is importable.
+
+Each subcommand is ``(name, add_arguments(parser), run(args) -> exit code)``; add one with
+:func:`register_subcommand`.  ``--json`` prints machine-readable output instead of the tables.
+Library errors (``ValueError``/``TypeError``/``OSError``) end the command with exit code 1 and their
+message on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
 import sys
-from typing import List, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+_SUBCOMMANDS: List[Tuple[str, str, AddArguments, Run]] = []
+
+# Subcommands that live in optional modules: (name, module); added when the module imports.
+_OPTIONAL_SUBCOMMANDS = [("demo", "peft_layersched.demo")]
+
+_GRID_COLUMNS = 64  # beyond this many epochs/steps, one grid column covers several
+
+
+def register_subcommand(name: str, add_arguments: AddArguments, run: Run, help: str = "") -> None:
+    """Add (or replace) the subcommand ``name``: ``add_arguments(parser)`` declares its options,
+    ``run(args)`` does the work and returns the exit code."""
+    _SUBCOMMANDS[:] = [entry for entry in _SUBCOMMANDS if entry[0] != name]
+    _SUBCOMMANDS.append((name, help, add_arguments, run))
 
 
 def _version() -> str:
@@ -13,19 +50,585 @@ def _version() -> str:
     return __version__
 
 
+def _register_optional() -> None:
+    registered = {entry[0] for entry in _SUBCOMMANDS}
+    for name, module_name in _OPTIONAL_SUBCOMMANDS:
+        if name in registered or importlib.util.find_spec(module_name) is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        doc = (module.__doc__ or "").strip().splitlines()
+        summary = doc[0].split(":", 1)[-1].strip() if doc else ""
+        register_subcommand(name, module.add_arguments, module.run, help=summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-layersched", description="Layer-scheduling LoRA for Hugging Face PEFT."
     )
     parser.add_argument("--version", action="version", version=f"peft-layersched {_version()}")
+    _register_optional()
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, add_arguments, run in _SUBCOMMANDS:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(run(args) or 0)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"peft-layersched {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+# ------------------------------------------------------------------------------------------ shared
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    # Deprecation chatter of the installed transformers is not for the person reading the plan.
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
+    """A ``ScheduledLoraConfig`` from an ``adapter_config.json`` (or a folder holding one), or from a
+    small JSON dict of its fields (``target_modules``, ``r``, ``layer_schedule``, ...).
+
+    Keys of a saved config that the installed PEFT does not know (written by a newer PEFT) are dropped
+    and listed in ``ignored``; in a hand-written dict they are an error (a typo must not pass).
+    """
+    from .config import ScheduledLoraConfig
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{path}: no such file; give a ScheduledLoraConfig JSON file (as written by save_pretrained, or a "
+            f"dict such as {{\"target_modules\": [\"query\", \"value\"], \"layer_schedule\": {{\"0\": [-1]}}}}) "
+            f"or an adapter folder."
+        )
+    with open(path) as handle:
+        try:
+            data = json.load(handle)
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of ScheduledLoraConfig fields, got {type(data).__name__}.")
+    peft_type = data.pop("peft_type", None)
+    if peft_type not in (None, "SCHEDULED_LORA", "LORA"):
+        raise ValueError(f"{path}: peft_type {peft_type!r} is not a LoRA adapter (SCHEDULED_LORA or LORA).")
+    known = {f.name for f in dataclasses.fields(ScheduledLoraConfig) if f.init and f.name != "peft_type"}
+    unknown = sorted(key for key in data if key not in known)
+    if unknown and peft_type is None:
+        raise ValueError(
+            f"{path}: unknown ScheduledLoraConfig field(s) {unknown}; fields include target_modules, r, "
+            f"lora_alpha, layer_schedule, schedule_unit, preallocate_layers, layers_pattern, task_type."
+        )
+    if ignored is not None:
+        ignored.extend(unknown)
+    return ScheduledLoraConfig(**{key: value for key, value in data.items() if key in known})
+
+
+def _layers_text(layers: Sequence[Any]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``; ``["decoder.0", "decoder.1"]`` -> ``"decoder.0-1"``."""
+    if not layers:
+        return "none"
+    runs: List[List[Any]] = []  # [stack, first, last]
+    for layer in layers:
+        stack, _, index = str(layer).rpartition(".")
+        number = int(index)
+        if runs and runs[-1][0] == stack and runs[-1][2] == number - 1:
+            runs[-1][2] = number
+        else:
+            runs.append([stack, number, number])
+    parts = []
+    for stack, first, last in runs:
+        prefix = stack + "." if stack else ""
+        parts.append(f"{prefix}{first}" if first == last else f"{prefix}{first}-{last}")
+    return ", ".join(parts)
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _table(rows: List[List[str]], indent: str = "  ") -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
+def _emit(args: argparse.Namespace, payload: Dict[str, Any], lines: List[str]) -> int:
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print("\n".join(lines))
     return 0
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_CONFIG_JSON",
+        help="a model folder with config.json, or the config.json itself (no weights are read)",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="SCHEDULE_JSON",
+        help="ScheduledLoraConfig JSON: adapter_config.json (or its folder), or a dict of fields such as "
+        '{"target_modules": ["query", "value"], "layer_schedule": {"type": "gradual", "every": 2}}',
+    )
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument("--epochs", type=int, metavar="N", help="epochs to show (schedule_unit 'epoch')")
+    span.add_argument("--steps", type=int, metavar="N", help="optimizer steps to show (schedule_unit 'step')")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _model_class(config: Any, task_type: Any) -> Any:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    auto = {
+        "SEQ_CLS": "AutoModelForSequenceClassification",
+        "CAUSAL_LM": "AutoModelForCausalLM",
+        "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+        "TOKEN_CLS": "AutoModelForTokenClassification",
+        "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    }.get(str(getattr(task_type, "value", task_type)), "AutoModel")
+    return getattr(transformers, auto)
+
+
+def _build_model(path: str, task_type: Any) -> Tuple[Any, str]:
+    """The model of ``path`` (folder or config.json) with empty weights, and the device name."""
+    from transformers import AutoConfig
+
+    from . import _compat
+
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
+        raise ValueError(
+            f"--model {path}: not a config.json file nor a folder holding one; give the model's folder or its "
+            f"config.json (only the architecture is read, no weights)."
+        )
+    config = AutoConfig.from_pretrained(path)
+    cls = _model_class(config, task_type)
+    context, device = _compat.empty_weights()
+    with context:
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    return model, device
+
+
+def _module_suffix(module_name: str, layer: Any, index: Any) -> str:
+    for stack in index.stacks:
+        prefix = f"{stack.path}."
+        if module_name.startswith(prefix):
+            return module_name[len(prefix) :].split(".", 1)[-1]
+    return module_name
+
+
+def _stack_text(stack: Any, multi: bool) -> str:
+    ids = f"'{stack.name}.0'..'{stack.name}.{stack.length - 1}'" if multi else f"0..{stack.length - 1}"
+    return f"{stack.path}: {stack.length} layers (ids {ids})"
+
+
+def _phases(timeline: List[List[Any]]) -> List[Tuple[int, int, List[Any]]]:
+    phases: List[Tuple[int, int, List[Any]]] = []
+    for t, active in enumerate(timeline):
+        if phases and phases[-1][2] == active:
+            phases[-1] = (phases[-1][0], t, active)
+        else:
+            phases.append((t, t, active))
+    return phases
+
+
+def _grid(
+    rows: List[Any], timeline: List[List[Any]], preallocated: List[Any], unit: str
+) -> List[str]:
+    horizon = len(timeline)
+    width = max(1, int(math.ceil(horizon / float(_GRID_COLUMNS))))
+    bins = [(start, min(start + width, horizon)) for start in range(0, horizon, width)]
+    cells: Dict[Any, str] = {}
+    for layer in rows:
+        line = []
+        for start, end in bins:
+            hits = sum(1 for t in range(start, end) if layer in timeline[t])
+            if hits == end - start:
+                line.append("#")
+            elif hits:
+                line.append("+")
+            else:
+                line.append("." if layer in preallocated else " ")
+        cells[layer] = "".join(line)
+    digits = max(len(str(layer)) for layer in rows)
+    labels = {layer: "layer " + str(layer).rjust(digits) for layer in rows}
+    head = f"{unit}s" if width == 1 else f"{unit}s ({width} per column)"
+    pad = max(len(head), 6 + digits)
+    step = len(str(bins[-1][0])) + 1
+    lines = []
+    if width == 1 and step * len(bins) <= 80:  # one label per column
+        lines.append("  " + head.ljust(pad) + "".join(str(start).rjust(step) for start, _ in bins))
+        for layer in rows:
+            lines.append(("  " + labels[layer].ljust(pad) + "".join(c.rjust(step) for c in cells[layer])).rstrip())
+    else:
+        ruler = "".join(str(start).ljust(10) for i, (start, _) in enumerate(bins) if i % 10 == 0)
+        lines.append("  " + head.ljust(pad) + " " + ruler.rstrip())
+        ticks = "".join("|" if i % 10 == 0 else " " for i in range(len(bins)))
+        lines.append("  " + " " * pad + " " + ticks.rstrip())
+        for layer in rows:
+            lines.append(("  " + labels[layer].ljust(pad) + " " + cells[layer]).rstrip())
+    legend = "# trains   . adapter idle (frozen or not yet active)   blank: no adapter"
+    if width > 1:
+        legend = "# trains for the whole column   + for part of it   . adapter idle   blank: no adapter"
+    lines.append("  " + legend)
+    return lines
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+
+    _quiet_transformers()
+    config = _load_config(args.config)
+    unit = config.schedule_unit
+    if args.epochs is not None and unit != "epoch":
+        raise ValueError(f"{args.config}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
+    if args.steps is not None and unit != "step":
+        raise ValueError(f"{args.config}: schedule_unit is {unit!r}: the schedule counts epochs; use --epochs.")
+    base, device = _build_model(args.model, config.task_type)
+    model = get_peft_model(base, config)
+    tuner = model.base_model
+    _, plan = tuner._adapter(None)
+    index = plan.index
+    schedule = plan.schedule
+    chosen = args.epochs if args.epochs is not None else args.steps
+    if chosen is not None:
+        if chosen < 1:
+            raise ValueError(f"--{unit}s must be >= 1 (the number of {unit}s to show), got {chosen}.")
+        horizon = chosen
+    else:
+        horizon = schedule.preview_span() if schedule is not None else 1
+    preallocated = tuner.preallocated_layers
+    if schedule is None:
+        timeline = [list(preallocated)] * horizon
+    else:
+        timeline = [index.canonical_list(schedule.active_at(t)) for t in range(horizon)]
+    params = {layer: sum(p.numel() for p in ps) for layer, ps in tuner.layer_parameters().items()}
+    modules: Dict[Any, List[str]] = {}
+    for module_name, layer in sorted(tuner.scheduled_modules().items()):
+        if layer is not None:
+            modules.setdefault(layer, []).append(_module_suffix(module_name, layer, index))
+    phases = _phases(timeline)
+    description = schedule.describe(unit) if schedule is not None else "none (plain LoRA: every adapter trains)"
+
+    payload = {
+        "model": {"path": args.model, "class": type(base).__name__, "device": device},
+        "stacks": [{"name": s.name, "path": s.path, "length": s.length} for s in index.stacks],
+        "schedule": {
+            "kind": schedule.kind if schedule is not None else None,
+            "layer_schedule": config.to_dict().get("layer_schedule"),
+            "unit": unit,
+            "description": description,
+        },
+        "preallocated_layers": preallocated,
+        "layers": [
+            {"id": layer, "modules": modules.get(layer, []), "lora_params": params.get(layer, 0)}
+            for layer in preallocated
+        ],
+        "lora_params_total": sum(params.values()),
+        "horizon": horizon,
+        "timeline": timeline,
+        "phases": [
+            {"start": start, "end": end, "active": active, "trainable_lora_params": sum(params[x] for x in active)}
+            for start, end, active in phases
+        ],
+    }
+
+    lines = [
+        f"model     {type(base).__name__} from {args.model} (built on {device}: no weights)",
+        "stacks    " + "; ".join(_stack_text(stack, index.multi) for stack in index.stacks),
+        f"schedule  {description}",
+        f"adapters  {len(preallocated)} layer(s) preallocated: {_layers_text(preallocated)}; "
+        f"{_count(sum(params.values()))} LoRA parameters",
+        "",
+        "target modules per layer:",
+    ]
+    groups: List[Tuple[Tuple[str, ...], List[Any]]] = []
+    for layer in preallocated:
+        names = tuple(modules.get(layer, []))
+        for group_names, members in groups:
+            if group_names == names:
+                members.append(layer)
+                break
+        else:
+            groups.append((names, [layer]))
+    lines.extend(_table([[f"layers {_layers_text(members)}", ", ".join(names)] for names, members in groups]))
+    lines += ["", f"timeline, {unit}s 0..{horizon - 1}:"]
+    rows = list(reversed(index.all_layers()))
+    lines.extend(_grid(rows, timeline, preallocated, unit))
+    lines += ["", "phases:"]
+    table = [[f"{unit}s", "active layers", "trainable LoRA params"]]
+    shown = phases[:40]
+    for start, end, active in shown:
+        span = str(start) if start == end else f"{start}-{end}"
+        table.append([span, _layers_text(active), _count(sum(params[x] for x in active))])
+    lines.extend(_table(table))
+    if len(phases) > len(shown):
+        lines.append(f"  ... {len(phases) - len(shown)} more phases (--json lists them all)")
+    return _emit(args, payload, lines)
+
+
+# ----------------------------------------------------------------------------------------- inspect
+
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_(?:A|B|embedding_A|embedding_B|magnitude_vector))\b"
+)
+
+
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a folder written by save_pretrained")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _load_weights(folder: str) -> Tuple[str, Dict[str, Any]]:
+    import torch
+
+    safetensors_file = os.path.join(folder, "adapter_model.safetensors")
+    bin_file = os.path.join(folder, "adapter_model.bin")
+    if os.path.isfile(safetensors_file):
+        from safetensors.torch import load_file
+
+        return os.path.basename(safetensors_file), load_file(safetensors_file)
+    if os.path.isfile(bin_file):
+        return os.path.basename(bin_file), torch.load(bin_file, map_location="cpu")
+    raise ValueError(f"{folder}: no adapter_model.safetensors or adapter_model.bin; is it an adapter folder?")
+
+
+def _uses_stack_names(config: Any) -> bool:
+    ids: List[Any] = list(config.ever_active_layers or []) + list(config.preallocate_layers or [])
+    spec = config.layer_schedule
+    if isinstance(spec, dict):
+        if "type" in spec:
+            ids += list(spec.get("layers") or []) + list(spec.get("always") or [])
+        else:
+            ids += [layer for layers in spec.values() for layer in layers]
+    return any(isinstance(layer, str) and "." in layer for layer in ids)
+
+
+def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str], Any]:
+    """Canonical layer id of a saved module name, from the names alone (the model is not needed)."""
+    from .layers import _name_stacks
+
+    def split(name: str) -> Tuple[Optional[str], Optional[int]]:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit() and i > 0:
+                return ".".join(parts[:i]), int(part)
+        return None, None
+
+    paths: List[str] = []
+    for name in module_names:
+        path, _ = split(name)
+        if path is not None and path not in paths:
+            paths.append(path)
+    if len(paths) == 1 and named_stacks:
+        parent = paths[0].rsplit(".", 1)[0]
+        names = {paths[0]: parent.rsplit(".", 1)[-1]}
+    else:
+        names = dict(zip(paths, _name_stacks(paths))) if len(paths) > 1 else {}
+
+    def layer_of(name: str) -> Any:
+        path, index = split(name)
+        if path is None:
+            return None
+        return f"{names[path]}.{index}" if path in names else index
+
+    return layer_of
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .schedule import parse_schedule
+
+    folder = args.adapter_dir
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder; give the folder written by model.save_pretrained(...).")
+    ignored: List[str] = []
+    config = _load_config(folder, ignored)
+    with open(os.path.join(folder, "adapter_config.json")) as handle:
+        peft_type = json.load(handle).get("peft_type")
+    weights_file, state = _load_weights(folder)
+    unit = config.schedule_unit
+    schedule = parse_schedule(config.layer_schedule) if config.layer_schedule is not None else None
+
+    lora: Dict[str, Dict[str, Any]] = {}
+    other_params = 0
+    for key, tensor in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            other_params += tensor.numel()
+            continue
+        lora.setdefault(match.group("module"), {})[match.group("part")] = tensor
+    layer_of = _layer_namer(list(lora), _uses_stack_names(config))
+    init = config.init_lora_weights
+    knowable = init is True or init == "gaussian"
+
+    layers: Dict[Any, Dict[str, Any]] = {}
+    for module, parts in lora.items():
+        layer = layer_of(module)
+        entry = layers.setdefault(layer, {"modules": [], "lora_params": 0, "trained": False if knowable else None})
+        entry["modules"].append(module)
+        entry["lora_params"] += sum(t.numel() for t in parts.values())
+        # Zero at init (True / "gaussian"): lora_B, and lora_embedding_A for embeddings.
+        zero_init = parts.get("lora_B", parts.get("lora_embedding_A"))
+        if knowable and zero_init is not None and bool(zero_init.detach().float().abs().sum() > 0):
+            entry["trained"] = True
+
+    def order(layer: Any) -> Tuple[int, str, int]:
+        if layer is None:
+            return (2, "", 0)
+        if isinstance(layer, int):
+            return (0, "", layer)
+        stack, _, index = layer.rpartition(".")
+        return (1, stack, int(index))
+
+    ids = sorted(layers, key=order)
+    in_stacks = [layer for layer in ids if layer is not None]
+    ever = list(config.ever_active_layers or [])
+    scheduled = config.layer_schedule is not None
+    trained = [layer for layer in in_stacks if layers[layer]["trained"]]
+    lora_total = sum(entry["lora_params"] for entry in layers.values())
+    notes: List[str] = []
+    if ignored:
+        notes.append(f"{len(ignored)} config key(s) unknown to the installed PEFT were ignored: {', '.join(ignored)}.")
+    if knowable:
+        stray = [layer for layer in trained if scheduled and layer not in ever]
+        if stray:
+            notes.append(
+                f"layer(s) {_layers_text(stray)} have trained weights but are not in ever_active_layers: "
+                f"export_lora would leave them out."
+            )
+        idle = [layer for layer in ever if layer in layers and not layers[layer]["trained"]]
+        if idle:
+            notes.append(f"layer(s) {_layers_text(idle)} are in ever_active_layers but their lora_B is still zero.")
+    if peft_type != "SCHEDULED_LORA":
+        exportable, export_note = False, f"peft_type is {peft_type!r}: already a plain PEFT adapter"
+    elif scheduled and not ever:
+        exportable, export_note = False, "no layer has been active yet (ever_active_layers is empty)"
+    else:
+        kept = [layer for layer in in_stacks if not scheduled or layer in ever]
+        kept_modules = sum(len(layers[layer]["modules"]) for layer in kept)
+        if not scheduled:
+            kept_modules += len(layers.get(None, {}).get("modules", []))
+        exportable = True
+        export_note = (
+            f"export_lora(model, out_dir) writes {kept_modules} module(s) of layer(s) {_layers_text(kept)} "
+            f"as a plain LoRA adapter"
+        )
+
+    description = schedule.describe(unit) if schedule is not None else "none (plain LoRA)"
+    payload = {
+        "adapter_dir": folder,
+        "peft_type": peft_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "weights_file": weights_file,
+        "schedule": {
+            "kind": schedule.kind if schedule is not None else None,
+            "layer_schedule": config.to_dict().get("layer_schedule"),
+            "unit": unit,
+            "description": description,
+        },
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules)
+        if isinstance(config.target_modules, (set, list, tuple))
+        else config.target_modules,
+        "init_lora_weights": init,
+        "layers": [
+            {
+                "id": layer,
+                "modules": sorted(layers[layer]["modules"]),
+                "lora_params": layers[layer]["lora_params"],
+                "trained": layers[layer]["trained"],
+                "ever_active": (layer in ever) if scheduled else True,
+            }
+            for layer in ids
+        ],
+        "preallocated_layers": in_stacks,
+        "trained_layers": trained if knowable else None,
+        "ever_active_layers": ever if scheduled else in_stacks,
+        "lora_params_total": lora_total,
+        "trained_lora_params": sum(layers[layer]["lora_params"] for layer in trained) if knowable else None,
+        "other_params": other_params,
+        "exportable": exportable,
+        "export": export_note,
+        "notes": notes,
+    }
+
+    target = payload["target_modules"]
+    lines = [
+        f"adapter   {folder} ({peft_type}, {weights_file})",
+        f"base      {config.base_model_name_or_path or '(not recorded)'}",
+        f"schedule  {description}",
+        f"          layer_schedule = {json.dumps(payload['schedule']['layer_schedule'])}, unit {unit}",
+        f"LoRA      r={config.r}, lora_alpha={config.lora_alpha}, init_lora_weights={init!r}, "
+        f"target_modules={target!r}",
+        "",
+    ]
+    state_word = {True: "trained", False: "untrained", None: "unknown"}
+    table = [["layer", "modules", "LoRA params", "weights", "ever active"]]
+    for layer in ids:
+        entry = layers[layer]
+        active = "yes" if not scheduled or layer in ever else "no"
+        table.append(
+            [
+                "(outside stacks)" if layer is None else str(layer),
+                str(len(entry["modules"])),
+                _count(entry["lora_params"]),
+                state_word[entry["trained"]],
+                active,
+            ]
+        )
+    lines.extend(_table(table))
+    trained_text = (
+        f"{len(trained)} ({_layers_text(trained)}), {_count(payload['trained_lora_params'])} LoRA parameters"
+        if knowable
+        else f"unknown: init_lora_weights={init!r} does not start lora_B at zero"
+    )
+    lines += [
+        "",
+        f"preallocated      {len(in_stacks)} layer(s): {_layers_text(in_stacks)}; {_count(lora_total)} LoRA parameters",
+        f"trained (weights) {trained_text}",
+        f"ever_active       {_layers_text(payload['ever_active_layers'])} (adapter_config.json)",
+        f"other parameters  {_count(other_params)} (modules_to_save and other non-LoRA tensors)",
+        f"exportable        {'yes' if exportable else 'no'}: {export_note}",
+    ]
+    lines += [f"note              {note}" for note in notes]
+    return _emit(args, payload, lines)
+
+
+register_subcommand(
+    "plan", _add_plan_arguments, _run_plan, help="show which layers a schedule trains when, on a model (no weights)"
+)
+register_subcommand(
+    "inspect", _add_inspect_arguments, _run_inspect, help="show a saved adapter's schedule and which adapters trained"
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

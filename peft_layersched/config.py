@@ -6,12 +6,12 @@ import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from peft import LoraConfig
 
 from . import _compat
-from .schedule import LayerId, MilestoneSchedule, check_layer_list, check_unit, parse_schedule
+from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_unit, parse_schedule
 
 
 @dataclass
@@ -24,12 +24,17 @@ class ScheduledLoraConfig(LoraConfig):
     PEFT (PEFT 0.3.0 ships ``None`` for both and crashes on them).
 
     Args:
-        layer_schedule (`dict`, *optional*):
+        layer_schedule (`dict` or `callable`, *optional*):
             ``{start: layers}``: from epoch (or optimizer step, see ``schedule_unit``) ``start`` on,
             exactly ``layers`` train, until the next start.  ``{0: [11], 3: [1, 11]}`` trains layer 11,
             and from epoch 3 on also layer 1.  An empty list trains only ``modules_to_save``.  Layer ids
             are ints (negative counts from the top) or ``"<stack>.<index>"`` for models with several
-            stacks (``"decoder.-1"``).  ``None`` (default): no schedule, plain LoRA.
+            stacks (``"decoder.-1"``).  ``None`` (default): no schedule, plain LoRA.  Other kinds are a
+            dict with a ``"type"`` key: ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "limit": 6}``
+            (gradual unfreezing from the top), ``{"type": "cyclic", "block": 2, "every": 10}`` (blocks
+            take turns), ``{"type": "sampled", "k": 2, "every": 5, "seed": 0}`` (seeded draws); or a
+            function ``t -> layers`` (not saved: ``save_pretrained`` records only its name).  See
+            :mod:`peft_layersched.schedule`.
         schedule_unit (`str`):
             ``"epoch"`` (default) or ``"step"`` (optimizer steps).
         preallocate_layers (`list`, *optional*):
@@ -64,11 +69,13 @@ class ScheduledLoraConfig(LoraConfig):
             "'model.layers'); overrides automatic layer-stack discovery."
         },
     )
-    layer_schedule: Optional[Dict[int, List[LayerId]]] = field(
+    layer_schedule: Optional[Union[Dict[Any, Any], Callable[[int], List[LayerId]]]] = field(
         default=None,
         metadata={
             "help": "{start: layers}: from epoch/step `start` on, exactly `layers` train (until the next "
-            "start). E.g. {0: [11], 3: [1, 11]}. None: no schedule (plain LoRA)."
+            "start). E.g. {0: [11], 3: [1, 11]}. Or a dict with 'type' 'gradual', 'cyclic' or 'sampled' "
+            "(e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), or a callable t -> layers (not saved). "
+            "None: no schedule (plain LoRA)."
         },
     )
     schedule_unit: str = field(
@@ -124,7 +131,10 @@ class ScheduledLoraConfig(LoraConfig):
         """
         check_unit(self.schedule_unit)
         if self.layer_schedule is not None:
-            self.layer_schedule = parse_schedule(self.layer_schedule).to_json()
+            schedule = parse_schedule(self.layer_schedule)
+            # A function stays as given: it is not JSON (to_dict/save_pretrained write its name instead).
+            if not isinstance(schedule, CallableSchedule) or schedule.fn is None:
+                self.layer_schedule = schedule.to_json()
         if self.preallocate_layers is not None:
             self.preallocate_layers = check_layer_list(self.preallocate_layers, "preallocate_layers")
         if self.ever_active_layers is not None:
@@ -137,8 +147,17 @@ class ScheduledLoraConfig(LoraConfig):
                 "Use preallocate_layers to give adapters to more layers than the schedule names."
             )
 
-    def schedule(self) -> Optional[MilestoneSchedule]:
+    def schedule(self) -> Optional[Schedule]:
         return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # PEFT 0.3-0.6 build the config with defaults and setattr() the loaded fields afterwards, so
+        # __post_init__ never saw them: the schedule would keep JSON's str keys and go unchecked.
+        if isinstance(config, ScheduledLoraConfig):
+            config.validate()
+        return config
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
@@ -155,12 +174,28 @@ class ScheduledLoraConfig(LoraConfig):
             )
         return {key: value for key, value in loaded.items() if key in known}
 
+    def to_dict(self) -> Dict[str, Any]:
+        output = super().to_dict()
+        if callable(output.get("layer_schedule")):
+            output["layer_schedule"] = parse_schedule(output["layer_schedule"]).to_json()
+        return output
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         # In memory the tuner runs as PeftType.LORA (so every LoRA branch inside PEFT applies); on
         # disk the type must name us, so PeftModel.from_pretrained comes back to this package.
-        in_memory = self.peft_type
+        in_memory, schedule = self.peft_type, self.layer_schedule
         self.peft_type = _compat.SCHEDULED_LORA
+        if callable(schedule):
+            # PEFT 0.3.0 writes asdict(self), not to_dict(): swap the function out on every version.
+            self.layer_schedule = parse_schedule(schedule).to_json()
+            warnings.warn(
+                f"layer_schedule is the Python callable {self.layer_schedule['name']}, which is not serialized: "
+                f"{save_directory}/adapter_config.json records only {self.layer_schedule}. The adapter weights, "
+                f"preallocate_layers and ever_active_layers are saved; after loading, give the function back "
+                f"with model.set_layer_schedule(fn) before training on.",
+                stacklevel=2,
+            )
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
-            self.peft_type = in_memory
+            self.peft_type, self.layer_schedule = in_memory, schedule

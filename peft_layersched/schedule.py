@@ -1,19 +1,33 @@
-"""The schedule core: ``t -> raw layer ids``, pure Python, no torch.
+"""The schedule core: ``t -> layer ids``, pure Python, no torch.
+
+Every schedule is a pure, deterministic function of the time ``t`` (an epoch or an optimizer step) and
+its own spec (seeds included), so every DDP rank and every resumed run computes the same active set
+with no extra state.  Kinds (the ``layer_schedule`` value of ``ScheduledLoraConfig``):
+
+* milestones ``{start: layers}`` (:class:`MilestoneSchedule`);
+* ``{"type": "gradual", ...}``: ULMFiT-style gradual unfreezing (:class:`GradualSchedule`);
+* ``{"type": "cyclic", ...}``: BAdam-style blocks taking turns (:class:`CyclicSchedule`);
+* ``{"type": "sampled", ...}``: LISA-style seeded draws of ``k`` layers (:class:`SampledSchedule`);
+* a Python callable ``t -> layers`` (:class:`CallableSchedule`; not serialized, see its docstring).
 
 A *raw* layer id is what a user writes: an ``int`` (negative counts from the top) or a string
-``"<stack>.<index>"``.  Turning raw ids into canonical ids needs the model's layer stacks and
-lives in :mod:`peft_layersched.layers`; this module only checks their *form*, so schedules can be
-validated and property-tested without a model.
+``"<stack>.<index>"``.  Schedules that speak of "every layer" or "the top k" need the model's layer
+list: :meth:`Schedule.bind` ties a parsed schedule to it (the tuner passes ``LayerIndex.all_layers()``
+and ``LayerIndex.canonical``), and the bound schedule maps ``t`` to canonical ids.  Milestones work
+unbound too (on raw ids).  Everything here can be validated and property-tested without a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 LayerId = Union[int, str]
+Canonicalizer = Callable[[Any, str], LayerId]
 
 SCHEDULE_UNITS = ("epoch", "step")
+SCHEDULE_TYPES = ("gradual", "cyclic", "sampled")
 
 _STR_ID = re.compile(r"^(?:(?P<stack>[A-Za-z_][\w.]*?)\.)?(?P<index>-?\d+)$")
 
@@ -82,19 +96,238 @@ def _check_start(raw: Any) -> int:
     return start
 
 
-class MilestoneSchedule(object):
+def _simple_canonicalizer(layers: Sequence[LayerId]) -> Canonicalizer:
+    """Raw -> canonical id for a model whose every layer, in order, is ``layers`` (no torch, no model).
+
+    The tuner passes ``LayerIndex.canonical`` instead (it also knows stack paths as aliases).
+    """
+    lengths: Dict[Optional[str], int] = {}
+    for layer in layers:
+        stack, index = split_layer_id(layer)
+        lengths[stack] = max(lengths.get(stack, 0), index + 1)
+    multi = any(stack is not None for stack in lengths)
+
+    def canonical(raw: Any, where: str = "layer") -> LayerId:
+        raw = check_layer_id(raw, where)
+        stack, index = split_layer_id(raw)
+        if stack is None and multi:
+            raise ValueError(
+                f"{where}: bare layer id {raw!r} is ambiguous: the model has stacks {sorted(lengths)}; "
+                f"write '<stack>.<index>'."
+            )
+        if stack not in lengths:
+            raise ValueError(f"{where}: layer {raw!r}: unknown stack {stack!r}; stacks: {sorted(lengths)}.")
+        length = lengths[stack]
+        if not -length <= index < length:
+            raise ValueError(
+                f"{where}: layer {raw!r} is out of range: {length} layers, valid indices are "
+                f"0..{length - 1} or -{length}..-1."
+            )
+        index %= length
+        return index if stack is None else f"{stack}.{index}"
+
+    return canonical
+
+
+def check_time(t: Any) -> int:
+    if isinstance(t, float) and t.is_integer():
+        t = int(t)  # then the t >= 0 check below applies to -1.0 too
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise TypeError(
+            f"activate_layers(t): t must be an int (epoch or optimizer step), got {t!r} ({type(t).__name__})."
+        )
+    if t < 0:
+        raise ValueError(f"activate_layers(t): t must be >= 0, got {t}.")
+    return t
+
+
+def check_unit(unit: Any) -> str:
+    if unit not in SCHEDULE_UNITS:
+        raise ValueError(f"schedule_unit={unit!r} is not supported; use one of {list(SCHEDULE_UNITS)}.")
+    return unit
+
+
+def check_layer_list(layers: Any, where: str) -> List[LayerId]:
+    return _check_layer_list(layers, where)
+
+
+# ------------------------------------------------------------------------------------ the interface
+
+
+class Schedule(object):
+    """What every schedule offers (the tuner and the callback use only this).
+
+    * ``active_at(t)``: the layers that train at epoch/step ``t``;
+    * ``all_layers()``: every layer the schedule can ever activate (the default preallocated set);
+    * ``initial_layers()``: the layers of the first phase (``new_layer_lr_scale`` spares them);
+    * ``layers_until(t)``: every layer active at some time in ``0..t`` (the ever-active set);
+    * ``run_start(layer, t)``: when the run of consecutive active times of ``layer`` that holds ``t``
+      began (``None`` if ``layer`` is not active at ``t``);
+    * ``to_json()``: the spec as written to ``adapter_config.json``;
+    * ``bind(layers, canonical, default_candidates)``: the schedule on a model's layers.
+
+    The active set only changes at multiples of ``granule`` (``every``; 1 for callables); the generic
+    ``layers_until``/``run_start`` walk those periods, with caches that make the monotone queries of a
+    training run O(1) amortized.
+    """
+
+    kind = ""
+    runnable = True  # False for a callable schedule loaded from disk (the function was not saved)
+    granule = 1
+
+    def __init__(self) -> None:
+        self._order: Dict[LayerId, int] = {}
+        self._bound = False
+        self._until: Tuple[int, Set[LayerId]] = (-1, set())
+        self._runs: Dict[LayerId, Tuple[int, int]] = {}
+
+    # --------------------------------------------------------------------------- to override
+
+    def active_at(self, t: int) -> List[LayerId]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def all_layers(self) -> List[LayerId]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_json(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, unit: str = "epoch") -> str:
+        return self.kind
+
+    def preview_span(self) -> int:
+        """How many epochs/steps show the schedule's whole pattern (the CLI's default horizon)."""
+        return 10
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "Schedule":
+        """This schedule on a model: ``layers`` are all its canonical layer ids in model order
+        (``LayerIndex.all_layers()``), ``canonical`` turns a raw id into a canonical one (default: from
+        ``layers`` alone), ``default_candidates`` are the layers a schedule without its own ``layers``
+        list draws from (default: ``layers``).  Returns a new schedule whose ids are canonical.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # --------------------------------------------------------------------------- common
+
+    @property
+    def bound(self) -> bool:
+        return self._bound
+
+    def initial_layers(self) -> List[LayerId]:
+        return self.active_at(0)
+
+    def _require_bound(self) -> None:
+        if not self._bound:
+            raise ValueError(
+                f"a {self.kind!r} layer schedule needs the model's layers: bind it with "
+                f"schedule.bind(layers) (the tuner does this in get_peft_model)."
+            )
+
+    def _bind_common(self, layers: Sequence[LayerId]) -> None:
+        self._order = {layer: i for i, layer in enumerate(layers)}
+        self._bound = True
+
+    def _sorted(self, layers: Any) -> List[LayerId]:
+        big = len(self._order)
+        return sorted(set(layers), key=lambda layer: (self._order.get(layer, big), str(layer)))
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return False
+
+    def layers_until(self, t: int) -> List[LayerId]:
+        period = t // self.granule
+        everything = set(self.all_layers())
+        done, seen = self._until
+        if done > period:
+            done, seen = -1, set()
+        seen = set(seen)
+        while done < period and not everything <= seen:
+            done += 1
+            seen.update(self.active_at(done * self.granule))
+        if everything <= seen:
+            done = max(done, period)
+        self._until = (done, seen)
+        return self._sorted(seen)
+
+    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
+        g = self.granule
+        period = t // g
+        if layer not in self.active_at(period * g):
+            return None
+        if self._always_active(layer):
+            return 0
+        cached = self._runs.get(layer)
+        if cached is not None and cached[0] <= period:
+            checked, start = cached
+            while checked < period and layer in self.active_at((checked + 1) * g):
+                checked += 1
+            if checked == period:
+                self._runs[layer] = (period, start)
+                return start * g
+        start = period
+        while start > 0 and layer in self.active_at((start - 1) * g):
+            start -= 1
+        self._runs[layer] = (period, start)
+        return start * g
+
+
+def _describe_layers(layers: Optional[List[LayerId]]) -> str:
+    return "candidates: every layer" if layers is None else "candidates: {}".format(layers)
+
+
+def _bind_candidates(
+    raw: Optional[List[LayerId]],
+    where: str,
+    layers: Sequence[LayerId],
+    canonical: Canonicalizer,
+    default: Sequence[LayerId],
+) -> List[LayerId]:
+    order = {layer: i for i, layer in enumerate(layers)}
+    if raw is None:
+        return sorted(set(default), key=lambda layer: order.get(layer, len(order)))
+    chosen = []
+    for item in raw:
+        layer = canonical(item, where)
+        if layer not in order:  # pragma: no cover - a canonicalizer only returns the model's layers
+            raise ValueError(f"{where}: layer {item!r} is not a layer of the model.")
+        chosen.append(layer)
+    return sorted(set(chosen), key=lambda layer: order[layer])
+
+
+def _bind_args(
+    layers: Sequence[LayerId], canonical: Optional[Canonicalizer], default_candidates: Optional[Sequence[LayerId]]
+) -> Tuple[List[LayerId], Canonicalizer, List[LayerId]]:
+    layers = list(layers)
+    if canonical is None:
+        canonical = _simple_canonicalizer(layers)
+    default = list(layers) if default_candidates is None else list(default_candidates)
+    return layers, canonical, default
+
+
+# ------------------------------------------------------------------------------------ milestones
+
+
+class MilestoneSchedule(Schedule):
     """``{start: layers}``: from ``start`` on exactly ``layers`` train, until the next start.
 
-    Before the first start nothing is scheduled (only ``modules_to_save`` train).
+    Before the first start nothing is scheduled (only ``modules_to_save`` train).  Works unbound (raw
+    ids) and bound (canonical ids).
     """
 
     kind = "milestones"
 
     def __init__(self, spec: Any) -> None:
+        super().__init__()
         if not isinstance(spec, dict):
             raise TypeError(
-                f"layer_schedule must be a dict {{start: layers}}, got {type(spec).__name__} {spec!r}; "
-                f"e.g. {{0: [11], 3: [1, 11]}}."
+                f"layer_schedule must be a dict {{start: layers}}, a dict with a 'type' key "
+                f"({', '.join(SCHEDULE_TYPES)}) or a callable t -> layers, got {type(spec).__name__} {spec!r}; "
+                f"e.g. {{0: [11], 3: [1, 11]}} or {{'type': 'gradual', 'k': 1, 'n': 1, 'every': 1}}."
             )
         if not spec:
             raise ValueError(
@@ -123,38 +356,561 @@ class MilestoneSchedule(object):
             for layer in layers:
                 if layer not in seen:
                     seen.append(layer)
-        return seen
+        return self._sorted(seen) if self._bound else seen
+
+    def initial_layers(self) -> List[LayerId]:
+        return list(self.phases[0][1])
+
+    def layers_until(self, t: int) -> List[LayerId]:
+        seen: List[LayerId] = []
+        for start, layers in self.phases:
+            if start > t:
+                break
+            seen.extend(layer for layer in layers if layer not in seen)
+        return self._sorted(seen) if self._bound else seen
+
+    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
+        joined: Optional[int] = None
+        for start, layers in self.phases:
+            if start > t:
+                break
+            if layer in layers:
+                joined = start if joined is None else joined
+            else:
+                joined = None
+        return joined
 
     def boundaries(self) -> List[int]:
         return [start for start, _ in self.phases]
 
+    def preview_span(self) -> int:
+        last = self.phases[-1][0]
+        return max(3, last + max(2, last // 4))
+
     def to_json(self) -> Dict[int, List[LayerId]]:
         return {start: list(layers) for start, layers in self.phases}
 
+    def describe(self, unit: str = "epoch") -> str:
+        return "milestones: " + "; ".join(
+            "from {} {}: {}".format(unit, start, list(layers) or "none") for start, layers in self.phases
+        )
 
-def parse_schedule(spec: Any) -> MilestoneSchedule:
-    """Validate a ``layer_schedule`` value and return its schedule object."""
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "MilestoneSchedule":
+        layers, canonical, _ = _bind_args(layers, canonical, default_candidates)
+        bound = MilestoneSchedule({0: []})
+        bound._bind_common(layers)
+        bound.phases = [
+            (start, bound._sorted(canonical(layer, f"layer_schedule[{start}]") for layer in raw))
+            for start, raw in self.phases
+        ]
+        return bound
+
+
+# ------------------------------------------------------------------------------------ typed specs
+
+_REQUIRED = object()
+
+
+class _Spec(object):
+    """Checks the keys of a ``{"type": ...}`` dict, with messages that name the field and valid values."""
+
+    def __init__(self, spec: Dict[Any, Any], kind: str, fields: Dict[str, str]) -> None:
+        self.spec = spec
+        self.kind = kind
+        self.where = f"layer_schedule (type {kind!r})"
+        unknown = [key for key in spec if key != "type" and key not in fields]
+        if unknown:
+            valid = ", ".join(f"'{name}' ({meaning})" for name, meaning in fields.items())
+            raise ValueError(f"{self.where}: unknown key(s) {unknown}; valid keys: 'type', {valid}.")
+
+    def integer(self, key: str, default: Any, minimum: Optional[int], meaning: str) -> Any:
+        value = self.spec.get(key, default)
+        if value is _REQUIRED:
+            raise ValueError(f"{self.where}: '{key}' is required ({meaning}).")
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"{self.where}: '{key}' must be an int ({meaning}), got {value!r} ({type(value).__name__})."
+            )
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{self.where}: '{key}' must be >= {minimum} ({meaning}), got {value}.")
+        return value
+
+    def choice(self, key: str, default: str, choices: Tuple[str, ...]) -> str:
+        value = self.spec.get(key, default)
+        if value not in choices:
+            raise ValueError(f"{self.where}: '{key}' must be one of {list(choices)}, got {value!r}.")
+        return value
+
+    def layers(self, key: str, allow_empty: bool) -> Optional[List[LayerId]]:
+        value = self.spec.get(key)
+        if value is None:
+            return None
+        checked = _check_layer_list(value, f"{self.where} '{key}'")
+        if not checked and not allow_empty:
+            raise ValueError(
+                f"{self.where}: '{key}' is an empty list; list candidate layers (e.g. [8, 9, 10, 11]) or "
+                f"leave '{key}' out to use every layer that holds a target module."
+            )
+        return checked
+
+
+def _digest_int(*parts: Any) -> int:
+    text = ":".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def _seeded_permutation(n: int, *key: Any) -> List[int]:
+    """A permutation of ``range(n)`` that depends only on ``key`` (same on every Python and platform)."""
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = _digest_int(*(key + (i,))) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def _seeded_sample(pool: List[LayerId], k: int, *key: Any) -> List[LayerId]:
+    pool = list(pool)
+    for i in range(k):
+        j = i + _digest_int(*(key + (i,))) % (len(pool) - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return pool[:k]
+
+
+class GradualSchedule(Schedule):
+    """ULMFiT-style gradual unfreezing: ``k`` layers from the top (or bottom), ``n`` more every ``every``
+    epochs/steps, up to ``limit`` layers.
+
+    ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 6}``: top layer at
+    0-1, top two at 2-3, ... up to the top six.  ``layers`` restricts the candidates (default: every layer
+    that holds a target module, or ``preallocate_layers``).  Layers, once added, stay active.
+    """
+
+    kind = "gradual"
+    FIELDS = {
+        "k": "layers active from the start, default 1",
+        "n": "layers added each time, default 1",
+        "every": "epochs/steps between additions, default 1",
+        "from": "'top' (default) or 'bottom'",
+        "limit": "most layers active at once, default all candidates",
+        "layers": "candidate layers, default every layer",
+    }
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        super().__init__()
+        check = _Spec(spec, self.kind, self.FIELDS)
+        self.k = check.integer("k", 1, 0, self.FIELDS["k"])
+        self.n = check.integer("n", 1, 0, self.FIELDS["n"])
+        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
+        self.side = check.choice("from", "top", ("top", "bottom"))
+        self.limit = check.integer("limit", None, 1, self.FIELDS["limit"])
+        self.layers = check.layers("layers", allow_empty=False)
+        if self.k == 0 and self.n == 0:
+            raise ValueError(f"{check.where}: 'k' and 'n' are both 0, so no layer would ever train; set k >= 1.")
+        if self.limit is not None and self.limit < self.k:
+            raise ValueError(
+                f"{check.where}: 'limit' ({self.limit}) is smaller than 'k' ({self.k}), the layers active from "
+                f"the start; raise 'limit' or lower 'k'."
+            )
+        self.granule = self.every
+        self._ranked: List[LayerId] = []  # candidates, first to join first
+        self._cap = 0
+
+    def to_json(self) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {"type": self.kind, "k": self.k, "n": self.n, "every": self.every, "from": self.side}
+        if self.limit is not None:
+            spec["limit"] = self.limit
+        if self.layers is not None:
+            spec["layers"] = list(self.layers)
+        return spec
+
+    def describe(self, unit: str = "epoch") -> str:
+        limit = "" if self.limit is None else ", up to {}".format(self.limit)
+        return "gradual: {} layer(s) from the {}, +{} every {} {}(s){} ({})".format(
+            self.k, self.side, self.n, self.every, unit, limit, _describe_layers(self.layers)
+        )
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "GradualSchedule":
+        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
+        bound = GradualSchedule(self.to_json())
+        bound._bind_common(layers)
+        where = "layer_schedule (type 'gradual') 'layers'"
+        candidates = _bind_candidates(self.layers, where, layers, canonical, default)
+        if self.k > len(candidates):
+            raise ValueError(
+                f"layer_schedule (type 'gradual'): 'k' is {self.k} but there are only {len(candidates)} candidate "
+                f"layers ({_short(candidates)}); lower 'k' or widen 'layers'."
+            )
+        bound._ranked = list(reversed(candidates)) if self.side == "top" else candidates
+        most = len(candidates) if self.n > 0 else self.k
+        bound._cap = most if self.limit is None else min(self.limit, most)
+        return bound
+
+    def preview_span(self) -> int:
+        self._require_bound()
+        full = -(-(self._cap - self.k) // self.n) if self.n else 0
+        return (max(full, 0) + 2) * self.every
+
+    def _count(self, period: int) -> int:
+        return min(self.k + self.n * period, self._cap)
+
+    def active_at(self, t: int) -> List[LayerId]:
+        self._require_bound()
+        return self._sorted(self._ranked[: self._count(t // self.every)])
+
+    def all_layers(self) -> List[LayerId]:
+        self._require_bound()
+        return self._sorted(self._ranked[: self._cap])
+
+    def layers_until(self, t: int) -> List[LayerId]:
+        return self.active_at(t)  # layers only join
+
+    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
+        if layer not in self.active_at(t):
+            return None
+        rank = self._ranked.index(layer)
+        if rank < self.k:
+            return 0
+        return -(-(rank + 1 - self.k) // self.n) * self.every  # first period whose count exceeds rank
+
+
+class CyclicSchedule(Schedule):
+    """BAdam-style block round-robin: the candidates, in model order, are cut into blocks of ``block``
+    layers (the last one may be smaller), and one block at a time trains for ``every`` epochs/steps.
+
+    ``order``: ``"ascending"`` (bottom block first), ``"descending"`` or ``"random"`` (a new seeded
+    permutation of the blocks in every cycle).
+    ``{"type": "cyclic", "block": 2, "every": 10, "order": "random", "seed": 0}``.
+    """
+
+    kind = "cyclic"
+    ORDERS = ("ascending", "descending", "random")
+    FIELDS = {
+        "block": "layers per block, default 1",
+        "every": "epochs/steps each block trains, default 1",
+        "order": "'ascending' (default), 'descending' or 'random'",
+        "seed": "seed of the random order, default 0",
+        "layers": "candidate layers, default every layer",
+    }
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        super().__init__()
+        check = _Spec(spec, self.kind, self.FIELDS)
+        self.block = check.integer("block", 1, 1, self.FIELDS["block"])
+        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
+        self.order = check.choice("order", "ascending", self.ORDERS)
+        self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
+        self.layers = check.layers("layers", allow_empty=False)
+        self.granule = self.every
+        self._blocks: List[List[LayerId]] = []
+
+    def to_json(self) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {
+            "type": self.kind,
+            "block": self.block,
+            "every": self.every,
+            "order": self.order,
+            "seed": self.seed,
+        }
+        if self.layers is not None:
+            spec["layers"] = list(self.layers)
+        return spec
+
+    def describe(self, unit: str = "epoch") -> str:
+        seed = " (seed {})".format(self.seed) if self.order == "random" else ""
+        return "cyclic: blocks of {} layer(s), each for {} {}(s), {} order{} ({})".format(
+            self.block, self.every, unit, self.order, seed, _describe_layers(self.layers)
+        )
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "CyclicSchedule":
+        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
+        bound = CyclicSchedule(self.to_json())
+        bound._bind_common(layers)
+        where = "layer_schedule (type 'cyclic') 'layers'"
+        candidates = _bind_candidates(self.layers, where, layers, canonical, default)
+        if not candidates:
+            raise ValueError("layer_schedule (type 'cyclic'): there are no candidate layers to cycle through.")
+        bound._blocks = [candidates[i : i + self.block] for i in range(0, len(candidates), self.block)]
+        return bound
+
+    def block_at(self, t: int) -> int:
+        """Index of the block (in model order) that trains at ``t``."""
+        self._require_bound()
+        period = t // self.every
+        count = len(self._blocks)
+        cycle, position = divmod(period, count)
+        if self.order == "ascending":
+            return position
+        if self.order == "descending":
+            return count - 1 - position
+        return _seeded_permutation(count, "cyclic", self.seed, cycle)[position]
+
+    def active_at(self, t: int) -> List[LayerId]:
+        return list(self._blocks[self.block_at(t)])
+
+    def preview_span(self) -> int:
+        self._require_bound()
+        return 2 * len(self._blocks) * self.every
+
+    def all_layers(self) -> List[LayerId]:
+        self._require_bound()
+        return [layer for block in self._blocks for layer in block]
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return len(self._blocks) == 1
+
+
+class SampledSchedule(Schedule):
+    """LISA-style sampling: every ``every`` epochs/steps, ``k`` candidate layers drawn without replacement
+    by a generator seeded with ``(seed, period)``, plus the ``always`` layers.
+
+    ``{"type": "sampled", "k": 2, "every": 5, "seed": 0, "always": [-1]}``.
+    """
+
+    kind = "sampled"
+    FIELDS = {
+        "k": "layers drawn each time, default 1",
+        "every": "epochs/steps between draws, default 1",
+        "seed": "seed of the draws, default 0",
+        "always": "layers active at every time, default none",
+        "layers": "candidate layers to draw from, default every layer",
+    }
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        super().__init__()
+        check = _Spec(spec, self.kind, self.FIELDS)
+        self.k = check.integer("k", 1, 1, self.FIELDS["k"])
+        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
+        self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
+        self.always = check.layers("always", allow_empty=True) or []
+        self.layers = check.layers("layers", allow_empty=False)
+        self.granule = self.every
+        self._pool: List[LayerId] = []
+        self._fixed: List[LayerId] = []
+
+    def to_json(self) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {
+            "type": self.kind,
+            "k": self.k,
+            "every": self.every,
+            "seed": self.seed,
+            "always": list(self.always),
+        }
+        if self.layers is not None:
+            spec["layers"] = list(self.layers)
+        return spec
+
+    def describe(self, unit: str = "epoch") -> str:
+        always = ", always {}".format(self.always) if self.always else ""
+        return "sampled: {} layer(s) drawn every {} {}(s), seed {}{} ({})".format(
+            self.k, self.every, unit, self.seed, always, _describe_layers(self.layers)
+        )
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "SampledSchedule":
+        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
+        bound = SampledSchedule(self.to_json())
+        bound._bind_common(layers)
+        where = "layer_schedule (type 'sampled')"
+        bound._fixed = _bind_candidates(self.always, f"{where} 'always'", layers, canonical, [])
+        candidates = _bind_candidates(self.layers, f"{where} 'layers'", layers, canonical, default)
+        bound._pool = [layer for layer in candidates if layer not in set(bound._fixed)]
+        if self.k > len(bound._pool):
+            raise ValueError(
+                f"{where}: 'k' is {self.k} but there are only {len(bound._pool)} candidate layers to draw from "
+                f"({_short(bound._pool)}, 'always' layers excluded); lower 'k' or widen 'layers'."
+            )
+        return bound
+
+    def active_at(self, t: int) -> List[LayerId]:
+        self._require_bound()
+        drawn = _seeded_sample(self._pool, self.k, "sampled", self.seed, t // self.every)
+        return self._sorted(self._fixed + drawn)
+
+    def all_layers(self) -> List[LayerId]:
+        self._require_bound()
+        return self._sorted(self._fixed + self._pool)
+
+    def preview_span(self) -> int:
+        return 8 * self.every
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return layer in self._fixed or self.k == len(self._pool)
+
+
+# ------------------------------------------------------------------------------------ callables
+
+
+def _fn_hint(name: str) -> str:
+    short = name.rsplit(".", 1)[-1]
+    return short if short.isidentifier() else "fn"
+
+
+def _callable_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{module}.{name}" if module else str(name)
+
+
+class CallableSchedule(Schedule):
+    """A Python function ``t -> layers`` (it must be pure: the same ``t`` always gives the same layers).
+
+    Allowed at runtime only: ``save_pretrained`` writes ``{"type": "callable", "name": ...}`` in its
+    place (with a warning); after loading, give the function back with
+    ``model.set_layer_schedule(fn)``.  The layers it may return are the preallocated ones
+    (``preallocate_layers``, default every layer that holds a target module).
+    """
+
+    kind = "callable"
+
+    def __init__(self, fn: Callable[[int], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = _callable_name(fn)
+        self._allowed: List[LayerId] = []
+        self._canonical: Optional[Canonicalizer] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"type": self.kind, "name": self.name}
+
+    def describe(self, unit: str = "epoch") -> str:
+        return "callable: {}({})".format(self.name, unit)
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "CallableSchedule":
+        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
+        bound = CallableSchedule(self.fn)
+        bound._bind_common(layers)
+        bound._canonical = canonical
+        bound._allowed = bound._sorted(default)
+        return bound
+
+    def active_at(self, t: int) -> List[LayerId]:
+        self._require_bound()
+        assert self._canonical is not None
+        where = f"layer_schedule {self.name}({t})"
+        raw = _check_layer_list(self.fn(t), where)
+        active = self._sorted(self._canonical(layer, where) for layer in raw)
+        extra = [layer for layer in active if layer not in self._order or layer not in set(self._allowed)]
+        if extra:
+            raise ValueError(
+                f"{where} returned layer(s) {extra}, which carry no adapter; adapters exist on "
+                f"{_short(self._allowed)}. Add the layers to preallocate_layers (a callable schedule cannot "
+                f"tell in advance which layers it will use)."
+            )
+        return active
+
+    def all_layers(self) -> List[LayerId]:
+        self._require_bound()
+        return list(self._allowed)
+
+
+class UnsavedCallableSchedule(CallableSchedule):
+    """What a saved callable schedule loads as: its layers are known, the function is not."""
+
+    runnable = False
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        Schedule.__init__(self)
+        unknown = [key for key in spec if key not in ("type", "name")]
+        if unknown:
+            raise ValueError(f"layer_schedule (type 'callable'): unknown key(s) {unknown}; valid keys: 'type', 'name'.")
+        name = spec.get("name", "<callable>")
+        if not isinstance(name, str):
+            raise TypeError(f"layer_schedule (type 'callable'): 'name' must be a string, got {name!r}.")
+        self.fn = None
+        self.name = name
+        self._allowed = []
+        self._canonical = None
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> "UnsavedCallableSchedule":
+        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
+        bound = UnsavedCallableSchedule(self.to_json())
+        bound._bind_common(layers)
+        bound._canonical = canonical
+        bound._allowed = bound._sorted(default)
+        return bound
+
+    def describe(self, unit: str = "epoch") -> str:
+        return "callable (not saved): {}".format(self.name)
+
+    def active_at(self, t: int) -> List[LayerId]:
+        raise ValueError(
+            f"layer_schedule was the Python callable {self.name}, which is not saved with the adapter "
+            f"(adapter_config.json only records its name). Give it back before training: "
+            f"model.set_layer_schedule({_fn_hint(self.name)}) on the loaded PeftModel, or set "
+            f"layer_schedule to a milestone/gradual/cyclic/sampled dict, which are saved."
+        )
+
+    def initial_layers(self) -> List[LayerId]:
+        return []
+
+    def layers_until(self, t: int) -> List[LayerId]:
+        return self.active_at(t)
+
+    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
+        return None
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+_TYPED = {"gradual": GradualSchedule, "cyclic": CyclicSchedule, "sampled": SampledSchedule}
+
+
+def parse_schedule(spec: Any) -> Schedule:
+    """Validate a ``layer_schedule`` value and return its (unbound) schedule object.
+
+    ``spec``: a milestone dict ``{start: layers}``, a dict with a ``"type"`` key (``"gradual"``,
+    ``"cyclic"``, ``"sampled"``; ``"callable"`` is what a saved callable schedule loads as), a callable
+    ``t -> layers``, or a :class:`Schedule`.  Raises ``TypeError``/``ValueError`` naming the field.
+    """
+    if isinstance(spec, Schedule):
+        return spec
+    if callable(spec) and not isinstance(spec, (dict, type)):
+        return CallableSchedule(spec)
+    if isinstance(spec, dict) and "type" in spec:
+        kind = spec["type"]
+        if kind == "callable":
+            return UnsavedCallableSchedule(spec)
+        if not isinstance(kind, str) or kind not in _TYPED:
+            raise ValueError(
+                f"layer_schedule: 'type' must be one of {list(SCHEDULE_TYPES)}, got {kind!r}; for milestones "
+                f"give a dict {{start: layers}} without 'type', e.g. {{0: [11], 3: [1, 11]}}."
+            )
+        return _TYPED[kind](spec)
     return MilestoneSchedule(spec)
 
 
-def check_time(t: Any) -> int:
-    if isinstance(t, bool) or not isinstance(t, int):
-        if isinstance(t, float) and t.is_integer():
-            return int(t)
-        raise TypeError(
-            f"activate_layers(t): t must be an int (epoch or optimizer step), got {t!r} ({type(t).__name__})."
-        )
-    if t < 0:
-        raise ValueError(f"activate_layers(t): t must be >= 0, got {t}.")
-    return t
-
-
-def check_unit(unit: Any) -> str:
-    if unit not in SCHEDULE_UNITS:
-        raise ValueError(f"schedule_unit={unit!r} is not supported; use one of {list(SCHEDULE_UNITS)}.")
-    return unit
-
-
-def check_layer_list(layers: Any, where: str) -> List[LayerId]:
-    return _check_layer_list(layers, where)
-
+def _short(layers: List[LayerId]) -> str:
+    if len(layers) <= 12:
+        return repr(layers)
+    return f"{layers[:6]} ... {layers[-3:]} ({len(layers)} layers)"

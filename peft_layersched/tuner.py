@@ -26,7 +26,7 @@ from torch import nn
 from . import _compat
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, resolve_targets
-from .schedule import LayerId, MilestoneSchedule, check_time
+from .schedule import LayerId, Schedule, check_time, parse_schedule
 
 
 class _Plan(object):
@@ -35,7 +35,7 @@ class _Plan(object):
     def __init__(
         self,
         index: LayerIndex,
-        schedule: Optional[MilestoneSchedule],
+        schedule: Optional[Schedule],
         preallocated: Optional[List[LayerId]],
         targets: Optional[Dict[str, Optional[LayerId]]],
     ) -> None:
@@ -61,6 +61,31 @@ def _refuse_wrapped(model: nn.Module) -> None:
                 f"a second adapter, call peft_model.add_adapter(name, config). Otherwise pass a fresh base "
                 f"model, not a PeftModel or its get_base_model()."
             )
+
+
+def _bind_schedule(schedule: Schedule, model: nn.Module, config: ScheduledLoraConfig, index: LayerIndex) -> Schedule:
+    """The schedule on this model's layers (canonical ids).
+
+    Gradual/cyclic/sampled/callable schedules draw from "every layer" unless they list their own: the
+    preallocated layers when ``preallocate_layers`` is set, else every layer holding a target module.
+    """
+    candidates: Optional[List[LayerId]] = None
+    if schedule.kind != "milestones":
+        if config.preallocate_layers is not None:
+            candidates = index.canonical_list(config.preallocate_layers, "preallocate_layers")
+        else:
+            target_modules = config.target_modules
+            if target_modules is None:
+                target_modules = _compat.default_target_modules(model)
+            matched = resolve_targets(model, target_modules, index, None)
+            candidates = index.sort(layer for layer in matched.values() if layer is not None)
+    return schedule.bind(index.all_layers(), index.canonical, candidates)
+
+
+def _at_start(schedule: Schedule) -> List[LayerId]:
+    # A callable schedule loaded from disk has no function until set_layer_schedule(); its adapters
+    # still load (bypassed unless ever active) and activate_layers() says how to give it back.
+    return schedule.active_at(0) if schedule.runnable else []
 
 
 def _module_seed(init_seed: int, module_name: str) -> int:
@@ -195,11 +220,9 @@ class ScheduledLoraModel(LoraModel):
                 f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
             )
         schedule = config.schedule()
-        scheduled: List[LayerId] = []
         if schedule is not None:
-            for start, layers in schedule.phases:
-                scheduled.extend(index.canonical_list(layers, f"layer_schedule[{start}]"))
-        scheduled = index.sort(scheduled)
+            schedule = _bind_schedule(schedule, model, config, index)
+        scheduled = index.sort(schedule.all_layers()) if schedule is not None else []
         if config.preallocate_layers is not None:
             preallocated = index.canonical_list(config.preallocate_layers, "preallocate_layers")
             missing = [layer for layer in scheduled if layer not in preallocated]
@@ -262,9 +285,7 @@ class ScheduledLoraModel(LoraModel):
             plan.ever.update(active)
         else:
             active = plan.index.canonical_list(plan.schedule.active_at(t))
-            for start, layers in plan.schedule.phases:
-                if start <= t:
-                    plan.ever.update(plan.index.canonical_list(layers))
+            plan.ever.update(plan.schedule.layers_until(t))
         plan.active = active
         plan.time = t
         config = self.peft_config[name]
@@ -272,6 +293,28 @@ class ScheduledLoraModel(LoraModel):
             config.ever_active_layers = plan.index.sort(plan.ever)
         self._write_layer_state(name)
         return list(active)
+
+    def set_layer_schedule(self, layer_schedule: Any, adapter_name: Optional[str] = None) -> List[LayerId]:
+        """Replace the adapter's schedule, e.g. give a Python callable back after loading (callables are
+        not saved).  Any ``layer_schedule`` form works; it may use only the preallocated layers (those are
+        also the candidates of a schedule without its own ``layers``).  Returns the preallocated layers.
+        """
+        name, plan = self._adapter(adapter_name)
+        preallocated = self.preallocated_layers
+        schedule = parse_schedule(layer_schedule).bind(plan.index.all_layers(), plan.index.canonical, preallocated)
+        missing = [layer for layer in plan.index.sort(schedule.all_layers()) if layer not in preallocated]
+        if missing:
+            raise ValueError(
+                f"the new layer_schedule uses layer(s) {missing}, which carry no adapter (preallocated: "
+                f"{preallocated}); adapters cannot be added later. Schedule only preallocated layers, or build "
+                f"the model again with preallocate_layers covering them."
+            )
+        config = self.peft_config[name]
+        config.layer_schedule = layer_schedule
+        config.validate()
+        plan.schedule = schedule
+        self._write_layer_state(name)
+        return preallocated
 
     def register_all_for_optimizer(self, adapter_name: Optional[str] = None) -> None:
         """Back to the state right after ``get_peft_model``: every preallocated LoRA parameter requires
@@ -291,7 +334,7 @@ class ScheduledLoraModel(LoraModel):
             # Before the first activate_layers(): every preallocated parameter requires grad, so an
             # optimizer built the usual way (p.requires_grad filter) holds them all; never-active
             # adapters are bypassed, so they get no gradient until their phase.
-            first = plan.schedule.active_at(0) if plan.schedule is not None else None
+            first = _at_start(plan.schedule) if plan.schedule is not None else None
             enabled = None if first is None else plan.ever | set(plan.index.canonical_list(first))
             trainable = None
         else:
@@ -324,7 +367,7 @@ class ScheduledLoraModel(LoraModel):
             return list(plan.active)
         if plan.schedule is None:
             return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
-        return plan.index.sort(plan.ever | set(plan.index.canonical_list(plan.schedule.active_at(0))))
+        return plan.index.sort(plan.ever | set(plan.index.canonical_list(_at_start(plan.schedule))))
 
     @property
     def preallocated_layers(self) -> List[LayerId]:

@@ -1,0 +1,228 @@
+"""``peft-layersched plan`` / ``inspect``: run as a subprocess the way a user runs them, checked against the
+library (the main flows), plus in-process runs of ``cli.main`` for the error table and the registry."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_layersched import ScheduledLoraConfig, cli
+
+import tiny_models
+
+
+def run_cli(cwd, *args):
+    # cwd: a temporary folder, so `-m` imports the installed package, not a checkout next to the test.
+    return subprocess.run(
+        [sys.executable, "-m", "peft_layersched.cli"] + [str(a) for a in args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        universal_newlines=True,
+        cwd=str(cwd),
+        timeout=600,
+    )
+
+
+def write_json(path, data):
+    with open(str(path), "w") as handle:
+        json.dump(data, handle)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Config-only model folders (no weights): a 6-layer BERT classifier and a T5 (3 + 2 blocks)."""
+    root = tmp_path_factory.mktemp("models")
+    bert = tiny_models.bert(num_layers=6)
+    bert.config.architectures = ["BertForSequenceClassification"]
+    bert.config.save_pretrained(str(root / "bert"))
+    tiny_models.t5().config.save_pretrained(str(root / "t5"))
+    return {"bert": str(root / "bert"), "t5": str(root / "t5" / "config.json")}
+
+
+GRADUAL = {"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 3}
+
+
+def test_plan_shows_stacks_targets_timeline_and_phases(tmp_path, models):
+    fields = {"target_modules": ["query", "value"], "r": 4, "layer_schedule": GRADUAL}
+    config = write_json(tmp_path / "gradual.json", fields)
+    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config, "--epochs", "7")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "BertForSequenceClassification" in out and "built on meta" in out
+    assert "bert.encoder.layer: 6 layers (ids 0..5)" in out
+    assert "layers 3-5  attention.self.query, attention.self.value" in out
+    grid = {int(line.split()[1]): line.split()[2:] for line in out.splitlines() if line.startswith("  layer ")}
+    assert grid[5] == list("#######")
+    assert grid[4] == list("..#####")
+    assert grid[3] == list("....###")
+    assert grid[2] == grid[1] == grid[0] == []  # no adapter: blank row
+    phases = [line.split() for line in out.split("phases:")[1].splitlines() if line.strip()]
+    assert phases[1:] == [["0-1", "5", "512"], ["2-3", "4-5", "1,024"], ["4-6", "3-5", "1,536"]]
+
+
+def test_plan_json_is_what_the_library_does(tmp_path, models):
+    spec = {"type": "cyclic", "block": 2, "every": 3, "order": "random", "seed": 4}
+    fields = {"target_modules": ["query", "value"], "r": 4, "layer_schedule": spec, "schedule_unit": "step"}
+    config = write_json(tmp_path / "cyclic.json", dict(fields, task_type="SEQ_CLS"))
+    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config, "--steps", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    # The same config on a real (CPU) model, driven by the library itself.
+    model = get_peft_model(tiny_models.bert(num_layers=6), ScheduledLoraConfig(**dict(fields, task_type="SEQ_CLS")))
+    assert plan["timeline"] == [model.activate_layers(t) for t in range(20)]
+    assert plan["preallocated_layers"] == model.preallocated_layers == [0, 1, 2, 3, 4, 5]
+    assert plan["stacks"] == [{"name": "bert.encoder.layer", "path": "bert.encoder.layer", "length": 6}]
+    assert plan["schedule"]["layer_schedule"] == dict(spec, type="cyclic")
+    sizes = {layer: sum(p.numel() for p in ps) for layer, ps in model.base_model.layer_parameters().items()}
+    assert [layer["lora_params"] for layer in plan["layers"]] == [sizes[i] for i in range(6)]
+    for phase in plan["phases"]:
+        assert phase["active"] == plan["timeline"][phase["start"]] == plan["timeline"][phase["end"]]
+        assert phase["trainable_lora_params"] == sum(sizes[layer] for layer in phase["active"])
+    assert [phase["start"] for phase in plan["phases"]] == list(range(0, 20, 3))
+
+
+def test_plan_errors_are_the_library_messages_and_exit_1(tmp_path, models):
+    config = write_json(tmp_path / "bad.json", {"target_modules": ["query"], "layer_schedule": {"0": [6]}})
+    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config)
+    assert result.returncode == 1
+    assert "plan: error: layer_schedule[0]: layer 6 is out of range" in result.stderr
+    assert "valid indices are 0..5 or -6..-1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _plan(capsys, *args):
+    code = cli.main(["plan"] + [str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# (case id, config fields, extra arguments, regex of the message on stderr)
+PLAN_ERRORS = [
+    ("steps on an epoch schedule", {"layer_schedule": {"0": [1]}}, ["--steps", "5"], r"counts epochs; use --epochs"),
+    ("typo field", {"layer_shedule": {"0": [1]}}, [], r"unknown ScheduledLoraConfig field\(s\) \['layer_shedule'\]"),
+    ("unknown type", {"layer_schedule": {"type": "linear"}}, [], r"'type' must be one of \['gradual', 'cyclic'"),
+    ("k too large", {"layer_schedule": {"type": "sampled", "k": 9}}, [], r"'k' is 9 but there are only 6 candidate"),
+    ("no model", {"layer_schedule": {"0": [1]}}, ["--model", "nowhere"], r"--model nowhere: not a config.json file"),
+]
+
+
+@pytest.mark.parametrize("fields,extra,message", [c[1:] for c in PLAN_ERRORS], ids=[c[0] for c in PLAN_ERRORS])
+def test_plan_error_table(tmp_path, capsys, models, fields, extra, message):
+    config = write_json(tmp_path / "c.json", dict({"target_modules": ["query"]}, **fields))
+    model = [] if "--model" in extra else ["--model", models["bert"]]
+    code, _, err = _plan(capsys, *(model + ["--config", config] + extra))
+    assert code == 1
+    assert re.search(message, err), err
+
+
+def test_plan_on_an_encoder_decoder_config_json(tmp_path, capsys, models):
+    schedule = {"type": "sampled", "k": 1, "layers": ["encoder.-1", "decoder.0"], "always": ["decoder.-1"]}
+    config = write_json(tmp_path / "t5.json", {"target_modules": ["q", "v"], "layer_schedule": schedule})
+    code, out, _ = _plan(capsys, "--model", models["t5"], "--config", config, "--epochs", "4", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert [s["name"] for s in plan["stacks"]] == ["encoder", "decoder"]
+    assert plan["preallocated_layers"] == ["encoder.2", "decoder.0", "decoder.1"]
+    assert all(len(active) == 2 and "decoder.1" in active for active in plan["timeline"])
+
+
+def _inspect(capsys, folder):
+    code = cli.main(["inspect", str(folder), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _train_and_save(folder, schedule, t, steps=2, num_layers=4, **config):
+    """A few real optimizer steps at schedule time ``t`` on a tiny BERT, then save_pretrained."""
+    config = ScheduledLoraConfig(
+        r=2, target_modules=["query", "value"], layer_schedule=schedule, task_type="SEQ_CLS", init_seed=0, **config
+    )
+    model = get_peft_model(tiny_models.bert(num_layers=num_layers), config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    if t is not None:
+        model.activate_layers(t)
+        inputs = tiny_models.example_inputs("bert")
+        for _ in range(steps):
+            model(**inputs, labels=torch.tensor([0, 1])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def test_inspect_reports_trained_adapters_from_the_weights(tmp_path, capsys):
+    # 4 layers, gradual up to the top 3: adapters on 1-3; at epoch 2 layers 2-3 train, 1 has not joined yet.
+    model = _train_and_save(tmp_path / "adapter", GRADUAL, t=2)
+    text = run_cli(tmp_path, "inspect", tmp_path / "adapter")
+    assert text.returncode == 0, text.stderr
+    table = text.stdout.split("ever active\n")[1].split("\n\n")[0]
+    rows = {line.split()[0]: line.split()[3:] for line in table.splitlines()}
+    assert rows == {"1": ["untrained", "no"], "2": ["trained", "yes"], "3": ["trained", "yes"]}
+    assert "exportable        yes: export_lora(model, out_dir) writes 4 module(s) of layer(s) 2-3" in text.stdout
+    code, report = _inspect(capsys, tmp_path / "adapter")
+    assert code == 0
+    assert report["peft_type"] == "SCHEDULED_LORA"
+    assert report["schedule"]["kind"] == "gradual"
+    assert report["schedule"]["layer_schedule"] == GRADUAL
+    assert report["preallocated_layers"] == model.preallocated_layers == [1, 2, 3]
+    assert report["trained_layers"] == report["ever_active_layers"] == model.ever_active_layers == [2, 3]
+    sizes = {layer: sum(p.numel() for p in ps) for layer, ps in model.base_model.layer_parameters().items()}
+    assert report["lora_params_total"] == sum(sizes.values())
+    assert report["trained_lora_params"] == sizes[2] + sizes[3]
+    assert report["exportable"] is True and report["notes"] == []
+
+
+def test_inspect_an_adapter_that_never_trained_is_not_exportable(tmp_path, capsys):
+    _train_and_save(tmp_path, {0: [3], 5: [1]}, t=None)
+    code, report = _inspect(capsys, tmp_path)
+    assert code == 0
+    assert report["preallocated_layers"] == [1, 3]
+    assert report["trained_layers"] == [] and report["ever_active_layers"] == []
+    assert report["exportable"] is False and "no layer has been active" in report["export"]
+
+
+def test_inspect_a_callable_schedule_and_multi_stack_ids(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="not serialized"):
+        _train_and_save(tmp_path / "callable", _top_two, t=0)
+    code, report = _inspect(capsys, tmp_path / "callable")
+    assert report["schedule"]["kind"] == "callable"
+    assert "not saved" in report["schedule"]["description"]
+    assert report["trained_layers"] == [2, 3]
+    config = ScheduledLoraConfig(target_modules=["q", "v"], layer_schedule={0: ["decoder.-1"]}, init_seed=0)
+    t5 = get_peft_model(tiny_models.t5(), config)
+    t5.activate_layers(0)
+    t5.save_pretrained(str(tmp_path / "t5"))
+    code, report = _inspect(capsys, tmp_path / "t5")
+    assert [layer["id"] for layer in report["layers"]] == ["decoder.1"] == report["ever_active_layers"]
+
+
+def _top_two(t):
+    return [-2, -1]
+
+
+def test_help_version_and_subcommand_registry(capsys):
+    assert cli.main([]) == 0
+    help_text = capsys.readouterr().out
+    assert "plan" in help_text and "inspect" in help_text
+    assert ("demo" in help_text) == (importlib.util.find_spec("peft_layersched.demo") is not None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert "peft-layersched" in capsys.readouterr().out
+
+    def add(parser):
+        parser.add_argument("--times", type=int, default=1)
+
+    cli.register_subcommand("echo-test", add, lambda args: args.times + 1, help="test only")
+    try:
+        assert cli.main(["echo-test", "--times", "2"]) == 3
+    finally:
+        cli._SUBCOMMANDS[:] = [entry for entry in cli._SUBCOMMANDS if entry[0] != "echo-test"]
+
