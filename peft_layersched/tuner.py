@@ -23,7 +23,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import _compat
+from . import _compat, checkpointing
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, resolve_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule
@@ -350,6 +350,8 @@ class ScheduledLoraModel(LoraModel):
                 param.requires_grad_(train)
                 if not train:
                     param.grad = None
+        # Backward (with or without gradient checkpointing) ends at the lowest layer that now trains.
+        checkpointing.update(self.model, plan.index.stacks)
 
     def _current_adapter(self) -> Optional[str]:
         return self.__dict__.get("_scheduled_adapter")
@@ -430,4 +432,6 @@ class ScheduledLoraModel(LoraModel):
                         if container is not None and name in container:
                             item = container[name]
                             (item if isinstance(item, nn.Parameter) else item.weight).zero_()
-        return super().merge_and_unload(*args, **kwargs)
+        merged = super().merge_and_unload(*args, **kwargs)
+        checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
+        return merged
