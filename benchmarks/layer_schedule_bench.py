@@ -77,20 +77,7 @@ FULL = dict(
     rss_steps=3,
     big_ranks=(8,),
 )
-QUICK = dict(
-    layers=12,
-    big_layers=48,
-    hidden=256,
-    heads=4,
-    intermediate=1024,
-    seq=32,
-    batch=8,
-    rounds=5,
-    warmup=1,
-    rss_rounds=1,
-    rss_steps=2,
-    big_ranks=(8,),
-)
+QUICK = dict(FULL, seq=32, batch=8, rounds=5, warmup=1, rss_rounds=1, rss_steps=2)
 RANKS = (8, 64)
 DEVICE = torch.device("cpu")  # --device
 DROPOUT = 0.1
