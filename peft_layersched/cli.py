@@ -60,7 +60,7 @@ def _register_optional() -> None:
         except ImportError:
             continue
         doc = (module.__doc__ or "").strip().splitlines()
-        summary = doc[0].split(":", 1)[-1].strip() if doc else ""
+        summary = doc[0].split(":", 1)[-1].strip().rstrip(".") if doc else ""
         register_subcommand(name, module.add_arguments, module.run, help=summary)
 
 
