@@ -273,3 +273,24 @@ def test_optimizer_holds_state_only_for_ever_active_parameters():
         with_state = {id(p) for p, s in optimizer.state.items() if s}
         for layer, params in layers.items():
             assert all((id(p) in with_state) == (layer in ever) for p in params), (t, layer)
+
+
+def test_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
+    """``TrainingArguments(gradient_checkpointing=True)`` the way users turn it on (the Trainer enables it on
+    the PeftModel, with whatever hooks this transformers/PEFT add): the schedule trains each layer in its
+    phase, backward stops at the lowest active layer, and the weights match a run without checkpointing."""
+    from toy_training import scheduled_bert, train
+
+    runs = {}
+    for checkpointing_on in (False, True):
+        model = scheduled_bert({0: [5], 2: [2, 5]}, num_layers=6)
+        initial = {layer: [p.detach().clone() for p in ps] for layer, ps in model.base_model.layer_parameters().items()}
+        train(model, tmp_path / str(checkpointing_on), num_train_epochs=3, gradient_checkpointing=checkpointing_on)
+        final = {layer: [p.detach().clone() for p in ps] for layer, ps in model.base_model.layer_parameters().items()}
+        assert all(any(not torch.equal(a, b) for a, b in zip(initial[k], final[k])) for k in (2, 5))
+        stop = checkpointing.backward_stop(model.get_base_model())
+        assert stop is not None and stop.where == ("bert.encoder.layer", 2)
+        runs[checkpointing_on] = final
+    for layer in (2, 5):
+        for without, with_checkpointing in zip(runs[False][layer], runs[True][layer]):
+            torch.testing.assert_close(with_checkpointing, without, rtol=1e-4, atol=1e-6)
