@@ -98,6 +98,19 @@ def _base(cfg, layers, seed=0):
     return BertForSequenceClassification(config)
 
 
+def _scheduled_config(schedule, r=8, **extra):
+    return ScheduledLoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=DROPOUT,
+        target_modules=TARGET_MODULES,
+        layer_schedule=schedule,
+        init_seed=0,
+        task_type="SEQ_CLS",
+        **extra,
+    )
+
+
 def _top_regex(layers):
     return r".*encoder\.layer\.{}\.attention\.self\.(query|value)".format(layers - 1)
 
@@ -142,8 +155,7 @@ class Variant(object):
         else:
             everything = list(range(self.layers))
             schedule = {0: [top], 1: everything} if self.kind == "sched-top" else {0: everything, 1: [top]}
-            config = ScheduledLoraConfig(target_modules=TARGET_MODULES, layer_schedule=schedule, init_seed=0, **lora)
-            model = get_peft_model(base, config)
+            model = get_peft_model(base, _scheduled_config(schedule, r=self.r))
             # As the README says: the optimizer is built while every preallocated parameter requires grad.
             params = [p for p in model.parameters() if p.requires_grad]
             model.activate_layers(0 if self.kind == "sched-top" else 1)
@@ -232,17 +244,7 @@ def check_gradients(cfg, gc):
         base = _base(cfg, L)
         if not _gc(base, kind):
             return None
-        config = ScheduledLoraConfig(
-            r=8,
-            lora_alpha=16,
-            lora_dropout=DROPOUT,
-            target_modules=TARGET_MODULES,
-            layer_schedule=schedule,
-            init_seed=0,
-            init_lora_weights=False,
-            task_type="SEQ_CLS",
-        )
-        model = get_peft_model(base, config).to(DEVICE)
+        model = get_peft_model(base, _scheduled_config(schedule, init_lora_weights=False)).to(DEVICE)
         model.train()
         models.append(model)
     worst = 0.0
@@ -274,17 +276,7 @@ def callback_overhead(cfg, steps, switch_every):
     for k, start in enumerate(range(0, steps, switch_every)):
         schedule[start] = [L - 1] if k % 2 == 0 else [L - 2, L - 1]
     base = _base(cfg, L)
-    config = ScheduledLoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=DROPOUT,
-        target_modules=TARGET_MODULES,
-        layer_schedule=schedule,
-        schedule_unit="step",
-        init_seed=0,
-        task_type="SEQ_CLS",
-    )
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, _scheduled_config(schedule, schedule_unit="step"))
     out = tempfile.mkdtemp(prefix="layersched_bench_")
     args = TrainingArguments(output_dir=out, report_to="none", per_device_train_batch_size=cfg["batch"])
     state, control = TrainerState(), TrainerControl()
