@@ -300,7 +300,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._time = t
         self._current = active
         if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
-            before = set(tuner.layer_index.canonical_list(plan.schedule.active_at(t - 1)))
+            before = set(plan.schedule.active_at(t - 1))
             earlier = set(plan.schedule.layers_until(t - 1))
             for layer in active:
                 if layer not in before and layer in earlier:
@@ -373,8 +373,7 @@ class LayerScheduleCallback(TrainerCallback):
         _, plan = self._tuner._adapter(self.adapter_name)
         if plan.schedule is None:
             return {}
-        index = self._tuner.layer_index
-        first = set(index.canonical_list(plan.schedule.initial_layers()))
+        first = set(plan.schedule.initial_layers())
         step = int(state.global_step)
         factors: Dict[LayerId, float] = {}
         for layer in self._current:
@@ -382,14 +381,14 @@ class LayerScheduleCallback(TrainerCallback):
                 continue
             factor = self.new_layer_lr_scale
             if self.new_layer_warmup_steps:
-                joined = self._join_step(layer, plan, index)
+                joined = self._join_step(layer, plan)
                 done = max(step - joined, 0)
                 factor *= min(1.0, done / float(self.new_layer_warmup_steps))
             if factor != 1.0:
                 factors[layer] = factor
         return factors
 
-    def _join_step(self, layer: LayerId, plan: Any, index: Any) -> int:
+    def _join_step(self, layer: LayerId, plan: Any) -> int:
         """Global step at which ``layer`` joined its current active run (a function of the schedule)."""
         t = self._time if self._time is not None else 0
         joined = plan.schedule.run_start(layer, t) or 0

@@ -138,8 +138,8 @@ class BackwardStop(object):
         self._stash_input_hooks(input_hooks)
         parent = _parent(model, stack.path)
         arm_in_parent = bool(self._arm_holders) and arm_site is None
-        self._handles.append(parent.register_forward_pre_hook(_Reset(self, arm=arm_in_parent)))
-        self._handles.append(parent.register_forward_hook(_Reset(self, arm=False)))
+        self._handles.append(parent.register_forward_pre_hook(_Reset(self, arm=arm_in_parent, entering=True)))
+        self._handles.append(parent.register_forward_hook(_Reset(self, arm=False, entering=False)))
         if arm_site is not None:
             self._handles.append(arm_site.register_forward_hook(_Arm(self)))
         self._handles.append(site.register_forward_hook(_Leaf(self)))
@@ -209,13 +209,14 @@ class BackwardStop(object):
 class _Reset(object):
     """Stack parent's pre/post hook: undo a switch left by an interrupted forward; arm for lo == 1."""
 
-    def __init__(self, stop: BackwardStop, arm: bool) -> None:
+    def __init__(self, stop: BackwardStop, arm: bool, entering: bool) -> None:
         self.stop = stop
         self.arm = arm
+        self.entering = entering  # the pre-hook (True) or the post-hook (False)
 
     def __call__(self, module: nn.Module, *args: Any) -> None:
         self.stop._disarm()
-        self.stop._inside = len(args) == 1  # a pre-hook gets (module, inputs), a post-hook (module, inputs, output)
+        self.stop._inside = self.entering
         if self.arm:
             self.stop._arm()
 

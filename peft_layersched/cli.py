@@ -329,7 +329,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if schedule is None:
         timeline = [list(preallocated)] * horizon
     else:
-        timeline = [index.canonical_list(schedule.active_at(t)) for t in range(horizon)]
+        timeline = [list(schedule.active_at(t)) for t in range(horizon)]
     params = {layer: sum(p.numel() for p in ps) for layer, ps in tuner.layer_parameters().items()}
     modules: Dict[Any, List[str]] = {}
     for module_name, layer in sorted(tuner.scheduled_modules().items()):

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from torch import nn
 
-from .schedule import LayerId, check_layer_id, split_layer_id
+from .schedule import LayerId, check_layer_id, short_layer_list, split_layer_id
 
 ALL_LINEAR = "all-linear"
 
@@ -241,23 +241,13 @@ def exact_names_regex(names: Iterable[str]) -> str:
     return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-def resolve_targets(
-    model: nn.Module,
-    target_modules: Any,
-    index: LayerIndex,
-    layers: Optional[Sequence[LayerId]],
-) -> Dict[str, LayerId]:
-    """Module names (relative to ``model``) that get LoRA, each mapped to its canonical layer.
-
-    ``layers`` are canonical ids to keep (``None``: every module that matches, in or outside stacks;
-    then the layer of a module outside every stack is ``None``).  Raises ``ValueError`` when
-    ``target_modules`` matches nothing, or when a requested layer holds no target module.
+def match_targets(model: nn.Module, target_modules: Any, index: LayerIndex) -> Dict[str, Optional[LayerId]]:
+    """Every module name (relative to ``model``) that ``target_modules`` matches, in or outside the
+    stacks, mapped to its canonical layer (``None`` outside every stack).  Raises ``ValueError`` when
+    ``target_modules`` matches nothing.
     """
     match = target_matcher(target_modules)
-    matched: List[Tuple[str, Optional[LayerId]]] = []
-    for name, module in model.named_modules():
-        if name and match(name, module):
-            matched.append((name, index.layer_of(name)))
+    matched = {name: index.layer_of(name) for name, module in model.named_modules() if name and match(name, module)}
     if not matched:
         samples = _sample_names(model, index)
         raise ValueError(
@@ -265,17 +255,24 @@ def resolve_targets(
             f"module name or its dotted suffix (e.g. 'query', 'q_proj', 'c_attn'); a string is a regex that "
             f"must match the whole name. Names of Linear modules in this model: {samples}."
         )
-    if layers is None:
-        return dict(matched)
+    return matched
+
+
+def select_targets(
+    matched: Dict[str, Optional[LayerId]], target_modules: Any, index: LayerIndex, layers: Sequence[LayerId]
+) -> Dict[str, LayerId]:
+    """The modules of ``matched`` (:func:`match_targets`) that lie in ``layers`` (canonical ids): the
+    modules that get LoRA.  Raises ``ValueError`` when a requested layer holds no target module.
+    """
     wanted = set(layers)
-    chosen = {name: layer for name, layer in matched if layer in wanted}
-    present = {layer for _, layer in matched if layer is not None}
+    chosen = {name: layer for name, layer in matched.items() if layer in wanted}
+    present = {layer for layer in matched.values() if layer is not None}
     empty = [layer for layer in layers if layer not in present]
     if empty:
         covered = index.sort(present)
         raise ValueError(
             f"layer(s) {empty} contain no module matching target_modules={_show(target_modules)}; "
-            f"layers with target modules: {_short(covered)}. Schedule only those layers, or widen "
+            f"layers with target modules: {short_layer_list(covered)}. Schedule only those layers, or widen "
             f"target_modules."
         )
     return chosen
@@ -285,12 +282,6 @@ def _show(target_modules: Any) -> str:
     if isinstance(target_modules, (set, frozenset)):
         return repr(sorted(target_modules))
     return repr(target_modules)
-
-
-def _short(layers: List[LayerId]) -> str:
-    if len(layers) <= 12:
-        return repr(layers)
-    return f"{layers[:6]} ... {layers[-3:]} ({len(layers)} layers)"
 
 
 def _sample_names(model: nn.Module, index: LayerIndex, limit: int = 8) -> List[str]:

@@ -550,7 +550,7 @@ class GradualSchedule(Schedule):
         if self.k > len(candidates):
             raise ValueError(
                 f"layer_schedule (type 'gradual'): 'k' is {self.k} but there are only {len(candidates)} candidate "
-                f"layers ({_short(candidates)}); lower 'k' or widen 'layers'."
+                f"layers ({short_layer_list(candidates)}); lower 'k' or widen 'layers'."
             )
         bound._ranked = list(reversed(candidates)) if self.side == "top" else candidates
         most = len(candidates) if self.n > 0 else self.k
@@ -738,7 +738,7 @@ class SampledSchedule(Schedule):
         if self.k > len(bound._pool):
             raise ValueError(
                 f"{where}: 'k' is {self.k} but there are only {len(bound._pool)} candidate layers to draw from "
-                f"({_short(bound._pool)}, 'always' layers excluded); lower 'k' or widen 'layers'."
+                f"({short_layer_list(bound._pool)}, 'always' layers excluded); lower 'k' or widen 'layers'."
             )
         return bound
 
@@ -803,7 +803,7 @@ class CallableSchedule(Schedule):
         default_candidates: Optional[Sequence[LayerId]] = None,
     ) -> "CallableSchedule":
         layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = CallableSchedule(self.fn)
+        bound = self._unbound_copy()
         bound._bind_common(layers)
         bound._canonical = canonical
         bound._allowed = bound._sorted(default)
@@ -819,7 +819,7 @@ class CallableSchedule(Schedule):
         if extra:
             raise ValueError(
                 f"{where} returned layer(s) {extra}, which carry no adapter; adapters exist on "
-                f"{_short(self._allowed)}. Add the layers to preallocate_layers (a callable schedule cannot "
+                f"{short_layer_list(self._allowed)}. Add the layers to preallocate_layers (a callable schedule cannot "
                 f"tell in advance which layers it will use)."
             )
         return active
@@ -827,6 +827,9 @@ class CallableSchedule(Schedule):
     def all_layers(self) -> List[LayerId]:
         self._require_bound()
         return list(self._allowed)
+
+    def _unbound_copy(self) -> "CallableSchedule":
+        return CallableSchedule(self.fn)
 
 
 class UnsavedCallableSchedule(CallableSchedule):
@@ -847,18 +850,8 @@ class UnsavedCallableSchedule(CallableSchedule):
         self._allowed = []
         self._canonical = None
 
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "UnsavedCallableSchedule":
-        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = UnsavedCallableSchedule(self.to_json())
-        bound._bind_common(layers)
-        bound._canonical = canonical
-        bound._allowed = bound._sorted(default)
-        return bound
+    def _unbound_copy(self) -> "UnsavedCallableSchedule":
+        return UnsavedCallableSchedule(self.to_json())
 
     def describe(self, unit: str = "epoch") -> str:
         return "callable (not saved): {}".format(self.name)
@@ -910,7 +903,8 @@ def parse_schedule(spec: Any) -> Schedule:
     return MilestoneSchedule(spec)
 
 
-def _short(layers: List[LayerId]) -> str:
+def short_layer_list(layers: List[LayerId]) -> str:
+    """A layer list for an error message: whole up to 12 layers, else its ends and its length."""
     if len(layers) <= 12:
         return repr(layers)
     return f"{layers[:6]} ... {layers[-3:]} ({len(layers)} layers)"

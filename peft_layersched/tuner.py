@@ -25,7 +25,7 @@ from torch import nn
 
 from . import _compat, checkpointing
 from .config import ScheduledLoraConfig
-from .layers import LayerIndex, exact_names_regex, resolve_targets
+from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule
 
 
@@ -61,25 +61,6 @@ def _refuse_wrapped(model: nn.Module) -> None:
                 f"a second adapter, call peft_model.add_adapter(name, config). Otherwise pass a fresh base "
                 f"model, not a PeftModel or its get_base_model()."
             )
-
-
-def _bind_schedule(schedule: Schedule, model: nn.Module, config: ScheduledLoraConfig, index: LayerIndex) -> Schedule:
-    """The schedule on this model's layers (canonical ids).
-
-    Gradual/cyclic/sampled/callable schedules draw from "every layer" unless they list their own: the
-    preallocated layers when ``preallocate_layers`` is set, else every layer holding a target module.
-    """
-    candidates: Optional[List[LayerId]] = None
-    if schedule.kind != "milestones":
-        if config.preallocate_layers is not None:
-            candidates = index.canonical_list(config.preallocate_layers, "preallocate_layers")
-        else:
-            target_modules = config.target_modules
-            if target_modules is None:
-                target_modules = _compat.default_target_modules(model)
-            matched = resolve_targets(model, target_modules, index, None)
-            candidates = index.sort(layer for layer in matched.values() if layer is not None)
-    return schedule.bind(index.all_layers(), index.canonical, candidates)
 
 
 def _at_start(schedule: Schedule) -> List[LayerId]:
@@ -219,12 +200,39 @@ class ScheduledLoraModel(LoraModel):
                 f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layers_pattern "
                 f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
             )
+        found: Dict[str, Any] = {}  # each computed once, when first needed (errors keep their order)
+
+        def requested() -> List[LayerId]:  # preallocate_layers, canonical
+            if "requested" not in found:
+                found["requested"] = index.canonical_list(config.preallocate_layers, "preallocate_layers")
+            return found["requested"]
+
+        def target_modules() -> Any:
+            if "target_modules" not in found:
+                given = config.target_modules
+                found["target_modules"] = given if given is not None else _compat.default_target_modules(model)
+            return found["target_modules"]
+
+        def matched() -> Dict[str, Optional[LayerId]]:  # every module matching target_modules -> its layer
+            if "matched" not in found:
+                found["matched"] = match_targets(model, target_modules(), index)
+            return found["matched"]
+
         schedule = config.schedule()
         if schedule is not None:
-            schedule = _bind_schedule(schedule, model, config, index)
+            # On this model's canonical layers.  Gradual/cyclic/sampled/callable schedules draw from "every
+            # layer" unless they list their own: the preallocated layers when preallocate_layers is set,
+            # else every layer holding a target module.
+            candidates: Optional[List[LayerId]] = None
+            if schedule.kind != "milestones":
+                if config.preallocate_layers is not None:
+                    candidates = requested()
+                else:
+                    candidates = index.sort(layer for layer in matched().values() if layer is not None)
+            schedule = schedule.bind(index.all_layers(), index.canonical, candidates)
         scheduled = index.sort(schedule.all_layers()) if schedule is not None else []
         if config.preallocate_layers is not None:
-            preallocated = index.canonical_list(config.preallocate_layers, "preallocate_layers")
+            preallocated = requested()
             missing = [layer for layer in scheduled if layer not in preallocated]
             if missing:
                 raise ValueError(
@@ -239,10 +247,7 @@ class ScheduledLoraModel(LoraModel):
                 f"layer_schedule={config.layer_schedule!r} names no layer, so no layer would get a LoRA adapter. "
                 f"Schedule at least one layer ({index.describe()}), or set preallocate_layers."
             )
-        target_modules = config.target_modules
-        if target_modules is None:
-            target_modules = _compat.default_target_modules(model)
-        targets = resolve_targets(model, target_modules, index, preallocated)
+        targets = select_targets(matched(), target_modules(), index, preallocated)
         return _Plan(index, schedule, preallocated, targets)
 
     def _after_injection(
@@ -284,7 +289,7 @@ class ScheduledLoraModel(LoraModel):
             active = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
             plan.ever.update(active)
         else:
-            active = plan.index.canonical_list(plan.schedule.active_at(t))
+            active = plan.schedule.active_at(t)  # bound: canonical ids in layer order
             plan.ever.update(plan.schedule.layers_until(t))
         plan.active = active
         plan.time = t
@@ -335,7 +340,7 @@ class ScheduledLoraModel(LoraModel):
             # optimizer built the usual way (p.requires_grad filter) holds them all; never-active
             # adapters are bypassed, so they get no gradient until their phase.
             first = _at_start(plan.schedule) if plan.schedule is not None else None
-            enabled = None if first is None else plan.ever | set(plan.index.canonical_list(first))
+            enabled = None if first is None else plan.ever | set(first)
             trainable = None
         else:
             enabled = None if plan.schedule is None else plan.ever | set(plan.active)
@@ -369,7 +374,7 @@ class ScheduledLoraModel(LoraModel):
             return list(plan.active)
         if plan.schedule is None:
             return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
-        return plan.index.sort(plan.ever | set(plan.index.canonical_list(_at_start(plan.schedule))))
+        return plan.index.sort(plan.ever | set(_at_start(plan.schedule)))
 
     @property
     def preallocated_layers(self) -> List[LayerId]:
