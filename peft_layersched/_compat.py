@@ -6,7 +6,6 @@ except where noted.  Facts per version: ``shared/reference/peft-versions.md``.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import math
@@ -15,7 +14,7 @@ from typing import Any, Dict, Iterator, List
 
 import peft
 import torch
-from peft import LoraConfig, PeftType
+from peft import PeftType
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -50,11 +49,17 @@ _MAPPINGS = (
 
 
 def register(config_cls: type, tuner_cls: type) -> List[str]:
-    """Insert ``SCHEDULED_LORA`` into every type mapping the installed PEFT has; idempotent.
+    """Make PEFT build ``tuner_cls`` for ``config_cls`` and load ``SCHEDULED_LORA`` files; idempotent.
 
-    ``register_peft_method`` (PEFT >= 0.15) is not usable from outside PEFT: it requires a ``PeftType``
-    member.  Inserting into the dicts is what it does.  Returns the dicts written, for diagnostics.
+    A ``config_cls`` has ``peft_type == PeftType.LORA`` in memory, so PEFT's dispatch reaches
+    ``LoraModel``: its ``__new__`` hands a config (or config dict) holding a ``config_cls`` to
+    ``tuner_cls`` (a ``LoraModel`` subclass), every other config to ``LoraModel`` as before.  On disk the
+    type is ``SCHEDULED_LORA``: that str goes into every type mapping the installed PEFT has, so
+    ``PeftConfig``/``PeftModel.from_pretrained`` pick ``config_cls``.  ``register_peft_method`` (PEFT >=
+    0.15) is not usable from outside PEFT: it requires a ``PeftType`` member; inserting into the dicts is
+    what it does.  Returns the dicts written, for diagnostics.
     """
+    _install_tuner_dispatch(config_cls, tuner_cls)
     values = {"config": config_cls, "tuner": tuner_cls, "prefix": "lora_"}
     written = []
     seen = set()
@@ -74,6 +79,35 @@ def register(config_cls: type, tuner_cls: type) -> List[str]:
     return written
 
 
+def _install_tuner_dispatch(config_cls: type, tuner_cls: type) -> None:
+    from peft.tuners.lora import LoraModel
+
+    current = LoraModel.__dict__.get("__new__")
+    if getattr(getattr(current, "__func__", None), "_peft_layersched_dispatch", False):
+        return
+
+    def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if cls is LoraModel:
+            config = args[1] if len(args) > 1 else kwargs.get("config", kwargs.get("peft_config"))
+            configs = config.values() if isinstance(config, dict) else [config]
+            if any(isinstance(value, config_cls) for value in configs):
+                cls = tuner_cls
+        return super(LoraModel, cls).__new__(cls)
+
+    __new__._peft_layersched_dispatch = True  # type: ignore[attr-defined]
+    LoraModel.__new__ = staticmethod(__new__)
+
+
+def module_excluded(name: str, exclude_modules: Any) -> bool:
+    """Whether PEFT's ``exclude_modules`` (0.14+) takes module ``name`` out: a str is a full-match regex,
+    a list matches whole names or dotted suffixes."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, name) is not None
+    return name in exclude_modules or any(name.endswith("." + key) for key in exclude_modules)
+
+
 def is_tuner_layer(module: nn.Module) -> bool:
     return isinstance(module, TUNER_LAYER_TYPES)
 
@@ -82,20 +116,62 @@ def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def set_layer_bypassed(layer: nn.Module, bypassed: bool) -> None:
-    """Per-layer bypass: the LoRA forward returns the base output only, with no dropout/RNG."""
-    setattr(layer, _DISABLE_ATTR, bool(bypassed))
+# PEFT >= 0.6: every LoRA layer has its own list of active adapters (``_active_adapter`` behind a read-only
+# ``active_adapter`` property), which its forward and ``merge()`` follow.  0.3-0.5: one plain str per
+# layer, and a per-layer sentinel there breaks ``LoraModel._get_active_adapter()`` (0.5), so a layer is
+# bypassed with its disable flag instead.
+PER_LAYER_ACTIVE_LIST = isinstance(getattr(LoraLayer, "active_adapter", None), property)
 
 
-def layer_bypassed(layer: nn.Module) -> bool:
-    return bool(getattr(layer, _DISABLE_ATTR, False))
+def route_layer(layer: nn.Module, model_active: List[str], bypassed: Any) -> None:
+    """Let ``layer`` run the model's active adapters except those in ``bypassed``.
+
+    A bypassed adapter is not in the layer's forward (no dropout, no matmul, no RNG, no gradient) and
+    not in a default ``merge()``.  On PEFT >= 0.6 the layer's active-adapter list is written (its
+    disable flag, which ``PeftModel.disable_adapter()`` owns, is left alone); on 0.3-0.5, where a model
+    has one active adapter, the layer's disable flag is set while that adapter is bypassed.
+    """
+    if PER_LAYER_ACTIVE_LIST:
+        layer._active_adapter = [name for name in model_active if name not in bypassed]
+    else:
+        setattr(layer, _DISABLE_ATTR, any(name in bypassed for name in model_active))
+
+
+def layer_runs(layer: nn.Module, adapter_name: str) -> bool:
+    """Whether ``adapter_name`` is in ``layer``'s forward now."""
+    if bool(getattr(layer, _DISABLE_ATTR, False)):
+        return False
+    active = getattr(layer, "active_adapters", None)
+    if active is None:  # PEFT 0.3-0.5: one str
+        active = [getattr(layer, "active_adapter", None)]
+    return adapter_name in active
+
+
+def layer_adapter_names(layer: nn.Module) -> List[str]:
+    """The adapters whose weights ``layer`` holds (``LoraLayer.adapter_layer_names`` where PEFT has it)."""
+    names: List[str] = []
+    for attr in _adapter_containers(layer):
+        for key in getattr(layer, attr).keys():
+            if key not in names:
+                names.append(key)
+    return names
+
+
+# The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``adapter_layer_names``; 0.3-0.5
+# have the first four.
+_LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _adapter_containers(layer: nn.Module) -> List[str]:
+    names = list(getattr(layer, "adapter_layer_names", None) or _LORA_CONTAINERS)
+    return [name for name in names if isinstance(getattr(layer, name, None), (nn.ModuleDict, nn.ParameterDict))]
 
 
 def adapter_parameters(layer: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
     """The LoRA parameters of ``adapter_name`` in one LoRA layer (A/B; embedding A/B; DoRA magnitude)."""
-    for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-        container = getattr(layer, attr, None)
-        if container is None or adapter_name not in container:
+    for attr in _adapter_containers(layer):
+        container = getattr(layer, attr)
+        if adapter_name not in container:
             continue
         item = container[adapter_name]
         if isinstance(item, nn.Parameter):
@@ -103,10 +179,6 @@ def adapter_parameters(layer: nn.Module, adapter_name: str) -> Iterator[nn.Param
         else:
             for param in item.parameters():
                 yield param
-
-
-def lora_config_fields() -> List[str]:
-    return [f.name for f in dataclasses.fields(LoraConfig)]
 
 
 def default_target_modules(model: nn.Module) -> Any:

@@ -19,6 +19,7 @@ What it guarantees, and how (facts: ``shared/reference/trainer-internals.md``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from .tuner import ScheduledLoraModel
 logger = logging.getLogger(__name__)
 
 _REACTIVATED_STATE = ("keep", "reset")
+_SCHEDULE_STARTS = ("restart", "continue")
 
 
 def find_tuner(model: Any) -> ScheduledLoraModel:
@@ -70,6 +72,13 @@ class LayerScheduleCallback(TrainerCallback):
         warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
             over a phase (a silent no-update).
         adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
+        schedule_start (`str`): where the schedule starts when this Trainer's run begins.
+            ``"restart"`` (default): at ``t = 0`` (the Trainer's own epoch/step).  ``"continue"``: where
+            the adapter's schedule stood when it was saved (``schedule_position`` in its
+            ``adapter_config.json``), for a second training stage on a loaded adapter; the Trainer's
+            epoch/step ``t`` then runs the schedule at ``position + 1 + t`` (epochs) or
+            ``position + t`` (steps).  The choice is logged, with a warning when ``"restart"`` starts
+            over an adapter that had been trained further.
 
     The LR multiplier and warm-up scale the optimizer's update of those layers' parameters (exactly
     an LR multiplier for SGD/Adam/AdamW, whose updates are proportional to the LR), so the optimizer
@@ -92,11 +101,21 @@ class LayerScheduleCallback(TrainerCallback):
         reactivated_state: str = "keep",
         warn_on_no_update: bool = True,
         adapter_name: Optional[str] = None,
+        schedule_start: str = "restart",
     ) -> None:
         if isinstance(new_layer_lr_scale, bool) or not isinstance(new_layer_lr_scale, (int, float)):
             raise TypeError(f"new_layer_lr_scale must be a number, got {new_layer_lr_scale!r}.")
-        if not new_layer_lr_scale >= 0:
-            raise ValueError(f"new_layer_lr_scale must be >= 0, got {new_layer_lr_scale}.")
+        if not (new_layer_lr_scale >= 0 and math.isfinite(new_layer_lr_scale)):
+            raise ValueError(
+                f"new_layer_lr_scale must be a finite number >= 0 (1.0 = the scheduled LR), got {new_layer_lr_scale}."
+            )
+        if not isinstance(warn_on_no_update, bool):
+            raise TypeError(f"warn_on_no_update must be True or False, got {warn_on_no_update!r}.")
+        if schedule_start not in _SCHEDULE_STARTS:
+            raise ValueError(
+                f"schedule_start={schedule_start!r} is not supported; use one of {list(_SCHEDULE_STARTS)} "
+                f"('restart': the schedule begins at t=0; 'continue': where the loaded adapter's schedule stood)."
+            )
         if isinstance(new_layer_warmup_steps, bool) or not isinstance(new_layer_warmup_steps, int):
             raise TypeError(f"new_layer_warmup_steps must be an int, got {new_layer_warmup_steps!r}.")
         if new_layer_warmup_steps < 0:
@@ -110,6 +129,8 @@ class LayerScheduleCallback(TrainerCallback):
         self.reactivated_state = reactivated_state
         self.warn_on_no_update = warn_on_no_update
         self.adapter_name = adapter_name
+        self.schedule_start = schedule_start
+        self._offset: Optional[int] = None  # schedule time of the Trainer's t = 0, fixed at the first train()
         self._user_optimizer = False
         self._reset_run()
 
@@ -146,6 +167,8 @@ class LayerScheduleCallback(TrainerCallback):
         )
         if optimizer is not None:
             self._ensure_optimized(optimizer, args)
+        if self._offset is None:
+            self._offset = self._schedule_offset(state)
         if self._unit == "epoch":
             epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
             self._next_epoch = epoch
@@ -184,8 +207,56 @@ class LayerScheduleCallback(TrainerCallback):
         self._snapshot_before_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
-        if self._tuner is not None:
-            self._check_phase_updates(state)
+        if self._tuner is None:
+            return
+        self._check_phase_updates(state)
+        best = getattr(state, "best_model_checkpoint", None)
+        if getattr(args, "load_best_model_at_end", False) and best:
+            self._restore_checkpoint_state(best)
+
+    def _restore_checkpoint_state(self, checkpoint: str) -> None:
+        """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule."""
+        assert self._tuner is not None
+        name, _ = self._tuner._adapter(self.adapter_name)
+        for folder in (os.path.join(checkpoint, name), checkpoint):
+            path = os.path.join(folder, "adapter_config.json")
+            if os.path.isfile(path):
+                break
+        else:
+            return
+        with open(path) as handle:
+            saved = json.load(handle)
+        position = saved.get("schedule_position")
+        if position is None:
+            return
+        active = self._tuner.restore_layer_state(position, saved.get("ever_active_layers"), name)
+        self._time, self._current = position, active
+        logger.info(
+            "layer schedule: restored the state of %s (%s %d, active layers %s)", checkpoint, self._unit, position,
+            active or "[]",
+        )
+
+    def _schedule_offset(self, state: Any) -> int:
+        assert self._tuner is not None
+        name, _ = self._tuner._adapter(self.adapter_name)
+        position = getattr(self._tuner.peft_config[name], "schedule_position", None)
+        if position is None:
+            return 0
+        unit = self._unit
+        if self.schedule_start == "continue":
+            offset = position + 1 if unit == "epoch" else position
+            logger.warning(
+                "layer schedule: schedule_start='continue': the adapter's schedule stood at %s %d; this run's "
+                "%s 0 is schedule %s %d.", unit, position, unit, unit, offset,
+            )
+            return offset
+        if int(state.global_step) == 0 and position > 0:
+            logger.warning(
+                "layer schedule: the adapter's schedule had reached %s %d; this run starts it again at %s 0 "
+                "(schedule_start='restart'). Pass LayerScheduleCallback(schedule_start='continue') to go on "
+                "from there.", unit, position, unit,
+            )
+        return 0
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         if _compat.trainer_resumes_adapter_checkpoints() or model is None:
@@ -285,6 +356,7 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _switch(self, t: int, state: Any, initial: bool = False) -> None:
         assert self._tuner is not None
+        t += self._offset or 0  # the Trainer's epoch/step -> schedule time
         tuner = self._tuner
         name, plan = tuner._adapter(self.adapter_name)
         if plan.schedule is None and not initial:
@@ -391,7 +463,7 @@ class LayerScheduleCallback(TrainerCallback):
     def _join_step(self, layer: LayerId, plan: Any) -> int:
         """Global step at which ``layer`` joined its current active run (a function of the schedule)."""
         t = self._time if self._time is not None else 0
-        joined = plan.schedule.run_start(layer, t) or 0
+        joined = (plan.schedule.run_start(layer, t) or 0) - (self._offset or 0)
         return joined * self._steps_per_epoch if self._unit == "epoch" else joined
 
     def _snapshot_before_step(self) -> None:

@@ -36,7 +36,7 @@ that did not require grad a leaf, so gradients are plain autograd's (``tests/tes
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -318,7 +318,7 @@ def _survey(model: nn.Module, stacks: Sequence[Any]) -> Tuple[Any, List[Tuple[nn
     first_pos = -1
     last_in_stacks = -1
     trainable_stacks = set()
-    bypassed = set()
+    lora_layers: Dict[str, nn.Module] = {}
     for pos, (name, module) in enumerate(model.named_modules()):
         if module._forward_hooks:
             hooks.extend((module, key, hook) for key, hook in _compat.input_require_grads_hooks_of(module))
@@ -328,16 +328,19 @@ def _survey(model: nn.Module, stacks: Sequence[Any]) -> Tuple[Any, List[Tuple[nn
                 in_stack = stack
                 last_in_stacks = pos
                 break
-        if _compat.is_lora_layer(module) and _compat.layer_bypassed(module):
-            bypassed.add(name)
-        cut = name.find(".lora_")  # "<LoRA layer>.lora_A.<adapter>", on every PEFT version
-        # A bypassed LoRA layer's adapters are not in the forward: they get no gradient.
-        dormant = cut >= 0 and name[:cut] in bypassed
-        for param in module._parameters.values():
+        if _compat.is_lora_layer(module):
+            lora_layers[name] = module
+        # "<LoRA layer>.lora_A.<adapter>" (ModuleDict) or "<LoRA layer>.lora_embedding_A" holding params
+        # keyed by adapter (ParameterDict), on every PEFT version.
+        cut = name.find(".lora_")
+        owner = lora_layers.get(name[:cut]) if cut >= 0 else None
+        container_adapter = name[cut + 1:].split(".")[1] if owner is not None and name.count(".", cut + 1) else None
+        for key, param in module._parameters.items():
             if param is None or not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if dormant:
+            # An adapter a LoRA layer leaves out of its forward gets no gradient.
+            if owner is not None and not _compat.layer_runs(owner, container_adapter or key):
                 continue
             if first is None:
                 first, first_stack, first_pos = name, in_stack, pos

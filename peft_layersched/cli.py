@@ -464,7 +464,10 @@ def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str],
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
     from .schedule import parse_schedule
+    from .tuner import weights_show_training
 
     folder = args.adapter_dir
     if not os.path.isdir(folder):
@@ -487,7 +490,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         lora.setdefault(match.group("module"), {})[match.group("part")] = tensor
     layer_of = _layer_namer(list(lora), _uses_stack_names(config))
     init = config.init_lora_weights
-    knowable = init is True or init == "gaussian"
+    knowable = weights_show_training(init, torch.zeros(1)) is not None
 
     layers: Dict[Any, Dict[str, Any]] = {}
     for module, parts in lora.items():
@@ -496,8 +499,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         entry["modules"].append(module)
         entry["lora_params"] += sum(t.numel() for t in parts.values())
         # Zero at init (True / "gaussian"): lora_B, and lora_embedding_A for embeddings.
-        zero_init = parts.get("lora_B", parts.get("lora_embedding_A"))
-        if knowable and zero_init is not None and bool(zero_init.detach().float().abs().sum() > 0):
+        if weights_show_training(init, parts.get("lora_B", parts.get("lora_embedding_A"))):
             entry["trained"] = True
 
     def order(layer: Any) -> Tuple[int, str, int]:

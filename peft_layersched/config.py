@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
@@ -11,7 +13,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 from peft import LoraConfig
 
 from . import _compat
-from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_unit, parse_schedule
+from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
+
+
+def _check_target_regex(target_modules: Any) -> None:
+    # PEFT reads a str target_modules as a regex (full match); a broken one fails deep inside injection.
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules={target_modules!r} is not a valid regular expression ({exc}); a str "
+                f"target_modules is matched as a regex against full module names (e.g. r'.*\\.(query|value)'), "
+                f"a list of names matches name suffixes (e.g. ['query', 'value'])."
+            ) from None
 
 
 @dataclass
@@ -47,6 +62,10 @@ class ScheduledLoraConfig(LoraConfig):
         ever_active_layers (`list`, *optional*):
             Written by the tuner: layers whose adapters have been active at least once.  Saved with
             the adapter so a loaded model knows which adapters carry trained weights.
+        schedule_position (`int`, *optional*):
+            Written by the tuner: the last ``t`` given to ``activate_layers``, saved with the adapter
+            (and every Trainer checkpoint), so ``load_best_model_at_end`` restores where the schedule
+            stood and a second Trainer stage can continue from it.
 
     Example:
 
@@ -96,13 +115,19 @@ class ScheduledLoraConfig(LoraConfig):
         default=None,
         metadata={"help": "Set by the tuner: layers whose adapters have been active at least once."},
     )
+    schedule_position: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Set by the tuner: the last time t (epoch or step) given to activate_layers; a second "
+            "Trainer stage can continue the schedule from here (LayerScheduleCallback(schedule_start='continue'))."
+        },
+    )
 
     def __post_init__(self) -> None:
         # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
         # lists are layer stacks" and is never handed to PEFT's own layer filter.
         with self._hidden_layers_pattern():
             super().__post_init__()
-        self.peft_type = _compat.SCHEDULED_LORA
         # PEFT 0.3.0's LoraConfig defaults are None; a loaded 0.3.0 file may carry them too.
         if self.lora_alpha is None:
             self.lora_alpha = 8
@@ -123,12 +148,20 @@ class ScheduledLoraConfig(LoraConfig):
     def is_scheduled(self) -> bool:
         return self.layer_schedule is not None
 
+    @property
+    def restricts_layers(self) -> bool:
+        """Whether the schedule (or ``preallocate_layers``) decides which layers get adapters."""
+        return self.layer_schedule is not None or self.preallocate_layers is not None
+
     def validate(self) -> None:
         """Check and normalise the schedule fields (JSON string keys become ints again).
 
         Called by ``__post_init__`` and again by the tuner, because PEFT 0.3.0 loads configs by
-        ``setattr`` after construction.
+        ``setattr`` after construction.  In memory ``peft_type`` is ``PeftType.LORA``, so every LoRA code
+        path of PEFT applies and plain ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and
+        ``adapter_config.json`` say ``"SCHEDULED_LORA"``, so loading comes back to this package.
         """
+        self.peft_type = _compat.LORA
         check_unit(self.schedule_unit)
         if self.layer_schedule is not None:
             schedule = parse_schedule(self.layer_schedule)
@@ -141,6 +174,17 @@ class ScheduledLoraConfig(LoraConfig):
             self.ever_active_layers = check_layer_list(self.ever_active_layers, "ever_active_layers")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
             raise TypeError(f"init_seed must be an int or None, got {self.init_seed!r}.")
+        if self.schedule_position is not None:
+            self.schedule_position = check_time(self.schedule_position, "schedule_position")
+        if self.layers_pattern is not None and not (
+            isinstance(self.layers_pattern, str)
+            or (isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern))
+        ):
+            raise TypeError(
+                f"layers_pattern must be a str or a list of str (the dotted path of the block list, e.g. "
+                f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {self.layers_pattern!r}."
+            )
+        _check_target_regex(self.target_modules)
         if self.is_scheduled and getattr(self, "layers_to_transform", None) is not None:
             raise ValueError(
                 "layers_to_transform cannot be combined with layer_schedule: the schedule decides the layers. "
@@ -176,26 +220,23 @@ class ScheduledLoraConfig(LoraConfig):
 
     def to_dict(self) -> Dict[str, Any]:
         output = super().to_dict()
+        output["peft_type"] = _compat.SCHEDULED_LORA
         if callable(output.get("layer_schedule")):
             output["layer_schedule"] = parse_schedule(output["layer_schedule"]).to_json()
         return output
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        # In memory the tuner runs as PeftType.LORA (so every LoRA branch inside PEFT applies); on
-        # disk the type must name us, so PeftModel.from_pretrained comes back to this package.
-        in_memory, schedule = self.peft_type, self.layer_schedule
-        self.peft_type = _compat.SCHEDULED_LORA
-        if callable(schedule):
-            # PEFT 0.3.0 writes asdict(self), not to_dict(): swap the function out on every version.
-            self.layer_schedule = parse_schedule(schedule).to_json()
+        # On disk the type names this package, so PeftModel.from_pretrained comes back here.  PEFT 0.3.0
+        # writes asdict(self), not to_dict(): a shallow copy carries the on-disk values (self is untouched).
+        on_disk = copy.copy(self)
+        on_disk.peft_type = _compat.SCHEDULED_LORA
+        if callable(self.layer_schedule):
+            on_disk.layer_schedule = parse_schedule(self.layer_schedule).to_json()
             warnings.warn(
-                f"layer_schedule is the Python callable {self.layer_schedule['name']}, which is not serialized: "
-                f"{save_directory}/adapter_config.json records only {self.layer_schedule}. The adapter weights, "
-                f"preallocate_layers and ever_active_layers are saved; after loading, give the function back "
-                f"with model.set_layer_schedule(fn) before training on.",
+                f"layer_schedule is the Python callable {on_disk.layer_schedule['name']}, which is not "
+                f"serialized: {save_directory}/adapter_config.json records only {on_disk.layer_schedule}. The "
+                f"adapter weights, preallocate_layers and ever_active_layers are saved; after loading, give the "
+                f"function back with model.set_layer_schedule(fn) before training on.",
                 stacklevel=2,
             )
-        try:
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.peft_type, self.layer_schedule = in_memory, schedule
+        LoraConfig.save_pretrained(on_disk, save_directory, **kwargs)

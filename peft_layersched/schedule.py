@@ -20,6 +20,7 @@ unbound too (on raw ids).  Everything here can be validated and property-tested 
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -129,15 +130,20 @@ def _simple_canonicalizer(layers: Sequence[LayerId]) -> Canonicalizer:
     return canonical
 
 
-def check_time(t: Any) -> int:
+def check_time(t: Any, where: str = "activate_layers(t): t") -> int:
+    """An epoch or optimizer step: an int >= 0; integer-like values (numpy/torch integer scalars, whole
+    floats) are accepted as the int they hold."""
     if isinstance(t, float) and t.is_integer():
         t = int(t)  # then the t >= 0 check below applies to -1.0 too
+    if not isinstance(t, (bool, int)) and hasattr(t, "__index__"):
+        try:
+            t = operator.index(t)  # numpy.int64, a 0-d integer torch tensor, ...
+        except TypeError:
+            pass
     if isinstance(t, bool) or not isinstance(t, int):
-        raise TypeError(
-            f"activate_layers(t): t must be an int (epoch or optimizer step), got {t!r} ({type(t).__name__})."
-        )
+        raise TypeError(f"{where} must be an int (epoch or optimizer step), got {t!r} ({type(t).__name__}).")
     if t < 0:
-        raise ValueError(f"activate_layers(t): t must be >= 0, got {t}.")
+        raise ValueError(f"{where} must be >= 0, got {t}.")
     return t
 
 

@@ -15,8 +15,10 @@ How it plugs into PEFT (every version 0.3.0 .. newest):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
@@ -63,10 +65,87 @@ def _refuse_wrapped(model: nn.Module) -> None:
             )
 
 
+def _refuse_excluded(config: Any, model: nn.Module, targets: Dict[str, Any], preallocated: List[LayerId]) -> None:
+    """``exclude_modules`` (PEFT >= 0.14) takes modules out of the scheduled layers; a layer it empties
+    would be scheduled without an adapter.  (PEFT itself still applies exclude_modules at injection.)"""
+    excluded = getattr(config, "exclude_modules", None)
+    if not excluded:
+        return
+    kept = {name: layer for name, layer in targets.items() if not _compat.module_excluded(name, excluded)}
+    empty = [layer for layer in preallocated if layer not in set(kept.values())]
+    if empty:
+        raise ValueError(
+            f"exclude_modules={excluded!r} leaves layer(s) {empty} of the schedule without a LoRA module, so "
+            f"they could never train. Take them out of layer_schedule/preallocate_layers, or narrow exclude_modules."
+        )
+
+
+def weights_show_training(init_mode: Any, zero_at_init: Optional[torch.Tensor]) -> Optional[bool]:
+    """Whether an adapter's weights show it trained: its part that is zero at init (``lora_B``;
+    ``lora_embedding_A`` for embeddings) is not zero any more.  ``None``: the init does not tell
+    (``init_lora_weights`` other than True / "gaussian", or no such part)."""
+    if zero_at_init is None or not (init_mode is True or init_mode == "gaussian"):
+        return None
+    return bool(zero_at_init.detach().float().abs().sum() > 0)
+
+
+def _zero_at_init_part(layer: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
+    for attr in ("lora_B", "lora_embedding_A"):
+        container = getattr(layer, attr, None)
+        if container is not None and adapter_name in container:
+            item = container[adapter_name]
+            return item if isinstance(item, nn.Parameter) else item.weight
+    return None
+
+
+def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
+    for name, plan in tuner._plans.items():
+        hidden = []
+        for module_name in tuner._bypassed_modules(name, plan):
+            module = tuner.model.get_submodule(module_name)
+            init_mode = tuner.peft_config[name].init_lora_weights
+            if weights_show_training(init_mode, _zero_at_init_part(module, name)):
+                hidden.append(plan.modules[module_name])
+        if hidden:
+            layers = plan.index.sort(set(hidden))
+            warnings.warn(
+                f"adapter {name!r}: layer(s) {layers} carry trained LoRA weights (lora_B is not zero), but the "
+                f"config's layer_schedule / ever_active_layers ({plan.index.sort(plan.ever)}) say they never "
+                f"trained, so they are left out of the forward. If they did train, add them to "
+                f"ever_active_layers in adapter_config.json ('peft-layersched inspect' shows the mismatch).",
+                stacklevel=2,
+            )
+
+
 def _at_start(schedule: Schedule) -> List[LayerId]:
     # A callable schedule loaded from disk has no function until set_layer_schedule(); its adapters
     # still load (bypassed unless ever active) and activate_layers() says how to give it back.
     return schedule.active_at(0) if schedule.runnable else []
+
+
+def _own_copy(config: Any) -> Any:
+    """The tuner's own copy of a scheduled ``ScheduledLoraConfig``, which it writes the schedule's state
+    to (``init_seed``, ``ever_active_layers``): the caller's object is never written to, so one config
+    builds any number of models.  A config without a schedule is plain LoRA and is used as given, as
+    PEFT uses a ``LoraConfig`` (``PeftModel.from_pretrained(config=...)`` keeps that very object)."""
+    if not isinstance(config, ScheduledLoraConfig) or not config.restricts_layers:
+        return config
+    own = copy.deepcopy(config)  # a callable schedule is shared, not copied (deepcopy keeps functions)
+    own.validate()
+    return own
+
+
+# init_lora_weights modes that leave the base weight as it is: an adapter not yet active can be left out
+# of the forward.  The others (pissa*, olora, corda, loftq, lora_ga, ...) move part of the base weight
+# into the adapter at init, so every adapter stays in the forward and the output is unchanged until one
+# trains.
+_BASE_WEIGHT_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _init_keeps_base_weight(init_mode: Any) -> bool:
+    if isinstance(init_mode, bool):
+        return True
+    return init_mode in _BASE_WEIGHT_KEEPING_INITS
 
 
 def _module_seed(init_seed: int, module_name: str) -> int:
@@ -125,18 +204,22 @@ class ScheduledLoraModel(LoraModel):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         _refuse_wrapped(model)
-        configs = config if isinstance(config, dict) else {adapter_name: config}
-        for cfg in configs.values():
-            if isinstance(cfg, ScheduledLoraConfig):
-                cfg.validate()
-                # PEFT has chosen this class by now; from here on every LoRA branch in PEFT must apply.
-                cfg.peft_type = _compat.LORA
+        if isinstance(config, dict):  # PeftModel's own dict (PEFT 0.3 shares it with the tuner)
+            for name in list(config):
+                config[name] = _own_copy(config[name])
+        else:
+            config = _own_copy(config)
         super().__init__(model, config, adapter_name, *args, **kwargs)
+        # After PEFT loads adapter weights (from_pretrained, load_adapter, a Trainer resume), check them
+        # against the schedule state the config carries.
+        self.register_load_state_dict_post_hook(_check_loaded_weights)
 
     # ----------------------------------------------------------------------------------- injection
 
     def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
         model, adapter_name = _compat.injection_args("inject_adapter", args, kwargs, None)
+        # PeftModel.add_adapter/load_adapter store the caller's config object: the tuner works on its own.
+        self.peft_config[adapter_name] = _own_copy(self.peft_config[adapter_name])
         with self._scheduled_injection(model, adapter_name):
             return super().inject_adapter(*args, **kwargs)
 
@@ -146,7 +229,10 @@ class ScheduledLoraModel(LoraModel):
             raise AttributeError("add_adapter")
         model, adapter_name = _compat.injection_args("add_adapter", args, kwargs, self.model)
         if len(args) > 1 or kwargs.get("config") is not None:
-            config = args[1] if len(args) > 1 else kwargs["config"]
+            config = _own_copy(args[1] if len(args) > 1 else kwargs.pop("config"))
+            args = (args[0], config) + tuple(args[2:]) if len(args) > 1 else args
+            if len(args) < 2:
+                kwargs["config"] = config
             self.peft_config[adapter_name] = config
         with self._scheduled_injection(model, adapter_name):
             return parent(*args, **kwargs)
@@ -166,7 +252,6 @@ class ScheduledLoraModel(LoraModel):
             yield
             return
         config.validate()
-        config.peft_type = _compat.LORA
         plan = self._plan(model, config)
         if plan.targets is not None and config.init_seed is None:
             config.init_seed = int(torch.initial_seed()) & ((1 << 63) - 1)
@@ -186,8 +271,7 @@ class ScheduledLoraModel(LoraModel):
             config.layers_pattern = saved_pattern
 
     def _plan(self, model: nn.Module, config: ScheduledLoraConfig) -> _Plan:
-        restricted = config.is_scheduled or config.preallocate_layers is not None
-        if not restricted:
+        if not config.restricts_layers:
             # Plain LoRA: PEFT targets as it always does; the index only names layers for reporting.
             try:
                 index = LayerIndex.from_model(model, config.layers_pattern)
@@ -248,6 +332,13 @@ class ScheduledLoraModel(LoraModel):
                 f"Schedule at least one layer ({index.describe()}), or set preallocate_layers."
             )
         targets = select_targets(matched(), target_modules(), index, preallocated)
+        _refuse_excluded(config, model, targets, preallocated)
+        empty = [layer for layer in preallocated if layer not in set(targets.values())]
+        if empty:
+            raise ValueError(
+                f"layer(s) {empty} get no LoRA module: target_modules={config.target_modules!r} matches nothing "
+                f"there. Schedule only layers that hold a target module, or widen target_modules."
+            )
         return _Plan(index, schedule, preallocated, targets)
 
     def _after_injection(
@@ -263,7 +354,7 @@ class ScheduledLoraModel(LoraModel):
         self._plans[adapter_name] = plan
         if self.__dict__.get("_scheduled_adapter") is None:
             self.__dict__["_scheduled_adapter"] = adapter_name
-        self._write_layer_state(adapter_name)
+        self._write_layer_state()
 
     # ------------------------------------------------------------------------------------ schedule
 
@@ -296,8 +387,24 @@ class ScheduledLoraModel(LoraModel):
         config = self.peft_config[name]
         if isinstance(config, ScheduledLoraConfig) and plan.schedule is not None:
             config.ever_active_layers = plan.index.sort(plan.ever)
-        self._write_layer_state(name)
+            config.schedule_position = t
+        self._write_layer_state()
         return list(active)
+
+    def restore_layer_state(
+        self, t: Any, ever_active_layers: Any = None, adapter_name: Optional[str] = None
+    ) -> List[LayerId]:
+        """Put the schedule back where a checkpoint recorded it: ``activate_layers(t)`` with the
+        ever-active set replaced by ``ever_active_layers`` (default: what the schedule activated up to
+        ``t``).  ``LayerScheduleCallback`` calls it after ``load_best_model_at_end``.
+        """
+        name, plan = self._adapter(adapter_name)
+        t = check_time(t)
+        if ever_active_layers is not None:
+            plan.ever = set(plan.index.canonical_list(list(ever_active_layers), "ever_active_layers"))
+        else:
+            plan.ever = set()
+        return self.activate_layers(t, name)
 
     def set_layer_schedule(self, layer_schedule: Any, adapter_name: Optional[str] = None) -> List[LayerId]:
         """Replace the adapter's schedule, e.g. give a Python callable back after loading (callables are
@@ -318,7 +425,7 @@ class ScheduledLoraModel(LoraModel):
         config.layer_schedule = layer_schedule
         config.validate()
         plan.schedule = schedule
-        self._write_layer_state(name)
+        self._write_layer_state()
         return preallocated
 
     def register_all_for_optimizer(self, adapter_name: Optional[str] = None) -> None:
@@ -328,43 +435,68 @@ class ScheduledLoraModel(LoraModel):
         """
         name, plan = self._adapter(adapter_name)
         plan.active = None
-        self._write_layer_state(name)
+        self._write_layer_state()
 
-    def _write_layer_state(self, adapter_name: str) -> None:
-        """Write the adapter's schedule state into the LoRA layers (flags, requires_grad, grad)."""
-        plan = self._plans[adapter_name]
-        config = self.peft_config[adapter_name]
-        inference = bool(getattr(config, "inference_mode", False))
+    def _write_layer_state(self) -> None:
+        """Write every scheduled adapter's state into the LoRA layers (routing, requires_grad, grad).
+
+        An adapter runs in a layer when it is one of the model's active adapters and, if scheduled, the
+        layer is active now or was before (or the init moved base weight into it).  Its parameters train
+        when the adapter is active (and not ``inference_mode``) and the layer is in the active set;
+        before the first ``activate_layers()`` every preallocated layer's do, so an optimizer built the
+        usual way (``p.requires_grad`` filter) holds them all.  Adapters without a schedule keep PEFT's
+        own state.
+        """
+        model_active = list(self.active_adapters)
+        bypassed: Dict[str, Set[str]] = {}
+        scheduled = False
+        for name, plan in self._plans.items():
+            if plan.schedule is None:
+                continue
+            scheduled = True
+            config = self.peft_config[name]
+            trainable = None if plan.active is None else set(plan.active)
+            left_out = set(self._bypassed_modules(name, plan))
+            train_adapter = name in model_active and not bool(getattr(config, "inference_mode", False))
+            for module_name, layer_id in plan.modules.items():
+                module = self.model.get_submodule(module_name)
+                bypassed.setdefault(module_name, set())
+                if module_name in left_out:
+                    bypassed[module_name].add(name)
+                train = train_adapter and (trainable is None or layer_id in trainable)
+                for param in _compat.adapter_parameters(module, name):
+                    param.requires_grad_(train)
+                    if not train:
+                        param.grad = None
+        for module_name, names in bypassed.items():
+            _compat.route_layer(self.model.get_submodule(module_name), model_active, names)
+        if scheduled:
+            # Backward (with or without gradient checkpointing) ends at the lowest layer that now trains.
+            checkpointing.update(self.model, self._stacks())
+
+    def _bypassed_modules(self, adapter_name: str, plan: _Plan) -> List[str]:
+        """The adapter's modules whose layer has never been active (nor is active now): left out of the
+        forward.  None when the init moved base weight into the adapters (the output needs them all)."""
+        if plan.schedule is None or not _init_keeps_base_weight(self.peft_config[adapter_name].init_lora_weights):
+            return []
         if plan.active is None:
-            # Before the first activate_layers(): every preallocated parameter requires grad, so an
-            # optimizer built the usual way (p.requires_grad filter) holds them all; never-active
-            # adapters are bypassed, so they get no gradient until their phase.
-            first = _at_start(plan.schedule) if plan.schedule is not None else None
-            enabled = None if first is None else plan.ever | set(first)
-            trainable = None
+            enabled = plan.ever | set(_at_start(plan.schedule))
         else:
-            enabled = None if plan.schedule is None else plan.ever | set(plan.active)
-            trainable = set(plan.active)
-        for name, layer_id in plan.modules.items():
-            module = self.model.get_submodule(name)
-            bypass = enabled is not None and layer_id not in enabled
-            train = not inference and (trainable is None or layer_id in trainable)
-            if adapter_name == self._current_adapter():
-                _compat.set_layer_bypassed(module, bypass)
-            for param in _compat.adapter_parameters(module, adapter_name):
-                param.requires_grad_(train)
-                if not train:
-                    param.grad = None
-        # Backward (with or without gradient checkpointing) ends at the lowest layer that now trains.
-        checkpointing.update(self.model, plan.index.stacks)
+            enabled = plan.ever | set(plan.active)
+        return [name for name, layer_id in plan.modules.items() if layer_id not in enabled]
+
+    def _stacks(self) -> List[Any]:
+        for plan in self._plans.values():
+            if plan.schedule is not None:
+                return list(plan.index.stacks)
+        return []
 
     def _current_adapter(self) -> Optional[str]:
         return self.__dict__.get("_scheduled_adapter")
 
     def _reapply(self) -> None:
-        name = self._current_adapter()
-        if name in self._plans:
-            self._write_layer_state(name)
+        if self._plans:
+            self._write_layer_state()
 
     @property
     def active_layers(self) -> List[LayerId]:
@@ -417,20 +549,33 @@ class ScheduledLoraModel(LoraModel):
 
     def set_adapter(self, adapter_name: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().set_adapter(adapter_name, *args, **kwargs)
-        if isinstance(adapter_name, str) and adapter_name in self._plans:
-            self.__dict__["_scheduled_adapter"] = adapter_name
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        scheduled = [name for name in names if name in self._plans]
+        if scheduled:
+            self.__dict__["_scheduled_adapter"] = scheduled[0]
         self._reapply()
         return result
 
+    def delete_adapter(self, adapter_name: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().delete_adapter(adapter_name, *args, **kwargs)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._plans.pop(name, None)
+        if self._current_adapter() not in self._plans:
+            active = [name for name in self.active_adapters if name in self._plans]
+            self.__dict__["_scheduled_adapter"] = (active or sorted(self._plans) or [None])[0]
+        if self._plans:
+            self._reapply()
+        else:
+            checkpointing.remove(self.model)
+        return result
+
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        # merge() ignores the per-layer bypass flag on every PEFT version, so a never-active adapter
-        # would be merged although it never contributed: its delta (B) is zeroed first.
-        name = self._current_adapter()
-        if name in self._plans:
-            for module_name, layer_id in self._plans[name].modules.items():
+        # An adapter that a layer leaves out of its forward (never active) never contributed there, but
+        # PEFT merges it when named explicitly (and on PEFT 0.3-0.5 always): its delta (B) is zeroed first.
+        for name, plan in self._plans.items():
+            for module_name in self._bypassed_modules(name, plan):
                 module = self.model.get_submodule(module_name)
-                if layer_id is None or not _compat.layer_bypassed(module):
-                    continue
                 with torch.no_grad():
                     for attr in ("lora_B", "lora_embedding_B"):
                         container = getattr(module, attr, None)
@@ -440,3 +585,8 @@ class ScheduledLoraModel(LoraModel):
         merged = super().merge_and_unload(*args, **kwargs)
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        plain = super().unload(*args, **kwargs)
+        checkpointing.remove(plain)
+        return plain

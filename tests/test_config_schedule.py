@@ -29,7 +29,8 @@ NEW_FIELDS = {
 
 def test_defaults():
     config = ScheduledLoraConfig()
-    assert config.peft_type == "SCHEDULED_LORA"
+    # LoRA in memory (every LoRA path of PEFT applies), SCHEDULED_LORA in to_dict() and on disk.
+    assert config.peft_type == "LORA" and config.to_dict()["peft_type"] == "SCHEDULED_LORA"
     # PEFT 0.3.0 ships None for both; ours are the same on every PEFT.
     assert (config.lora_alpha, config.lora_dropout) == (8, 0.0)
     assert {name: getattr(config, name) for name in NEW_FIELDS} == NEW_FIELDS
@@ -82,7 +83,7 @@ def test_json_round_trip(kwargs, tmp_path):
 
     loaded = ScheduledLoraConfig.from_pretrained(str(tmp_path))
     assert type(loaded) is ScheduledLoraConfig
-    assert loaded.peft_type == "SCHEDULED_LORA"
+    assert loaded.peft_type == "LORA" and loaded.to_dict() == config.to_dict()
     for name in list(kwargs) + list(NEW_FIELDS):
         value = getattr(loaded, name)
         assert value == getattr(config, name), name
