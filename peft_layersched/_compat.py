@@ -123,6 +123,17 @@ def is_lora_layer(module: nn.Module) -> bool:
 PER_LAYER_ACTIVE_LIST = isinstance(getattr(LoraLayer, "active_adapter", None), property)
 
 
+def tuner_active_adapters(tuner: nn.Module) -> List[str]:
+    """The tuner's active adapter names (PEFT >= 0.6: ``active_adapters``; 0.3-0.5 keep one name on each
+    LoRA layer, which ``LoraModel.set_adapter`` writes; the tuner itself has none)."""
+    if isinstance(getattr(type(tuner), "active_adapters", None), property):
+        return list(tuner.active_adapters)
+    for module in tuner.model.modules():
+        if isinstance(module, LoraLayer):
+            return [module.active_adapter]
+    return []
+
+
 def route_layer(layer: nn.Module, model_active: List[str], bypassed: Any) -> None:
     """Let ``layer`` run the model's active adapters except those in ``bypassed``.
 

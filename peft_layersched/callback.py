@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import TrainerCallback
 
-from . import _compat
+from . import _compat, sharded
 from .schedule import LayerId
 from .tuner import ScheduledLoraModel
 
@@ -132,7 +132,11 @@ class LayerScheduleCallback(TrainerCallback):
         self.schedule_start = schedule_start
         self._offset: Optional[int] = None  # schedule time of the Trainer's t = 0, fixed at the first train()
         self._user_optimizer = False
+        self._freezing = sharded.REQUIRES_GRAD
+        self._zero3 = False
         self._reset_run()
+        # DeepSpeed: the Trainer's optimizer gets per-layer param groups as it is built (see sharded.py).
+        sharded.install_trainer_hook()
 
     def _reset_run(self) -> None:
         self._tuner: Optional[ScheduledLoraModel] = None
@@ -146,12 +150,14 @@ class LayerScheduleCallback(TrainerCallback):
         self._phase_start: Dict[Any, torch.Tensor] = {}
         self._phase_steps = 0
         self._before_step: Dict[Any, torch.Tensor] = {}
+        self._scheduler: Any = None
 
     # ------------------------------------------------------------------------------------ events
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any):
         tuner = find_tuner(model)
         self._user_optimizer = optimizer is not None
+        self._use_engine(args, tuner)
         # The Trainer's optimizer is built later from `requires_grad` as it is then: make it all.
         tuner.register_all_for_optimizer(self.adapter_name)
         self._check_ddp(args)
@@ -159,13 +165,17 @@ class LayerScheduleCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         self._reset_run()
         self._tuner = find_tuner(model)
+        self._use_engine(args, self._tuner)
         self._check_ddp(args)
         optimizer = kwargs.get("optimizer")
         self._optimizer = optimizer
+        self._scheduler = kwargs.get("lr_scheduler")
         self._steps_per_epoch = _compat.update_steps_per_epoch(
             kwargs.get("train_dataloader"), args.gradient_accumulation_steps
         )
-        if optimizer is not None:
+        if self._freezing == sharded.OPTIMIZER:
+            self._check_layer_groups(optimizer)
+        elif optimizer is not None:
             self._ensure_optimized(optimizer, args)
         if self._offset is None:
             self._offset = self._schedule_offset(state)
@@ -176,6 +186,7 @@ class LayerScheduleCallback(TrainerCallback):
         else:
             t = int(state.global_step)
         self._switch(t, state, initial=True)
+        self._set_layer_lrs(state)
         self._snapshot_before_step()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
@@ -189,6 +200,7 @@ class LayerScheduleCallback(TrainerCallback):
             self._pending_epoch = epoch
         else:
             self._switch(epoch, state)
+            self._set_layer_lrs(state)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
@@ -198,12 +210,16 @@ class LayerScheduleCallback(TrainerCallback):
             return
         self._micro_steps = 0
         self._phase_steps += 1
-        self._scale_updates(state)
+        if kwargs.get("lr_scheduler") is not None:
+            self._scheduler = kwargs["lr_scheduler"]
+        if self._freezing != sharded.OPTIMIZER:
+            self._scale_updates(state)
         if self._unit == "step":
             self._switch(int(state.global_step), state)
         elif self._pending_epoch is not None:
             epoch, self._pending_epoch = self._pending_epoch, None
             self._switch(epoch, state)
+        self._set_layer_lrs(state)
         self._snapshot_before_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
@@ -286,20 +302,60 @@ class LayerScheduleCallback(TrainerCallback):
         name = self.adapter_name or self._tuner._adapter(None)[0]
         return getattr(self._tuner.peft_config[name], "schedule_unit", "epoch")
 
-    def _check_engine(self, args: Any) -> None:
-        engine = _sharding_engine(args)
-        if engine is None:
+    def _use_engine(self, args: Any, tuner: ScheduledLoraModel) -> None:
+        """Pick how layers are frozen for the Trainer's engine (sharded.py) and refuse what cannot work."""
+        sharded.check_engine(args)
+        engine = sharded.engine_of(args)
+        self._freezing = sharded.freezing_for(engine)
+        self._zero3 = engine == "DeepSpeed" and sharded.zero_stage(args) == 3
+        if self._freezing == sharded.OPTIMIZER and self.reactivated_state == "reset":
+            raise ValueError(
+                "reactivated_state='reset' is not available under DeepSpeed: ZeRO keeps the optimizer state of "
+                "all layers in flat partitions, so one layer's state cannot be dropped. Use the default "
+                "reactivated_state='keep'."
+            )
+        if self._freezing == sharded.OPTIMIZER and self._user_optimizer:
+            raise ValueError(
+                "LayerScheduleCallback under DeepSpeed needs the Trainer to build the optimizer (it splits the "
+                "param groups by layer before ZeRO flattens them); do not pass Trainer(optimizers=(...))."
+            )
+        tuner.set_freezing(self._freezing)
+
+    def _split_optimizer(self, trainer: Any) -> None:
+        """Called right after ``trainer.create_optimizer`` builds the optimizer (sharded.install_trainer_hook)."""
+        if sharded.freezing_for(sharded.engine_of(trainer.args)) != sharded.OPTIMIZER:
             return
-        raise ValueError(
-            f"LayerScheduleCallback does not support {engine}. {_ENGINE_REASONS[engine]} Supported: one "
-            f"process, or DDP (torchrun / accelerate launch with plain multi-GPU or multi-CPU), where the "
-            f"callback sets ddp_find_unused_parameters=True. LoRA adapters are small, so plain DDP with "
-            f"gradient checkpointing usually fits where ZeRO/FSDP would be used for full fine-tuning."
+        tuner = find_tuner(trainer.model)
+        layer_of = {id(p): layer for layer, ps in tuner.layer_parameters(self.adapter_name).items() for p in ps}
+        sharded.split_by_layer(_inner_optimizer(trainer.optimizer), layer_of)
+
+    _peft_layersched_split = _split_optimizer
+
+    def _check_layer_groups(self, optimizer: Any) -> None:
+        assert self._tuner is not None
+        found = sharded.layer_groups(optimizer) if optimizer is not None else {}
+        missing = [layer for layer in self._tuner.layer_parameters(self.adapter_name) if layer not in found]
+        if missing:
+            raise ValueError(
+                f"under DeepSpeed every scheduled layer needs its own optimizer param group, and layer(s) "
+                f"{missing} have none: the optimizer was not built by Trainer.create_optimizer (a Trainer "
+                f"subclass that overrides it without calling super(), or an 'optimizer' section in the DeepSpeed "
+                f"config). Let the Trainer build it."
+            )
+
+    def _set_layer_lrs(self, state: Any) -> None:
+        """DeepSpeed: each layer group's LR = the scheduled LR x (0 if frozen, else its join factor)."""
+        if self._freezing != sharded.OPTIMIZER or self._tuner is None or self._scheduler is None:
+            return
+        active = set(self._current or [])
+        factors = self._update_factors(state, ahead=1)
+        scheduled = list(self._scheduler.get_last_lr())
+        sharded.set_layer_lrs(
+            self._optimizer, scheduled, lambda layer: factors.get(layer, 1.0) if layer in active else 0.0
         )
 
     def _check_ddp(self, args: Any) -> None:
-        self._check_engine(args)
-        if not _distributed(args):
+        if not _distributed(args) or sharded.engine_of(args) is not None:
             return
         if getattr(args, "ddp_static_graph", None):
             raise ValueError(
@@ -391,8 +447,15 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _log_change(self, t: int, active: List[LayerId], state: Any) -> None:
         assert self._tuner is not None
-        model_params = list(self._tuner.model.parameters())
-        trainable = sum(p.numel() for p in model_params if p.requires_grad)
+        frozen = set()
+        if self._freezing == sharded.OPTIMIZER:  # requires_grad stays True; the LR freezes these
+            for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
+                if layer not in active:
+                    frozen.update(id(p) for p in params)
+        trainable = sum(
+            int(getattr(p, "ds_numel", p.numel())) for p in self._tuner.model.parameters()
+            if p.requires_grad and id(p) not in frozen
+        )
         entry = {
             "active_layers": _layers_text(active),
             "trainable_params": trainable,
@@ -410,8 +473,8 @@ class LayerScheduleCallback(TrainerCallback):
         assert self._tuner is not None
         self._phase_steps = 0
         self._phase_start = {}
-        if not self.warn_on_no_update or self._current is None:
-            return
+        if not self.warn_on_no_update or self._current is None or self._zero3:
+            return  # (ZeRO-3 partitions the parameters: a rank does not hold them whole)
         params = self._tuner.layer_parameters(self.adapter_name)
         for layer in self._current:
             self._phase_start[layer] = torch.cat([p.detach().reshape(-1).float() for p in params[layer]]).clone()
@@ -436,8 +499,9 @@ class LayerScheduleCallback(TrainerCallback):
 
     # LR multiplier / warm-up for layers that join later ------------------------------------------
 
-    def _update_factors(self, state: Any) -> Dict[LayerId, float]:
-        """The factor on each active layer's update for the optimizer step that just ran."""
+    def _update_factors(self, state: Any, ahead: int = 0) -> Dict[LayerId, float]:
+        """The factor on each active layer's update for the optimizer step that just ran (``ahead=1``:
+        for the next one)."""
         if self._tuner is None or self._current is None:
             return {}
         if self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0:
@@ -446,7 +510,7 @@ class LayerScheduleCallback(TrainerCallback):
         if plan.schedule is None:
             return {}
         first = set(plan.schedule.initial_layers())
-        step = int(state.global_step)
+        step = int(state.global_step) + ahead
         factors: Dict[LayerId, float] = {}
         for layer in self._current:
             if layer in first:
@@ -488,35 +552,9 @@ class LayerScheduleCallback(TrainerCallback):
                         param.copy_(before + factor * (param - before))
 
 
-_ENGINE_REASONS = {
-    "DeepSpeed": (
-        "ZeRO flattens only the parameters that require grad at initialize and zero-fills missing "
-        "gradients, so newly active layers would never update and frozen ones would keep moving "
-        "(momentum, weight decay)."
-    ),
-    "FSDP": (
-        "FSDP flattens parameters into shards at wrap time; per-layer freezing needs use_orig_params=True "
-        "(torch >= 2.1) and is not verified with this callback yet."
-    ),
-}
-
-
 def _distributed(args: Any) -> bool:
     # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
     return int(getattr(args, "world_size", 1) or 1) > 1
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
-
-
-def _sharding_engine(args: Any) -> Optional[str]:
-    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        return "DeepSpeed"
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or _env_flag("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    return None
 
 
 def _decay_group(optimizer: Any, args: Any) -> int:

@@ -144,6 +144,21 @@ class ScheduledLoraConfig(LoraConfig):
         finally:
             self.layers_pattern = saved
 
+    # PEFT 0.3.0's config defines a `__dict__` property (asdict), which makes the default copy and deepcopy
+    # restore nothing: copy the attributes one by one (a callable schedule stays the same function).
+    def __copy__(self) -> "ScheduledLoraConfig":
+        new = object.__new__(type(self))
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, value)
+        return new
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "ScheduledLoraConfig":
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
     @property
     def is_scheduled(self) -> bool:
         return self.layer_schedule is not None

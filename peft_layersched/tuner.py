@@ -25,7 +25,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import _compat, checkpointing
+from . import _compat, checkpointing, sharded
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule
@@ -428,6 +428,23 @@ class ScheduledLoraModel(LoraModel):
         self._write_layer_state()
         return preallocated
 
+    @property
+    def freezing(self) -> str:
+        """How a frozen layer is frozen: ``"requires_grad"`` (default: ``requires_grad=False`` and
+        ``grad=None``) or ``"optimizer"`` (every preallocated parameter keeps ``requires_grad=True``; the
+        optimizer's per-layer LR freezes it, for engines such as DeepSpeed ZeRO that fix the trainable
+        set when they initialize).  Never-active adapters are left out of the forward either way."""
+        return self.__dict__.get("_freezing", sharded.REQUIRES_GRAD)
+
+    def set_freezing(self, mode: str) -> None:
+        if mode not in (sharded.REQUIRES_GRAD, sharded.OPTIMIZER):
+            raise ValueError(
+                f"freezing={mode!r} is not supported; use {sharded.REQUIRES_GRAD!r} (frozen layers get "
+                f"requires_grad=False) or {sharded.OPTIMIZER!r} (the optimizer's per-layer LR freezes them)."
+            )
+        self.__dict__["_freezing"] = mode
+        self._reapply()
+
     def register_all_for_optimizer(self, adapter_name: Optional[str] = None) -> None:
         """Back to the state right after ``get_peft_model``: every preallocated LoRA parameter requires
         grad (so an optimizer built now holds them all), never-active adapters stay bypassed.  The next
@@ -447,7 +464,8 @@ class ScheduledLoraModel(LoraModel):
         usual way (``p.requires_grad`` filter) holds them all.  Adapters without a schedule keep PEFT's
         own state.
         """
-        model_active = list(self.active_adapters)
+        model_active = _compat.tuner_active_adapters(self)
+        by_optimizer = self.freezing == sharded.OPTIMIZER
         bypassed: Dict[str, Set[str]] = {}
         scheduled = False
         for name, plan in self._plans.items():
@@ -463,7 +481,7 @@ class ScheduledLoraModel(LoraModel):
                 bypassed.setdefault(module_name, set())
                 if module_name in left_out:
                     bypassed[module_name].add(name)
-                train = train_adapter and (trainable is None or layer_id in trainable)
+                train = train_adapter and (trainable is None or layer_id in trainable or by_optimizer)
                 for param in _compat.adapter_parameters(module, name):
                     param.requires_grad_(train)
                     if not train:
@@ -562,7 +580,7 @@ class ScheduledLoraModel(LoraModel):
         for name in names:
             self._plans.pop(name, None)
         if self._current_adapter() not in self._plans:
-            active = [name for name in self.active_adapters if name in self._plans]
+            active = [name for name in _compat.tuner_active_adapters(self) if name in self._plans]
             self.__dict__["_scheduled_adapter"] = (active or sorted(self._plans) or [None])[0]
         if self._plans:
             self._reapply()
@@ -587,6 +605,9 @@ class ScheduledLoraModel(LoraModel):
         return merged
 
     def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        plain = super().unload(*args, **kwargs)
+        parent = getattr(super(), "unload", None)  # PEFT >= 0.5
+        if parent is None:
+            raise AttributeError("unload")
+        plain = parent(*args, **kwargs)
         checkpointing.remove(plain)
         return plain

@@ -232,13 +232,29 @@ def test_resume_mid_phase_restores_the_active_set(tmp_path):
     assert trainer.model.active_layers == [1, TOP]
 
 
-@pytest.mark.parametrize(
-    "variable,engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")]
-)
-def test_sharding_engines_are_refused_with_the_supported_alternative(tmp_path, monkeypatch, variable, engine):
-    # accelerate launch --use_deepspeed / --use_fsdp set these variables for every rank.
+@pytest.mark.parametrize("orig_params", [None, "false"])
+def test_fsdp1_without_use_orig_params_is_refused(tmp_path, monkeypatch, orig_params):
+    # accelerate launch --use_fsdp sets these variables for every rank.
     model = scheduled_bert({0: [TOP]})
-    args = training_args(tmp_path)
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(ValueError, match="does not support {}.*Supported: one process, or DDP".format(engine)):
-        LayerScheduleCallback().on_init_end(args, None, None, model=model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    if orig_params is not None:
+        monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", orig_params)
+    with pytest.raises(ValueError, match=r"FSDP1 needs use_orig_params=True.*FSDP2"):
+        LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
+    LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+    assert model.base_model.freezing == "requires_grad"
+
+
+def test_deepspeed_freezes_through_the_optimizer(tmp_path, monkeypatch):
+    # ZeRO fixes the trainable set at initialize: requires_grad never changes, the per-layer LR freezes.
+    model = scheduled_bert({0: [TOP], 2: [1]})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="reactivated_state='reset' is not available under DeepSpeed"):
+        LayerScheduleCallback(reactivated_state="reset").on_init_end(training_args(tmp_path), None, None, model=model)
+    LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+    assert model.base_model.freezing == "optimizer"
+    model.activate_layers(2)
+    assert all(p.requires_grad for ps in model.base_model.layer_parameters().values() for p in ps)
+    model.base_model.set_freezing("requires_grad")
+    assert not any(p.requires_grad for p in model.base_model.layer_parameters()[TOP])

@@ -4,6 +4,7 @@ every PEFT entry point keeps the schedule state consistent (real tiny models, re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import pytest
 import torch
 from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer
+from peft.tuners.lora import LoraModel
+from transformers import Trainer, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
@@ -35,6 +37,16 @@ def config(**kwargs):
                 init_seed=0)
     base.update(kwargs)
     return ScheduledLoraConfig(**base)
+
+
+def plain_lora(**kwargs):
+    # lora_alpha / lora_dropout: PEFT 0.3.0's LoraConfig defaults are None, which it crashes on.
+    return LoraConfig(lora_alpha=8, lora_dropout=0.0, **kwargs)
+
+
+def eval_each_epoch():
+    fields = TrainingArguments.__dataclass_fields__
+    return {"eval_strategy" if "eval_strategy" in fields else "evaluation_strategy": "epoch"}
 
 
 def logits(model, seed=123):
@@ -63,7 +75,7 @@ def package_hooks(model):
 
 def test_one_config_builds_the_same_scheduled_model_every_time_and_is_not_written_to():
     cfg = config()
-    plain = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    plain = plain_lora(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
     before, plain_before = cfg.to_dict(), plain.to_dict()
     models = [get_peft_model(tiny_models.bert(), cfg) for _ in range(3)]
     get_peft_model(tiny_models.bert(), plain)
@@ -98,8 +110,15 @@ def test_model_init_reruns_give_the_same_scheduled_trainer(tmp_path):
 # ------------------------------------------------------------------------------------ adapters
 
 
+# PEFT 0.3-0.5 mark every adapter trainable on add_adapter and keep one disable flag per layer.
+SEVERAL_ADAPTERS = needs_peft("0.6", "per-layer active adapters (several adapters with their own state)")
+# Several adapters: no task_type (PEFT 0.5-0.7 give a second SEQ_CLS adapter no classifier of its own,
+# with LoraConfig too).
+
+
+@SEVERAL_ADAPTERS
 def test_same_config_object_as_a_second_adapter_is_scheduled_and_frozen_until_set_adapter():
-    cfg = config()
+    cfg = config(task_type=None)
     model = get_peft_model(tiny_models.bert(), cfg)
     model.add_adapter("second", cfg)
     assert model.peft_config["second"] is not cfg
@@ -111,22 +130,25 @@ def test_same_config_object_as_a_second_adapter_is_scheduled_and_frozen_until_se
     assert not any(p.requires_grad for p in lora(model, 9, "second") + lora(model, TOP, "default"))
 
 
+@SEVERAL_ADAPTERS
 def test_plain_lora_adapter_mixes_with_a_scheduled_one():
-    model = get_peft_model(tiny_models.bert(), config())
-    model.add_adapter("plain", LoraConfig(r=2, target_modules=["query"]))
+    model = get_peft_model(tiny_models.bert(), config(task_type=None))
+    model.add_adapter("plain", plain_lora(r=2, target_modules=["query"]))
     assert not any(p.requires_grad for p in lora(model, 0, "plain"))
     model.set_adapter("plain")
     assert all(p.requires_grad for p in lora(model, 0, "plain"))
     assert not any(p.requires_grad for p in lora(model, TOP))
     model.set_adapter("default")
     assert model.active_layers == [TOP] and all(p.requires_grad for p in lora(model, TOP))
-    model.delete_adapter("plain")
+    if hasattr(model, "delete_adapter"):
+        model.delete_adapter("plain")
     assert model.activate_layers(2) == [9, TOP]
 
 
+@SEVERAL_ADAPTERS
 def test_delete_scheduled_adapter_leaves_a_working_plain_one():
-    model = get_peft_model(tiny_models.bert(), config())
-    model.add_adapter("plain", LoraConfig(r=2, target_modules=["query"]))
+    model = get_peft_model(tiny_models.bert(), config(task_type=None))
+    model.add_adapter("plain", plain_lora(r=2, target_modules=["query"]))
     model.set_adapter("plain")
     model.delete_adapter("default")
     assert package_hooks(model) == []
@@ -134,9 +156,9 @@ def test_delete_scheduled_adapter_leaves_a_working_plain_one():
     logits(model)
 
 
-def trained_and_saved(folder):
+def trained_and_saved(folder, **kwargs):
     """A scheduled model whose layers 9 and 11 both trained (non-zero lora_B), saved to ``folder``."""
-    model = get_peft_model(tiny_models.bert(), config())
+    model = get_peft_model(tiny_models.bert(), config(**kwargs))
     model.activate_layers(2)
     with torch.no_grad():
         for p in lora(model, 9) + lora(model, TOP):
@@ -145,9 +167,10 @@ def trained_and_saved(folder):
     return model
 
 
+@SEVERAL_ADAPTERS
 def test_load_adapter_of_a_scheduled_adapter_as_second_adapter(tmp_path):
-    model = trained_and_saved(tmp_path)
-    other = get_peft_model(tiny_models.bert(), config(layer_schedule={0: [5]}))
+    model = trained_and_saved(tmp_path, task_type=None)
+    other = get_peft_model(tiny_models.bert(), config(layer_schedule={0: [5]}, task_type=None))
     other.load_adapter(str(tmp_path), adapter_name="loaded")
     other.set_adapter("loaded")
     assert other.base_model.scheduled_modules("loaded")
@@ -188,8 +211,9 @@ def test_merge_and_unload_and_unload_leave_no_package_hooks():
     merged = model.merge_and_unload()
     assert package_hooks(merged) == []
     assert torch.allclose(logits(merged), before, atol=1e-5)
-    unloaded = get_peft_model(tiny_models.bert(), config()).unload()
-    assert package_hooks(unloaded) == []
+    scheduled = get_peft_model(tiny_models.bert(), config())
+    if hasattr(LoraModel, "unload"):  # PEFT >= 0.5
+        assert package_hooks(scheduled.unload()) == []
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
@@ -227,6 +251,8 @@ def test_exclude_modules_that_empty_a_scheduled_layer_is_refused():
         "bert.encoder.layer.9.attention.self.value"]
 
 
+@pytest.mark.skipif("rank_pattern" not in {f.name for f in dataclasses.fields(LoraConfig)},
+                    reason=f"PEFT {peft.__version__} has no rank_pattern")
 def test_rank_pattern_is_honoured_on_scheduled_layers():
     model = get_peft_model(tiny_models.bert(), config(rank_pattern={r".*\.11\.attention\.self\.query": 2}))
     shapes = {n: p.shape for n, p in model.named_parameters() if "lora_A.default" in n}
@@ -253,7 +279,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_schedule_state(tmp
         calls.append(1)
         return {"score": -float(len(calls))}
 
-    args = training_args(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch",
+    args = training_args(tmp_path, num_train_epochs=3, save_strategy="epoch", **eval_each_epoch(),
                          load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
     trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(), eval_dataset=ToyClassification(n=4),
                       compute_metrics=first_is_best, callbacks=[LayerScheduleCallback()])
@@ -360,3 +386,15 @@ def test_deepcopy_of_a_scheduled_model_stays_scheduled():
     assert type(clone.base_model).__name__ == "ScheduledLoraModel"
     assert clone.activate_layers(2) == [9, TOP]
     assert model.active_layers == [TOP]
+
+
+def test_plan_with_an_invalid_target_regex_exits_1_with_the_message(tmp_path, capsys):
+    from peft_layersched import cli
+
+    bert = tiny_models.bert(num_layers=2)
+    bert.config.save_pretrained(str(tmp_path / "bert"))
+    with open(str(tmp_path / "cfg.json"), "w") as handle:
+        json.dump({"target_modules": ".*(query", "layer_schedule": {"0": [1]}}, handle)
+    code = cli.main(["plan", "--model", str(tmp_path / "bert"), "--config", str(tmp_path / "cfg.json")])
+    assert code == 1
+    assert "not a valid regular expression" in capsys.readouterr().err
