@@ -1,7 +1,7 @@
 """Every difference between PEFT/transformers/torch versions lives here.
 
 The rest of the package reads as if there were one PEFT.  We detect features, not version numbers,
-except where noted.  Facts per version: ``shared/reference/peft-versions.md``.
+except where noted.  Each function's docstring says which versions behave how.
 """
 
 from __future__ import annotations

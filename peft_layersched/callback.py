@@ -1,6 +1,6 @@
 """``LayerScheduleCallback``: the HF Trainer drives the schedule stored in the model's config.
 
-What it guarantees, and how (facts: ``shared/reference/trainer-internals.md``):
+What it guarantees, and how:
 
 * Newly active layers train.  ``Trainer.create_optimizer`` keeps only parameters that require grad
   *when it runs*; the callback puts the model back into "every preallocated parameter requires grad"
@@ -233,7 +233,7 @@ class LayerScheduleCallback(TrainerCallback):
     def _restore_checkpoint_state(self, checkpoint: str) -> None:
         """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule."""
         assert self._tuner is not None
-        name, _ = self._tuner._adapter(self.adapter_name)
+        name = self._tuner.scheduled_adapter(self.adapter_name).name
         for folder in (os.path.join(checkpoint, name), checkpoint):
             path = os.path.join(folder, "adapter_config.json")
             if os.path.isfile(path):
@@ -254,7 +254,7 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _schedule_offset(self, state: Any) -> int:
         assert self._tuner is not None
-        name, _ = self._tuner._adapter(self.adapter_name)
+        name = self._tuner.scheduled_adapter(self.adapter_name).name
         position = getattr(self._tuner.peft_config[name], "schedule_position", None)
         if position is None:
             return 0
@@ -299,7 +299,7 @@ class LayerScheduleCallback(TrainerCallback):
     @property
     def _unit(self) -> str:
         assert self._tuner is not None
-        name = self.adapter_name or self._tuner._adapter(None)[0]
+        name = self._tuner.scheduled_adapter(self.adapter_name).name
         return getattr(self._tuner.peft_config[name], "schedule_unit", "epoch")
 
     def _use_engine(self, args: Any, tuner: ScheduledLoraModel) -> None:
@@ -414,7 +414,8 @@ class LayerScheduleCallback(TrainerCallback):
         assert self._tuner is not None
         t += self._offset or 0  # the Trainer's epoch/step -> schedule time
         tuner = self._tuner
-        name, plan = tuner._adapter(self.adapter_name)
+        plan = tuner.scheduled_adapter(self.adapter_name)
+        name = plan.name
         if plan.schedule is None and not initial:
             return
         if plan.schedule is not None and not initial and self._time is not None:
@@ -506,7 +507,7 @@ class LayerScheduleCallback(TrainerCallback):
             return {}
         if self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0:
             return {}
-        _, plan = self._tuner._adapter(self.adapter_name)
+        plan = self._tuner.scheduled_adapter(self.adapter_name)
         if plan.schedule is None:
             return {}
         first = set(plan.schedule.initial_layers())

@@ -2,8 +2,7 @@
 
 Autograd records a layer only when something it reads requires grad.  With every block below the
 lowest active layer ``lo`` frozen, backward ends inside layer ``lo`` by itself, and the frozen blocks
-keep no activations.  Two things force the full depth back (facts:
-``shared/reference/trainer-internals.md`` sections 6 and 7):
+keep no activations.  Two things force the full depth back:
 
 * **input-require-grads hooks** on the input embeddings (``enable_input_require_grads``: PEFT's
   ``PeftModel.__init__`` registers one when gradient checkpointing was on, transformers 5.x's

@@ -237,7 +237,7 @@ def _build_model(path: str, task_type: Any) -> Tuple[Any, str]:
     return model, device
 
 
-def _module_suffix(module_name: str, layer: Any, index: Any) -> str:
+def _module_suffix(module_name: str, index: Any) -> str:
     for stack in index.stacks:
         prefix = f"{stack.path}."
         if module_name.startswith(prefix):
@@ -315,7 +315,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     base, device = _build_model(args.model, config.task_type)
     model = get_peft_model(base, config)
     tuner = model.base_model
-    _, plan = tuner._adapter(None)
+    plan = tuner.scheduled_adapter()
     index = plan.index
     schedule = plan.schedule
     chosen = args.epochs if args.epochs is not None else args.steps
@@ -334,7 +334,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     modules: Dict[Any, List[str]] = {}
     for module_name, layer in sorted(tuner.scheduled_modules().items()):
         if layer is not None:
-            modules.setdefault(layer, []).append(_module_suffix(module_name, layer, index))
+            modules.setdefault(layer, []).append(_module_suffix(module_name, index))
     phases = _phases(timeline)
     description = schedule.describe(unit) if schedule is not None else "none (plain LoRA: every adapter trains)"
 

@@ -41,9 +41,10 @@ def export_lora(
     installed PEFT reads them (0.4+), else ``adapter_model.bin``.  Returns the written config.
     """
     tuner = _tuner_of(model)
-    name, plan = tuner._adapter(adapter_name)
+    plan = tuner.scheduled_adapter(adapter_name)
+    name = plan.name
     source = tuner.peft_config[name]
-    kept_layers = set(tuner.ever_active_layers) if plan.schedule is not None else None
+    kept_layers = set(plan.ever_active_layers) if plan.schedule is not None else None
     kept = sorted(n for n, layer in plan.modules.items() if kept_layers is None or layer in kept_layers)
     dropped = sorted(set(plan.modules) - set(kept))
     if not kept:

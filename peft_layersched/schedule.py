@@ -220,10 +220,6 @@ class Schedule(object):
 
     # --------------------------------------------------------------------------- common
 
-    @property
-    def bound(self) -> bool:
-        return self._bound
-
     def initial_layers(self) -> List[LayerId]:
         return self.active_at(0)
 

@@ -31,6 +31,29 @@ from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule
 
 
+class ScheduledAdapter(object):
+    """What one scheduled adapter is, read-only (``ScheduledLoraModel.scheduled_adapter(name)``).
+
+    Attributes: ``name``; ``index`` (the model's :class:`~peft_layersched.layers.LayerIndex`); ``schedule``
+    (bound to the model's layers, ``None`` without one); ``modules`` (``{module name: layer id}``);
+    ``preallocated_layers``, ``active_layers``, ``ever_active_layers``; ``time`` (the last ``t`` given
+    to ``activate_layers``, ``None`` before).
+    """
+
+    __slots__ = ("name", "index", "schedule", "modules", "preallocated_layers", "active_layers",
+                 "ever_active_layers", "time")
+
+    def __init__(self, name: str, index: LayerIndex, schedule: Optional[Schedule], modules: Dict[str, Any],
+                 preallocated: List[LayerId], active: List[LayerId], ever: List[LayerId], time: Optional[int]) -> None:
+        self.name, self.index, self.schedule, self.modules = name, index, schedule, modules
+        self.preallocated_layers, self.active_layers, self.ever_active_layers = preallocated, active, ever
+        self.time = time
+
+    def __repr__(self) -> str:
+        return (f"ScheduledAdapter({self.name!r}, preallocated={self.preallocated_layers}, "
+                f"active={self.active_layers}, ever_active={self.ever_active_layers}, time={self.time})")
+
+
 class _Plan(object):
     """What one adapter's schedule means on this model."""
 
@@ -516,33 +539,34 @@ class ScheduledLoraModel(LoraModel):
         if self._plans:
             self._write_layer_state()
 
+    def scheduled_adapter(self, adapter_name: Optional[str] = None) -> "ScheduledAdapter":
+        """A read-only view of a scheduled adapter (default: the one ``activate_layers`` drives)."""
+        name, plan = self._adapter(adapter_name)
+        preallocated = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+        if plan.active is not None:
+            active = list(plan.active)
+        elif plan.schedule is None:
+            active = list(preallocated)
+        else:
+            active = plan.index.sort(plan.ever | set(_at_start(plan.schedule)))
+        ever = list(preallocated) if plan.schedule is None else plan.index.sort(plan.ever)
+        return ScheduledAdapter(name, plan.index, plan.schedule, dict(plan.modules), preallocated, active, ever,
+                                plan.time)
+
     @property
     def active_layers(self) -> List[LayerId]:
         """Layers whose adapters train now (before the first ``activate_layers``: those that get grads)."""
-        _, plan = self._adapter(None)
-        if plan.active is not None:
-            return list(plan.active)
-        if plan.schedule is None:
-            return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
-        return plan.index.sort(plan.ever | set(_at_start(plan.schedule)))
+        return self.scheduled_adapter().active_layers
 
     @property
     def preallocated_layers(self) -> List[LayerId]:
         """Layers that carry an adapter (trained, frozen or not yet active)."""
-        _, plan = self._adapter(None)
-        return plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+        return self.scheduled_adapter().preallocated_layers
 
     @property
     def ever_active_layers(self) -> List[LayerId]:
         """Layers whose adapters have been active at least once (they carry trained weights)."""
-        _, plan = self._adapter(None)
-        if plan.schedule is None:
-            return self.preallocated_layers
-        return plan.index.sort(plan.ever)
-
-    @property
-    def layer_index(self) -> LayerIndex:
-        return self._adapter(None)[1].index
+        return self.scheduled_adapter().ever_active_layers
 
     def scheduled_modules(self, adapter_name: Optional[str] = None) -> Dict[str, Optional[LayerId]]:
         """``{module name: layer id}`` of every LoRA module of the adapter (relative to the base model)."""

@@ -236,23 +236,25 @@ def test_resume_mid_phase_restores_the_active_set(tmp_path):
 def test_fsdp1_without_use_orig_params_is_refused(tmp_path, monkeypatch, orig_params):
     # accelerate launch --use_fsdp sets these variables for every rank.
     model = scheduled_bert({0: [TOP]})
+    args = training_args(tmp_path)  # built before the variables: transformers reads them at construction
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     if orig_params is not None:
         monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", orig_params)
     with pytest.raises(ValueError, match=r"FSDP1 needs use_orig_params=True.*FSDP2"):
-        LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+        LayerScheduleCallback().on_init_end(args, None, None, model=model)
     monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
-    LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+    LayerScheduleCallback().on_init_end(args, None, None, model=model)
     assert model.base_model.freezing == "requires_grad"
 
 
 def test_deepspeed_freezes_through_the_optimizer(tmp_path, monkeypatch):
     # ZeRO fixes the trainable set at initialize: requires_grad never changes, the per-layer LR freezes.
     model = scheduled_bert({0: [TOP], 2: [1]})
+    args = training_args(tmp_path)  # built before the variable: transformers would set up DeepSpeed itself
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="reactivated_state='reset' is not available under DeepSpeed"):
-        LayerScheduleCallback(reactivated_state="reset").on_init_end(training_args(tmp_path), None, None, model=model)
-    LayerScheduleCallback().on_init_end(training_args(tmp_path), None, None, model=model)
+        LayerScheduleCallback(reactivated_state="reset").on_init_end(args, None, None, model=model)
+    LayerScheduleCallback().on_init_end(args, None, None, model=model)
     assert model.base_model.freezing == "optimizer"
     model.activate_layers(2)
     assert all(p.requires_grad for ps in model.base_model.layer_parameters().values() for p in ps)
