@@ -16,6 +16,10 @@ from . import _compat
 from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
 
 
+# init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
+_DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
+
+
 def _check_target_regex(target_modules: Any) -> None:
     # PEFT reads a str target_modules as a regex (full match); a broken one fails deep inside injection.
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -124,6 +128,7 @@ class ScheduledLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        self._check_init_mode()  # before PEFT's own checks of those modes' extra configs
         # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
         # lists are layer stacks" and is never handed to PEFT's own layer filter.
         with self._hidden_layers_pattern():
@@ -134,6 +139,15 @@ class ScheduledLoraConfig(LoraConfig):
         if self.lora_dropout is None:
             self.lora_dropout = 0.0
         self.validate()
+
+    def _check_init_mode(self) -> None:
+        if self.restricts_layers and self.init_lora_weights in _DATA_DRIVEN_INITS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} cannot be combined with a layer schedule yet: it "
+                f"initializes (and for some, re-ranks or re-creates) the adapters from data or a quantizer outside "
+                f"get_peft_model, which the preallocated, partly left-out adapters are not built for. Use True "
+                f"(default), 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' or 'olora' with a schedule."
+            )
 
     @contextlib.contextmanager
     def _hidden_layers_pattern(self) -> Iterator[None]:
@@ -200,6 +214,13 @@ class ScheduledLoraConfig(LoraConfig):
                 f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {self.layers_pattern!r}."
             )
         _check_target_regex(self.target_modules)
+        self._check_init_mode()
+        if self.restricts_layers and getattr(self, "target_parameters", None):
+            raise ValueError(
+                "target_parameters cannot be combined with a layer schedule yet: PEFT wraps those parameters in "
+                "every layer, outside the scheduled ones. Target modules (target_modules) with a schedule, or drop "
+                "layer_schedule/preallocate_layers to use target_parameters as plain LoRA."
+            )
         if self.is_scheduled and getattr(self, "layers_to_transform", None) is not None:
             raise ValueError(
                 "layers_to_transform cannot be combined with layer_schedule: the schedule decides the layers. "

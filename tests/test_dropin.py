@@ -226,6 +226,31 @@ def test_base_weight_moving_inits_keep_the_output_until_training(init):
     assert torch.allclose(logits(merged), base_logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_zero_delta_inits_keep_the_output_until_training(init):
+    from peft.tuners.lora import LoraConfig as PeftLoraConfig
+
+    if init not in str(PeftLoraConfig.__dataclass_fields__["init_lora_weights"].type) + str(
+        PeftLoraConfig.__dataclass_fields__["init_lora_weights"].metadata
+    ):
+        pytest.skip(f"PEFT {peft.__version__} has no init_lora_weights={init!r}")
+    base_logits = logits(tiny_models.bert())
+    model = get_peft_model(tiny_models.bert(), config(init_lora_weights=init, init_seed=None))
+    assert torch.allclose(logits(model), base_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "loftq", "lora_ga"])
+def test_data_driven_inits_are_refused_with_a_schedule(init):
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' cannot be combined with a layer schedule"):
+        config(init_lora_weights=init)
+
+
+@needs_peft("0.17", "target_parameters")
+def test_target_parameters_with_a_schedule_is_refused():
+    with pytest.raises(ValueError, match="target_parameters cannot be combined with a layer schedule"):
+        config(target_parameters=["attention.self.query.weight"])
+
+
 @pytest.mark.parametrize("init", [True, "gaussian", False])
 def test_base_weight_keeping_inits_leave_never_active_layers_out(init):
     model = get_peft_model(tiny_models.bert(), config(init_lora_weights=init))
