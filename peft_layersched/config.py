@@ -15,7 +15,6 @@ from peft import LoraConfig
 from . import _compat
 from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
 
-
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
 _DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
 
