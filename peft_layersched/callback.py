@@ -135,7 +135,8 @@ class LayerScheduleCallback(TrainerCallback):
         self._freezing = sharded.REQUIRES_GRAD
         self._zero3 = False
         self._reset_run()
-        # DeepSpeed: the Trainer's optimizer gets per-layer param groups as it is built (see sharded.py).
+        # DeepSpeed: the Trainer's optimizer gets per-layer param groups as it is built (see sharded.py);
+        # every Trainer log record gets tracker_scalars() before the report_to integrations see it.
         sharded.install_trainer_hook()
 
     def _reset_run(self) -> None:
@@ -151,6 +152,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._phase_steps = 0
         self._before_step: Dict[Any, torch.Tensor] = {}
         self._scheduler: Any = None
+        self._log_next_step = False
 
     # ------------------------------------------------------------------------------------ events
 
@@ -221,6 +223,10 @@ class LayerScheduleCallback(TrainerCallback):
             self._switch(epoch, state)
         self._set_layer_lrs(state)
         self._snapshot_before_step()
+        if self._log_next_step:  # the first optimizer step of a new phase is logged
+            control.should_log = True
+            self._log_next_step = False
+        return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None:
@@ -331,6 +337,13 @@ class LayerScheduleCallback(TrainerCallback):
 
     _peft_layersched_split = _split_optimizer
 
+    def _add_tracker_scalars(self, trainer: Any, logs: Dict[str, Any]) -> None:
+        """Called by ``Trainer.log`` before the callbacks' ``on_log`` (sharded.install_trainer_hook)."""
+        if "loss" in logs or "learning_rate" in logs:  # training records, not evaluation ones
+            logs.update(self.tracker_scalars(trainer.state))
+
+    _peft_layersched_log = _add_tracker_scalars
+
     def _check_layer_groups(self, optimizer: Any) -> None:
         assert self._tuner is not None
         found = sharded.layer_groups(optimizer) if optimizer is not None else {}
@@ -438,6 +451,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._snapshot_before_step()
         if initial or previous != active:
             self._log_change(t, active, state)
+            self._log_next_step = True  # the trackers see every switch
 
     def _reset_state(self, layer: LayerId) -> None:
         if self._optimizer is None or self._tuner is None:
@@ -446,17 +460,70 @@ class LayerScheduleCallback(TrainerCallback):
         for param in self._tuner.layer_parameters(self.adapter_name).get(layer, []):
             inner.state.pop(param, None)
 
-    def _log_change(self, t: int, active: List[LayerId], state: Any) -> None:
+    def _trainable_count(self, active: List[LayerId]) -> int:
         assert self._tuner is not None
         frozen = set()
         if self._freezing == sharded.OPTIMIZER:  # requires_grad stays True; the LR freezes these
             for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
                 if layer not in active:
                     frozen.update(id(p) for p in params)
-        trainable = sum(
+        return sum(
             int(getattr(p, "ds_numel", p.numel())) for p in self._tuner.model.parameters()
             if p.requires_grad and id(p) not in frozen
         )
+
+    def tracker_scalars(self, state: Any) -> Dict[str, float]:
+        """The schedule as numbers every experiment tracker plots (``report_to``: TensorBoard, W&B, MLflow,
+        ...), added to each Trainer log record before the integrations see it:
+
+        * ``layer_schedule/active_layers``: how many layers train; ``layer_schedule/lowest_active`` and
+          ``layer_schedule/highest_active``: their positions in the model's layer order (-1: none);
+        * ``layer_schedule/trainable_params``;
+        * ``layer_schedule/active/<layer>``: 1.0 while that layer trains, else 0.0, for every preallocated
+          layer; ``layer_schedule/lr/<layer>``: the learning rate its LoRA parameters get now (the
+          scheduled LR x ``new_layer_lr_scale`` / warm-up; 0 while frozen).
+        """
+        if self._tuner is None or self._current is None:
+            return {}
+        plan = self._tuner.scheduled_adapter(self.adapter_name)
+        order = plan.index.all_layers()
+        positions = sorted(order.index(layer) for layer in self._current if layer in order)
+        out: Dict[str, float] = {
+            "layer_schedule/active_layers": float(len(self._current)),
+            "layer_schedule/lowest_active": float(positions[0] if positions else -1),
+            "layer_schedule/highest_active": float(positions[-1] if positions else -1),
+            "layer_schedule/trainable_params": float(self._trainable_count(self._current)),
+        }
+        active = set(self._current)
+        lrs = self._layer_lrs(state)
+        for layer in plan.preallocated_layers:
+            out[f"layer_schedule/active/{layer}"] = 1.0 if layer in active else 0.0
+            if layer in lrs:
+                out[f"layer_schedule/lr/{layer}"] = lrs[layer]
+        return out
+
+    def _layer_lrs(self, state: Any) -> Dict[LayerId, float]:
+        """Each preallocated layer's effective learning rate for the next optimizer step."""
+        if self._optimizer is None or self._tuner is None:
+            return {}
+        held: Dict[int, float] = {}
+        for group in self._optimizer.param_groups:
+            for param in group["params"]:
+                held[id(param)] = float(group["lr"])
+        by_group = sharded.layer_groups(self._optimizer)
+        active = set(self._current or [])
+        factors = {} if self._freezing == sharded.OPTIMIZER else self._update_factors(state, ahead=1)
+        out: Dict[LayerId, float] = {}
+        for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
+            if layer in by_group:  # DeepSpeed: the layer's own group carries every factor
+                out[layer] = float(self._optimizer.param_groups[by_group[layer][0]]["lr"])
+            elif params and id(params[0]) in held:
+                out[layer] = held[id(params[0])] * factors.get(layer, 1.0) if layer in active else 0.0
+        return out
+
+    def _log_change(self, t: int, active: List[LayerId], state: Any) -> None:
+        assert self._tuner is not None
+        trainable = self._trainable_count(active)
         entry = {
             "active_layers": _layers_text(active),
             "trainable_params": trainable,

@@ -146,12 +146,15 @@ def set_layer_lrs(optimizer: Any, scheduled: List[float], factor: Callable[[Any]
 
 
 _TRAINER_HOOK = "_peft_layersched_split"
+_LOG_HOOK = "_peft_layersched_log"
 
 
 def install_trainer_hook() -> None:
-    """Wrap ``transformers.Trainer.create_optimizer`` once: right after the Trainer builds its optimizer
-    (before DeepSpeed/accelerate wrap it), every callback with a ``_peft_layersched_split`` method gets
-    ``(trainer)`` and may split the groups.  A Trainer without such a callback is not touched."""
+    """Wrap ``transformers.Trainer.create_optimizer`` and ``Trainer.log`` once.  Right after the Trainer
+    builds its optimizer (before DeepSpeed/accelerate wrap it), every callback with a
+    ``_peft_layersched_split`` method gets ``(trainer)`` and may split the groups; before a log record
+    goes to the callbacks, every callback with ``_peft_layersched_log`` gets ``(trainer, logs)`` and may
+    add to it.  A Trainer without such a callback is not touched."""
     from transformers import Trainer
 
     original = Trainer.create_optimizer
@@ -170,3 +173,16 @@ def install_trainer_hook() -> None:
 
     create_optimizer._peft_layersched_hook = True  # type: ignore[attr-defined]
     Trainer.create_optimizer = create_optimizer
+
+    # transformers runs the report_to integrations before user callbacks: a value added in on_log would
+    # reach log_history but no tracker.  Trainer.log is where the record is made, before any on_log.
+    original_log = Trainer.log
+
+    def log(self: Any, logs: Dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        for callback in getattr(getattr(self, "callback_handler", None), "callbacks", []):
+            add = getattr(callback, _LOG_HOOK, None)
+            if callable(add) and isinstance(logs, dict):
+                add(self, logs)
+        return original_log(self, logs, *args, **kwargs)
+
+    Trainer.log = log
