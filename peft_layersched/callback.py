@@ -152,7 +152,6 @@ class LayerScheduleCallback(TrainerCallback):
         self._phase_steps = 0
         self._before_step: Dict[Any, torch.Tensor] = {}
         self._scheduler: Any = None
-        self._log_next_step = False
 
     # ------------------------------------------------------------------------------------ events
 
@@ -223,10 +222,6 @@ class LayerScheduleCallback(TrainerCallback):
             self._switch(epoch, state)
         self._set_layer_lrs(state)
         self._snapshot_before_step()
-        if self._log_next_step:  # the first optimizer step of a new phase is logged
-            control.should_log = True
-            self._log_next_step = False
-        return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None:
@@ -451,7 +446,6 @@ class LayerScheduleCallback(TrainerCallback):
         self._snapshot_before_step()
         if initial or previous != active:
             self._log_change(t, active, state)
-            self._log_next_step = True  # the trackers see every switch
 
     def _reset_state(self, layer: LayerId) -> None:
         if self._optimizer is None or self._tuner is None:

@@ -199,6 +199,9 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     span.add_argument("--epochs", type=int, metavar="N", help="epochs to show (schedule_unit 'epoch')")
     span.add_argument("--steps", type=int, metavar="N", help="optimizer steps to show (schedule_unit 'step')")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--plot", metavar="FILE", help="also draw the timeline (layers x time) to FILE, e.g. timeline.png (matplotlib)"
+    )
 
 
 def _model_class(config: Any, task_type: Any) -> Any:
@@ -392,6 +395,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     lines.extend(_table(table))
     if len(phases) > len(shown):
         lines.append(f"  ... {len(phases) - len(shown)} more phases (--json lists them all)")
+    if args.plot:
+        from .plot import plot_timeline
+
+        title = f"{type(base).__name__}: {description}"
+        payload["plot"] = plot_timeline(args.plot, rows, timeline, preallocated, unit, title)
+        lines += ["", f"timeline drawn to {args.plot}"]
     return _emit(args, payload, lines)
 
 

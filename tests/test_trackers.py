@@ -37,9 +37,9 @@ def test_tensorboard_sees_active_layers_trainable_params_and_layer_lrs(tmp_path)
           report_to=["tensorboard"], logging_steps=3)
     scalars = read_scalars(tmp_path)  # the event file lands under output_dir (runs/ or logging_dir)
     active = scalars["train/layer_schedule/active_layers"]
-    # every logging step (3, 6, 9, ...) and the first step of each phase (1, and 9 after the switch at 8)
-    assert {1, 3, 6, 9, 12, 15} <= set(active)
-    assert [active[t] for t in (1, 3, 6)] == [1.0, 1.0, 1.0] and [active[t] for t in (9, 12, 15)] == [2.0, 2.0, 2.0]
+    # every logging step; the switch at step 8 (epoch 2) shows from the next one on
+    assert set(active) == {3, 6, 9, 12, 15}
+    assert [active[t] for t in (3, 6)] == [1.0, 1.0] and [active[t] for t in (9, 12, 15)] == [2.0, 2.0, 2.0]
     assert scalars["train/layer_schedule/lowest_active"][3] == 11.0
     assert scalars["train/layer_schedule/lowest_active"][12] == 10.0
     assert scalars["train/layer_schedule/highest_active"][12] == 11.0

@@ -1,0 +1,62 @@
+"""``peft-layersched plan --plot``: the timeline picture (matplotlib, an optional extra)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from peft_layersched import cli
+from peft_layersched.plot import ACTIVE, FROZEN, NO_ADAPTER, WAITING, timeline_states
+
+import tiny_models
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+# 12 layers; adapters on 9-11; 11 trains at epochs 0-1, 9 at 2-3, nothing from 4 on; 10 never.
+FIELDS = {"target_modules": ["query", "value"], "layer_schedule": {"0": [11], "2": [9], "4": []},
+          "preallocate_layers": [9, 10, 11]}
+
+
+def test_timeline_states_tell_training_frozen_waiting_and_no_adapter():
+    timeline = [[11], [11], [9], [9], [], []]
+    rows = [11, 10, 9, 8]
+    assert timeline_states(rows, timeline, [9, 10, 11]) == [
+        [ACTIVE, ACTIVE, FROZEN, FROZEN, FROZEN, FROZEN],
+        [WAITING] * 6,
+        [WAITING, WAITING, ACTIVE, ACTIVE, FROZEN, FROZEN],
+        [NO_ADAPTER] * 6,
+    ]
+
+
+@pytest.fixture()
+def plan_args(tmp_path):
+    bert = tiny_models.bert()
+    bert.config.architectures = ["BertForSequenceClassification"]
+    bert.config.save_pretrained(str(tmp_path / "bert"))
+    with open(str(tmp_path / "cfg.json"), "w") as handle:
+        json.dump(FIELDS, handle)
+    return ["plan", "--model", str(tmp_path / "bert"), "--config", str(tmp_path / "cfg.json"), "--epochs", "6"]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed in this env (peft0212-tf5 has it)")
+def test_plan_plot_draws_every_state(tmp_path, plan_args, capsys):
+    import matplotlib.image
+
+    from peft_layersched.plot import _COLOURS
+
+    out = str(tmp_path / "timeline.png")
+    assert cli.main(plan_args + ["--plot", out]) == 0
+    assert f"timeline drawn to {out}" in capsys.readouterr().out
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 200 and image.shape[1] > 300
+    pixels = {tuple(int(round(255 * c)) for c in px[:3]) for px in image.reshape(-1, image.shape[-1])}
+    for colour in _COLOURS:  # each of the four states appears in the grid
+        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        assert rgb in pixels, colour
+
+
+@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed here: the missing-package message is not reachable")
+def test_plan_plot_without_matplotlib_says_how_to_install_it(tmp_path, plan_args, capsys):
+    assert cli.main(plan_args + ["--plot", str(tmp_path / "t.png")]) == 1
+    assert "pip install 'peft-layersched[plot]'" in capsys.readouterr().err
