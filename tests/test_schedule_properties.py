@@ -26,7 +26,10 @@ def test_active_set_is_the_last_phase_started(spec, t):
     started = [start for start in spec if start <= t]
     expected = spec[max(started)] if started else []
     assert schedule.active_at(t) == list(expected)
-    assert schedule.active_at(t) == schedule.active_at(t)  # deterministic, no state
+    # deterministic, no state: queries at other times in between change nothing
+    for other in (0, t + 7, max(t - 3, 0)):
+        schedule.active_at(other)
+    assert schedule.active_at(t) == list(expected) == parse_schedule(spec).active_at(t)
 
 
 @SETTINGS
