@@ -88,7 +88,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
             )
 
 
-def _refuse_excluded(config: Any, model: nn.Module, targets: Dict[str, Any], preallocated: List[LayerId]) -> None:
+def _refuse_excluded(config: Any, targets: Dict[str, Any], preallocated: List[LayerId]) -> None:
     """``exclude_modules`` (PEFT >= 0.14) takes modules out of the scheduled layers; a layer it empties
     would be scheduled without an adapter.  (PEFT itself still applies exclude_modules at injection.)"""
     excluded = getattr(config, "exclude_modules", None)
@@ -159,9 +159,9 @@ def _own_copy(config: Any) -> Any:
 
 
 # init_lora_weights modes that leave the base weight as it is: an adapter not yet active can be left out
-# of the forward.  The others (pissa*, olora, corda, loftq, lora_ga, ...) move part of the base weight
-# into the adapter at init, so every adapter stays in the forward and the output is unchanged until one
-# trains.
+# of the forward.  The others (pissa*, olora; and any mode this list does not know) may move part of the
+# base weight into the adapter at init, so every adapter stays in the forward and the output is unchanged
+# until one trains.  (EVA, CorDA, LoftQ and LoRA-GA are refused with a schedule by the config.)
 _BASE_WEIGHT_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
@@ -355,13 +355,7 @@ class ScheduledLoraModel(LoraModel):
                 f"Schedule at least one layer ({index.describe()}), or set preallocate_layers."
             )
         targets = select_targets(matched(), target_modules(), index, preallocated)
-        _refuse_excluded(config, model, targets, preallocated)
-        empty = [layer for layer in preallocated if layer not in set(targets.values())]
-        if empty:
-            raise ValueError(
-                f"layer(s) {empty} get no LoRA module: target_modules={config.target_modules!r} matches nothing "
-                f"there. Schedule only layers that hold a target module, or widen target_modules."
-            )
+        _refuse_excluded(config, targets, preallocated)  # (select_targets refused layers without targets)
         return _Plan(index, schedule, preallocated, targets)
 
     def _after_injection(
