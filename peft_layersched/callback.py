@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import TrainerCallback
 
-from . import _compat, sharded
+from . import _compat, _optim, sharded
 from .schedule import LayerId
 from .tuner import ScheduledLoraModel
 
@@ -54,11 +54,6 @@ def find_tuner(model: Any) -> ScheduledLoraModel:
     )
 
 
-def _inner_optimizer(optimizer: Any) -> Any:
-    # accelerate's AcceleratedOptimizer forwards param_groups but keeps state on the inner optimizer.
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 class LayerScheduleCallback(TrainerCallback):
     """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during ``Trainer.train()``.
 
@@ -67,8 +62,18 @@ class LayerScheduleCallback(TrainerCallback):
             phase (a lower LR for newly added modules is common advice).  1.0 (default) = same LR.
         new_layer_warmup_steps (`int`): linear warm-up of such layers' LR over this many optimizer
             steps after they join.  0 (default) = none.
-        reactivated_state (`str`): ``"keep"`` (default) the optimizer state (Adam moments) of a layer
-            that is frozen and later active again, or ``"reset"`` it.
+        frozen_optimizer_state (`str`): what happens to the optimizer state (Adam moments, step count)
+            of a layer while it is frozen.  ``"keep"`` (default): it stays where it is, so with cyclic or
+            sampled schedules optimizer memory grows to that of LoRA on every layer the schedule visits.
+            ``"drop"``: freed when the layer freezes; the layer starts with fresh state when it rejoins
+            (as with ``reactivated_state="reset"``), and optimizer memory is that of the active layers.
+            ``"offload"``: moved to the CPU when the layer freezes and back to the layer's device when it
+            rejoins (training as with ``"keep"``; accelerator memory holds the active layers' state).
+            Resume is exact with each: dropped state is not in the checkpoint, offloaded state is (as
+            CPU tensors in ``optimizer.pt``) and is offloaded again as training resumes.
+        reactivated_state (`str`): ``"keep"`` (default) the optimizer state of a layer that is frozen
+            and later active again, or ``"reset"`` it when the layer rejoins.  With
+            ``frozen_optimizer_state="drop"`` a rejoining layer always starts afresh.
         warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
             over a phase (a silent no-update).
         adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
@@ -98,10 +103,11 @@ class LayerScheduleCallback(TrainerCallback):
         self,
         new_layer_lr_scale: float = 1.0,
         new_layer_warmup_steps: int = 0,
-        reactivated_state: str = "keep",
+        reactivated_state: Optional[str] = None,
         warn_on_no_update: bool = True,
         adapter_name: Optional[str] = None,
         schedule_start: str = "restart",
+        frozen_optimizer_state: str = "keep",
     ) -> None:
         if isinstance(new_layer_lr_scale, bool) or not isinstance(new_layer_lr_scale, (int, float)):
             raise TypeError(f"new_layer_lr_scale must be a number, got {new_layer_lr_scale!r}.")
@@ -120,13 +126,26 @@ class LayerScheduleCallback(TrainerCallback):
             raise TypeError(f"new_layer_warmup_steps must be an int, got {new_layer_warmup_steps!r}.")
         if new_layer_warmup_steps < 0:
             raise ValueError(f"new_layer_warmup_steps must be >= 0, got {new_layer_warmup_steps}.")
-        if reactivated_state not in _REACTIVATED_STATE:
+        if reactivated_state is not None and reactivated_state not in _REACTIVATED_STATE:
             raise ValueError(
                 f"reactivated_state={reactivated_state!r} is not supported; use one of {list(_REACTIVATED_STATE)}."
             )
+        if frozen_optimizer_state not in _optim.FROZEN_STATES:
+            raise ValueError(
+                f"frozen_optimizer_state={frozen_optimizer_state!r} is not supported; use one of "
+                f"{list(_optim.FROZEN_STATES)} ('keep': frozen layers keep their optimizer state; 'drop': it is "
+                f"freed and starts afresh when the layer rejoins; 'offload': it waits on the CPU)."
+            )
+        if frozen_optimizer_state == "drop" and reactivated_state == "keep":
+            raise ValueError(
+                "frozen_optimizer_state='drop' frees a frozen layer's optimizer state, so it cannot be kept for "
+                "when the layer rejoins (reactivated_state='keep'). Use frozen_optimizer_state='offload' to keep "
+                "it off the accelerator, or leave reactivated_state unset."
+            )
         self.new_layer_lr_scale = float(new_layer_lr_scale)
         self.new_layer_warmup_steps = new_layer_warmup_steps
-        self.reactivated_state = reactivated_state
+        self.reactivated_state = reactivated_state or ("reset" if frozen_optimizer_state == "drop" else "keep")
+        self.frozen_optimizer_state = frozen_optimizer_state
         self.warn_on_no_update = warn_on_no_update
         self.adapter_name = adapter_name
         self.schedule_start = schedule_start
@@ -152,6 +171,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._phase_steps = 0
         self._before_step: Dict[Any, torch.Tensor] = {}
         self._scheduler: Any = None
+        self._offloaded: Dict[Any, Any] = {}  # param -> state entries offload_state moved to the CPU
 
     # ------------------------------------------------------------------------------------ events
 
@@ -309,11 +329,23 @@ class LayerScheduleCallback(TrainerCallback):
         engine = sharded.engine_of(args)
         self._freezing = sharded.freezing_for(engine)
         self._zero3 = engine == "DeepSpeed" and sharded.zero_stage(args) == 3
+        if self._freezing == sharded.OPTIMIZER and self.frozen_optimizer_state != "keep":
+            raise ValueError(
+                f"frozen_optimizer_state={self.frozen_optimizer_state!r} is not available under DeepSpeed: ZeRO "
+                f"keeps the optimizer state of all layers in flat partitions, so one layer's state cannot be "
+                f"dropped or moved. Use frozen_optimizer_state='keep' (DeepSpeed's own zero_optimization."
+                f"offload_optimizer moves all of it to the CPU)."
+            )
         if self._freezing == sharded.OPTIMIZER and self.reactivated_state == "reset":
             raise ValueError(
                 "reactivated_state='reset' is not available under DeepSpeed: ZeRO keeps the optimizer state of "
                 "all layers in flat partitions, so one layer's state cannot be dropped. Use the default "
                 "reactivated_state='keep'."
+            )
+        if engine == "FSDP" and self.frozen_optimizer_state != "keep":
+            raise ValueError(
+                f"frozen_optimizer_state={self.frozen_optimizer_state!r} is not supported under FSDP yet (its "
+                f"optimizer state is sharded DTensors); use frozen_optimizer_state='keep'."
             )
         if self._freezing == sharded.OPTIMIZER and self._user_optimizer:
             raise ValueError(
@@ -328,7 +360,7 @@ class LayerScheduleCallback(TrainerCallback):
             return
         tuner = find_tuner(trainer.model)
         layer_of = {id(p): layer for layer, ps in tuner.layer_parameters(self.adapter_name).items() for p in ps}
-        sharded.split_by_layer(_inner_optimizer(trainer.optimizer), layer_of)
+        sharded.split_by_layer(_optim.inner(trainer.optimizer), layer_of)
 
     _peft_layersched_split = _split_optimizer
 
@@ -381,12 +413,7 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _ensure_optimized(self, optimizer: Any, args: Any) -> None:
         assert self._tuner is not None
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing: Dict[Any, List[torch.nn.Parameter]] = {}
-        for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
-            lost = [p for p in params if id(p) not in held]
-            if lost:
-                missing[layer] = lost
+        missing = _optim.missing(optimizer, self._tuner.layer_parameters(self.adapter_name))
         if not missing:
             return
         count = sum(p.numel() for ps in missing.values() for p in ps)
@@ -408,9 +435,7 @@ class LayerScheduleCallback(TrainerCallback):
         # The Trainer built its optimizer while some layers were frozen (activate_layers() ran before
         # train() and the callback was added after Trainer.__init__).  Put them into the Trainer's
         # existing groups, so the LR scheduler covers them; no group is added.
-        decay = _decay_group(optimizer, args)
-        for params in missing.values():
-            optimizer.param_groups[decay]["params"].extend(params)
+        _optim.add_to_group(optimizer, [p for ps in missing.values() for p in ps], getattr(args, "weight_decay", 0.0))
         warnings.warn(
             f"LayerScheduleCallback: the optimizer lacked the LoRA parameters of layer(s) {list(missing)}; "
             f"they were added to its existing param groups. Pass the callback to Trainer(callbacks=[...]) "
@@ -436,23 +461,38 @@ class LayerScheduleCallback(TrainerCallback):
         active = tuner.activate_layers(t, name)
         self._time = t
         self._current = active
-        if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
-            before = set(plan.schedule.active_at(t - 1))
-            earlier = set(plan.schedule.layers_until(t - 1))
-            for layer in active:
-                if layer not in before and layer in earlier:
-                    self._reset_state(layer)
+        self._move_optimizer_state(plan, t, previous, active)
         self._start_phase()
         self._snapshot_before_step()
         if initial or previous != active:
             self._log_change(t, active, state)
 
-    def _reset_state(self, layer: LayerId) -> None:
-        if self._optimizer is None or self._tuner is None:
+    def _move_optimizer_state(
+        self, plan: Any, t: int, previous: Optional[List[LayerId]], active: List[LayerId]
+    ) -> None:
+        """Apply ``frozen_optimizer_state`` to the layers that froze and ``reactivated_state`` /
+        reloading to those that rejoined at schedule time ``t`` (``previous`` None: the run's first switch,
+        where every inactive layer counts as just frozen: state loaded from a checkpoint, for instance)."""
+        if self._optimizer is None or self._tuner is None or self._freezing == sharded.OPTIMIZER:
             return
-        inner = _inner_optimizer(self._optimizer)
-        for param in self._tuner.layer_parameters(self.adapter_name).get(layer, []):
-            inner.state.pop(param, None)
+        params = self._tuner.layer_parameters(self.adapter_name)
+        was = set(params) if previous is None else set(previous)
+        now = set(active)
+        frozen = [p for layer in params if layer in was and layer not in now for p in params[layer]]
+        if self.frozen_optimizer_state == "drop":
+            _optim.drop_state(self._optimizer, frozen)
+        elif self.frozen_optimizer_state == "offload":
+            self._offloaded.update(_optim.offload_state(self._optimizer, frozen))
+        rejoined: List[Any] = []
+        if plan.schedule is not None and t > 0:
+            before = set(plan.schedule.active_at(t - 1))
+            earlier = set(plan.schedule.layers_until(t - 1))
+            rejoined = [layer for layer in active if layer not in before and layer in earlier]
+        for layer in rejoined:
+            if self.reactivated_state == "reset":
+                _optim.drop_state(self._optimizer, params.get(layer, []))
+        joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
+        _optim.reload_state(self._optimizer, self._offloaded, joined)
 
     def _trainable_count(self, active: List[LayerId]) -> int:
         assert self._tuner is not None
@@ -472,7 +512,8 @@ class LayerScheduleCallback(TrainerCallback):
 
         * ``layer_schedule/active_layers``: how many layers train; ``layer_schedule/lowest_active`` and
           ``layer_schedule/highest_active``: their positions in the model's layer order (-1: none);
-        * ``layer_schedule/trainable_params``;
+        * ``layer_schedule/trainable_params``; ``layer_schedule/optimizer_state_bytes``: bytes of optimizer
+          state on the parameters' devices (step counters aside; offloaded state excluded);
         * ``layer_schedule/active/<layer>``: 1.0 while that layer trains, else 0.0, for every preallocated
           layer; ``layer_schedule/lr/<layer>``: the learning rate its LoRA parameters get now (the
           scheduled LR x ``new_layer_lr_scale`` / warm-up; 0 while frozen).
@@ -488,6 +529,8 @@ class LayerScheduleCallback(TrainerCallback):
             "layer_schedule/highest_active": float(positions[-1] if positions else -1),
             "layer_schedule/trainable_params": float(self._trainable_count(self._current)),
         }
+        if self._optimizer is not None:
+            out["layer_schedule/optimizer_state_bytes"] = float(_optim.state_bytes(self._optimizer))
         active = set(self._current)
         lrs = self._layer_lrs(state)
         for layer in plan.preallocated_layers:
@@ -617,14 +660,6 @@ class LayerScheduleCallback(TrainerCallback):
 def _distributed(args: Any) -> bool:
     # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
     return int(getattr(args, "world_size", 1) or 1) > 1
-
-
-def _decay_group(optimizer: Any, args: Any) -> int:
-    wanted = getattr(args, "weight_decay", 0.0)
-    for i, group in enumerate(optimizer.param_groups):
-        if group.get("weight_decay", 0.0) == wanted:
-            return i
-    return 0
 
 
 def _layers_text(layers: List[LayerId]) -> str:
