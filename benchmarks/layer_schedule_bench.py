@@ -27,6 +27,7 @@ vanilla-all <= floor * 1.02 (floor = vanilla-top / vanilla-all); P4 sched-top-gc
 and gradients of phases whose lowest active layer is L-1, then 0, equal plain autograd without
 checkpointing; P5 LayerScheduleCallback work per optimizer step <= 0.5 % of a sched-top step; P6 the
 optimizer holds state only for ever-active parameters, and peak RSS of sched-top <= vanilla-top + 2 %.
+``--depths 24,48`` adds P3 and P4 rows (r8) for models of those depths: how the costs grow with depth.
 
 Runs on every supported stack (Python 3.7 / transformers 4.30 too: only reentrant checkpointing there).
 """
@@ -202,9 +203,15 @@ def _variants(cfg, gc_kinds):
     for r in cfg["big_ranks"]:
         for kind in ("vanilla-top", "sched-top"):
             out.append(Variant("{} r{} L{}".format(kind, r, cfg["big_layers"]), r, cfg["big_layers"], kind))
-    for gc in gc_kinds:
+    for depth in [L] + list(cfg.get("depths", ())):
+        for gc in gc_kinds:
+            for kind in ("vanilla-top", "vanilla-all", "sched-top"):
+                out.append(Variant("{}-gc-{} r8 L{}".format(kind, gc, depth), 8, depth, kind, gc))
+    for depth in cfg.get("depths", ()):  # P3 at depth (r8): P4's variants come from the loop above
         for kind in ("vanilla-top", "vanilla-all", "sched-top"):
-            out.append(Variant("{}-gc-{} r8 L{}".format(kind, gc, L), 8, L, kind, gc))
+            name = "{} r8 L{}".format(kind, depth)
+            if not any(v.name == name for v in out):
+                out.append(Variant(name, 8, depth, kind))
     return out
 
 
@@ -404,87 +411,8 @@ def machine():
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small inputs, few rounds (a smoke run)")
-    parser.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH ('-': stdout)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per variant (default 9, quick 5)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time (default); cpu: this process's CPU time, for a machine shared "
-        "with other jobs (use with --threads 1, so that no thread waits on another)",
-    )
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses (P6 memory)")
-    parser.add_argument("--no-big", action="store_true", help="skip the L=48 variants (P2)")
-    parser.add_argument("--no-gc", action="store_true", help="skip gradient checkpointing (P4)")
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu (default) or cuda: on a GPU, peak CUDA memory per step replaces peak RSS (P6 memory)",
-    )
-    args = parser.parse_args(argv)
-    global DEVICE
-    DEVICE = torch.device(args.device)
-    if DEVICE.type == "cuda":
-        args.no_rss = True
-    cfg = dict(QUICK if args.quick else FULL)
-    cfg["device"] = str(DEVICE)
-    if args.rounds:
-        cfg["rounds"] = args.rounds
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg["threads"] = torch.get_num_threads()
-    cfg["clock"] = args.clock
-    quiet = args.json == "-"
-
-    def log(msg):
-        print(msg, file=sys.stderr if quiet else sys.stdout)
-        (sys.stderr if quiet else sys.stdout).flush()
-
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    info = machine()
-    log(
-        "machine: {cpu} ({cpu_count} cores, {torch_threads} torch threads), GPU {gpu}, Python {python}, "
-        "torch {torch}, transformers {transformers}, peft {peft}; load average {loadavg}".format(**info)
-    )
-    log("config: {}".format({k: v for k, v in cfg.items() if k != "big_ranks"}))
-    if info["loadavg"] and info["loadavg"][0] > (os.cpu_count() or 1) * 0.5 and args.clock == "wall":
-        log(
-            "note: the machine is busy (load average {:.1f}); --clock cpu --threads 1 measures work, not "
-            "waiting".format(info["loadavg"][0])
-        )
-
-    gc_kinds = [] if args.no_gc else ["nr", "re"]
-    variants = _variants(cfg, gc_kinds)
-    if args.no_big:
-        variants = [v for v in variants if v.layers == cfg["layers"]]
-    built = []
-    for v in variants:
-        if v.build(cfg):
-            built.append(v)
-        else:
-            log("  skipped {} (this transformers has no such checkpointing)".format(v.name))
-    log("built {} variants; timing {} rounds".format(len(built), cfg["rounds"]))
-    time_variants(built, cfg, log)
-    by = {v.name: v for v in built}
-
-    rows = []
-    for v in built:
-        t = sorted(v.times)
-        rows.append(
-            {
-                "variant": v.name,
-                "median_ms": 1e3 * statistics.median(t),
-                "min_ms": 1e3 * t[0],
-                "max_ms": 1e3 * t[-1],
-                "n": len(t),
-            }
-        )
-
+def compute_targets(by, cfg, gc_kinds, no_rss, log):
+    """P1-P6 from the timed variants ``by`` (name -> Variant), plus the callback and RSS measurements."""
     targets = []
 
     def ratio(a, b):
@@ -495,6 +423,7 @@ def main(argv=None):
         targets.append({"target": key, "what": what, "value": value, "limit": limit, "pass": ok, "note": note})
 
     L, B = cfg["layers"], cfg["big_layers"]
+    depths = [L] + list(cfg.get("depths", ()))
     for r in RANKS:
         target(
             "P1",
@@ -509,21 +438,22 @@ def main(argv=None):
             ratio("sched-top r{} L{}".format(r, B), "vanilla-top r{} L{}".format(r, B)),
             1.02,
         )
-    for r in RANKS:
-        floor = ratio("vanilla-top r{} L{}".format(r, L), "vanilla-all r{} L{}".format(r, L))
-        value = ratio("sched-top r{} L{}".format(r, L), "vanilla-all r{} L{}".format(r, L))
+    for r, depth in [(r, L) for r in RANKS] + [(8, d) for d in depths[1:]]:
+        floor = ratio("vanilla-top r{} L{}".format(r, depth), "vanilla-all r{} L{}".format(r, depth))
+        value = ratio("sched-top r{} L{}".format(r, depth), "vanilla-all r{} L{}".format(r, depth))
         target(
             "P3",
-            "sched-top / vanilla-all, r{} L{}".format(r, L),
+            "sched-top / vanilla-all, r{} L{}".format(r, depth),
             value,
             None if floor is None else floor * 1.02,
-            "floor vanilla-top / vanilla-all = {:.3f}".format(floor),
+            "" if floor is None else "floor vanilla-top / vanilla-all = {:.3f}".format(floor),
         )
     for gc in gc_kinds:
-        value = ratio("sched-top-gc-{} r8 L{}".format(gc, L), "vanilla-all-gc-{} r8 L{}".format(gc, L))
-        vtop = ratio("vanilla-top-gc-{} r8 L{}".format(gc, L), "vanilla-all-gc-{} r8 L{}".format(gc, L))
-        note = "" if vtop is None else "vanilla-top-gc / vanilla-all-gc = {:.3f}".format(vtop)
-        target("P4", "sched-top-gc-{} / vanilla-all-gc-{}, r8 L{}".format(gc, gc, L), value, 0.6, note)
+        for depth in depths:
+            value = ratio("sched-top-gc-{} r8 L{}".format(gc, depth), "vanilla-all-gc-{} r8 L{}".format(gc, depth))
+            vtop = ratio("vanilla-top-gc-{} r8 L{}".format(gc, depth), "vanilla-all-gc-{} r8 L{}".format(gc, depth))
+            note = "" if vtop is None else "vanilla-top-gc / vanilla-all-gc = {:.3f}".format(vtop)
+            target("P4", "sched-top-gc-{} / vanilla-all-gc-{}, r8 L{}".format(gc, gc, depth), value, 0.6, note)
         grads = check_gradients(cfg, gc)
         if grads is not None:
             targets.append(
@@ -578,7 +508,7 @@ def main(argv=None):
                 "{:.1f} MiB vs {:.1f} MiB above the resident models".format(s / 2.0**20, v / 2.0**20),
             )
     rss = None
-    if not args.no_rss:
+    if not no_rss:
         log("peak RSS: {} fresh processes per variant".format(cfg["rss_rounds"]))
         rss = measure_rss(cfg, log)
         for r in RANKS:
@@ -591,6 +521,98 @@ def main(argv=None):
                 1.02,
                 "{:.0f} MiB vs {:.0f} MiB".format(s / 1024.0, v / 1024.0),
             )
+
+    return targets, overhead, rss
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, few rounds (a smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH ('-': stdout)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per variant (default 9, quick 5)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, for a machine shared "
+        "with other jobs (use with --threads 1, so that no thread waits on another)",
+    )
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses (P6 memory)")
+    parser.add_argument("--no-big", action="store_true", help="skip the L=48 variants (P2)")
+    parser.add_argument("--no-gc", action="store_true", help="skip gradient checkpointing (P4)")
+    parser.add_argument(
+        "--depths",
+        default="",
+        help="comma-separated extra model depths for P3/P4 (r8), e.g. 24,48: how the cost grows with depth",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: on a GPU, peak CUDA memory per step replaces peak RSS (P6 memory)",
+    )
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.no_rss = True
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["device"] = str(DEVICE)
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg["threads"] = torch.get_num_threads()
+    cfg["clock"] = args.clock
+    cfg["depths"] = [int(d) for d in args.depths.split(",") if d.strip()]
+    quiet = args.json == "-"
+
+    def log(msg):
+        print(msg, file=sys.stderr if quiet else sys.stdout)
+        (sys.stderr if quiet else sys.stdout).flush()
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    info = machine()
+    log(
+        "machine: {cpu} ({cpu_count} cores, {torch_threads} torch threads), GPU {gpu}, Python {python}, "
+        "torch {torch}, transformers {transformers}, peft {peft}; load average {loadavg}".format(**info)
+    )
+    log("config: {}".format({k: v for k, v in cfg.items() if k != "big_ranks"}))
+    if info["loadavg"] and info["loadavg"][0] > (os.cpu_count() or 1) * 0.5 and args.clock == "wall":
+        log(
+            "note: the machine is busy (load average {:.1f}); --clock cpu --threads 1 measures work, not "
+            "waiting".format(info["loadavg"][0])
+        )
+
+    gc_kinds = [] if args.no_gc else ["nr", "re"]
+    variants = _variants(cfg, gc_kinds)
+    if args.no_big:
+        variants = [v for v in variants if v.layers != cfg["big_layers"] or v.layers in cfg["depths"]]
+    built = []
+    for v in variants:
+        if v.build(cfg):
+            built.append(v)
+        else:
+            log("  skipped {} (this transformers has no such checkpointing)".format(v.name))
+    log("built {} variants; timing {} rounds".format(len(built), cfg["rounds"]))
+    time_variants(built, cfg, log)
+    by = {v.name: v for v in built}
+
+    rows = []
+    for v in built:
+        t = sorted(v.times)
+        rows.append(
+            {
+                "variant": v.name,
+                "median_ms": 1e3 * statistics.median(t),
+                "min_ms": 1e3 * t[0],
+                "max_ms": 1e3 * t[-1],
+                "n": len(t),
+            }
+        )
+
+    targets, overhead, rss = compute_targets(by, cfg, gc_kinds, args.no_rss, log)
 
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = {"machine": info, "config": cfg, "variants": rows, "targets": targets, "rss_kb": rss, "callback": overhead}
