@@ -103,3 +103,50 @@ def state_bytes(optimizer: Any) -> int:
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device == device:
                 total += value.numel() * value.element_size()
     return total
+
+
+class UpdateScaler(object):
+    """Scales the update the last optimizer step made to chosen parameters: ``p = before + f * (p - before)``
+    (an exact LR multiplier for SGD / Adam / AdamW, whose updates are proportional to the LR).
+
+    >>> scaler = UpdateScaler()
+    >>> scaler.snapshot(params)          # before optimizer.step()
+    >>> scaler.scale({p: 0.5 for p in params})
+    """
+
+    def __init__(self) -> None:
+        self._before: Dict[Any, torch.Tensor] = {}
+
+    def snapshot(self, params: Iterable[torch.nn.Parameter]) -> None:
+        self._before = {param: param.detach().clone() for param in params}
+
+    def scale(self, factors: Dict[Any, float]) -> None:
+        with torch.no_grad():
+            for param, factor in factors.items():
+                before = self._before.get(param)
+                if before is not None:
+                    param.copy_(before + factor * (param - before))
+
+
+class StillCheck(object):
+    """Which groups of parameters did not change at all between :meth:`start` and :meth:`still`."""
+
+    def __init__(self) -> None:
+        self._start: Dict[Any, torch.Tensor] = {}
+        self.steps = 0
+
+    def start(self, params_by_key: Dict[Any, List[torch.nn.Parameter]]) -> None:
+        self.steps = 0
+        self._start = {key: _flat(params).clone() for key, params in params_by_key.items()}
+
+    def still(self, params_by_key: Dict[Any, List[torch.nn.Parameter]]) -> List[Any]:
+        """The keys whose parameters are bitwise what :meth:`start` saw (none if no step ran); then forgets."""
+        found = []
+        if self.steps:
+            found = [key for key, start in self._start.items() if torch.equal(_flat(params_by_key[key]), start)]
+        self._start = {}
+        return found
+
+
+def _flat(params: List[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in params])

@@ -167,9 +167,8 @@ class LayerScheduleCallback(TrainerCallback):
         self._time: Optional[int] = None
         self._steps_per_epoch = 1
         self._optimizer: Any = None
-        self._phase_start: Dict[Any, torch.Tensor] = {}
-        self._phase_steps = 0
-        self._before_step: Dict[Any, torch.Tensor] = {}
+        self._still = _optim.StillCheck()  # warn_on_no_update: an active layer that did not move in a phase
+        self._scaler = _optim.UpdateScaler()  # new_layer_lr_scale / warm-up
         self._scheduler: Any = None
         self._offloaded: Dict[Any, Any] = {}  # param -> state entries offload_state moved to the CPU
 
@@ -230,7 +229,7 @@ class LayerScheduleCallback(TrainerCallback):
         if self._tuner is None:
             return
         self._micro_steps = 0
-        self._phase_steps += 1
+        self._still.steps += 1
         if kwargs.get("lr_scheduler") is not None:
             self._scheduler = kwargs["lr_scheduler"]
         if self._freezing != sharded.OPTIMIZER:
@@ -576,31 +575,22 @@ class LayerScheduleCallback(TrainerCallback):
 
     def _start_phase(self) -> None:
         assert self._tuner is not None
-        self._phase_steps = 0
-        self._phase_start = {}
-        if not self.warn_on_no_update or self._current is None or self._zero3:
-            return  # (ZeRO-3 partitions the parameters: a rank does not hold them whole)
-        params = self._tuner.layer_parameters(self.adapter_name)
-        for layer in self._current:
-            self._phase_start[layer] = torch.cat([p.detach().reshape(-1).float() for p in params[layer]]).clone()
+        watch = self.warn_on_no_update and self._current is not None and not self._zero3
+        # (ZeRO-3 partitions the parameters: a rank does not hold them whole)
+        params = self._tuner.layer_parameters(self.adapter_name) if watch else {}
+        self._still.start({layer: params[layer] for layer in self._current or []} if watch else {})
 
     def _check_phase_updates(self, state: Any) -> None:
-        if not self._phase_start or self._phase_steps == 0 or self._tuner is None:
+        if self._tuner is None:
             return
-        params = self._tuner.layer_parameters(self.adapter_name)
-        still = [
-            layer
-            for layer, start in self._phase_start.items()
-            if torch.equal(torch.cat([p.detach().reshape(-1).float() for p in params[layer]]), start)
-        ]
+        still = self._still.still(self._tuner.layer_parameters(self.adapter_name))
         if still:
             warnings.warn(
                 f"LayerScheduleCallback: the LoRA weights of active layer(s) {still} did not change at all "
-                f"over the phase that ended at step {state.global_step} ({self._phase_steps} optimizer steps). "
+                f"over the phase that ended at step {state.global_step} ({self._still.steps} optimizer steps). "
                 f"Check that the optimizer holds them and that their learning rate is not 0.",
                 stacklevel=2,
             )
-        self._phase_start = {}
 
     # LR multiplier / warm-up for layers that join later ------------------------------------------
 
@@ -636,25 +626,17 @@ class LayerScheduleCallback(TrainerCallback):
         return joined * self._steps_per_epoch if self._unit == "epoch" else joined
 
     def _snapshot_before_step(self) -> None:
-        self._before_step = {}
         if self._tuner is None or (self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0):
             return
         params = self._tuner.layer_parameters(self.adapter_name)
-        for layer in self._current or []:
-            for param in params.get(layer, []):
-                self._before_step[param] = param.detach().clone()
+        self._scaler.snapshot(p for layer in self._current or [] for p in params.get(layer, []))
 
     def _scale_updates(self, state: Any) -> None:
         factors = self._update_factors(state)
         if not factors or self._tuner is None:
             return
         params = self._tuner.layer_parameters(self.adapter_name)
-        with torch.no_grad():
-            for layer, factor in factors.items():
-                for param in params.get(layer, []):
-                    before = self._before_step.get(param)
-                    if before is not None:
-                        param.copy_(before + factor * (param - before))
+        self._scaler.scale({p: factor for layer, factor in factors.items() for p in params.get(layer, [])})
 
 
 def _distributed(args: Any) -> bool:
