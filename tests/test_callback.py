@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
-from toy_training import ToyClassification, scheduled_bert, train, training_args
+from helpers.toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers
 

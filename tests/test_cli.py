@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, cli
 
-import tiny_models
+from helpers import tiny_models
 
 
 def run_cli(cwd, *args):

@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig
 
-import tiny_models
+from helpers import tiny_models
 
 
 def _train_epochs(schedule, epochs, preallocate=None):

@@ -21,8 +21,8 @@ from transformers import Trainer, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
-import tiny_models
-from toy_training import ToyClassification, training_args
+from helpers import tiny_models
+from helpers.toy_training import ToyClassification, training_args
 
 PEFT = Version(Version(peft.__version__).base_version)
 TOP = 11

@@ -10,7 +10,7 @@ import pytest
 from peft_layersched import cli
 from peft_layersched.plot import ACTIVE, FROZEN, NO_ADAPTER, WAITING, timeline_states
 
-import tiny_models
+from helpers import tiny_models
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # 12 layers; adapters on 9-11; 11 trains at epochs 0-1, 9 at 2-3, nothing from 4 on; 10 never.

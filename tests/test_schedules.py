@@ -24,8 +24,8 @@ from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
 from peft_layersched.schedule import CyclicSchedule, GradualSchedule, SampledSchedule, parse_schedule
 
-import tiny_models
-from toy_training import train
+from helpers import tiny_models
+from helpers.toy_training import train
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from scheduled_cases import CASES, logits, lora_modules, lora_params, loss, perturb, snapshot, trainable
+from helpers.scheduled_cases import CASES, logits, lora_modules, lora_params, loss, perturb, snapshot, trainable
 
 
 def _requires_grad(model):
