@@ -1,4 +1,4 @@
-"""The correctness side of "backward stops at the lowest active layer" (issue #6).
+"""Backward stops at the lowest active layer, and the gradients stay exact.
 
 Gradients with gradient checkpointing (reentrant and non-reentrant) equal plain autograd's, phase after
 phase, including phases whose lowest active layer is 0 and switches down to a lower layer; frozen layers
