@@ -4,7 +4,7 @@
   does on a model (built from its config on the meta device: no weights), as a timeline grid.
 * ``peft-layersched inspect ADAPTER_DIR``: a saved adapter's schedule, which adapters trained, counts,
   and whether ``export_lora`` can turn it into plain LoRA.
-* ``peft-layersched demo``: registered when :mod:`peft_layersched.demo` is importable.
+* ``peft-layersched demo``: :mod:`peft_layersched.demo`, registered when the parser is built.
 
 Each subcommand is ``(name, add_arguments(parser), run(args) -> exit code)``; add one with
 :func:`register_subcommand`.  ``--json`` prints machine-readable output instead of the tables.
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -30,9 +28,6 @@ AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 _SUBCOMMANDS: List[Tuple[str, str, AddArguments, Run]] = []
-
-# Subcommands that live in optional modules: (name, module); added when the module imports.
-_OPTIONAL_SUBCOMMANDS = [("demo", "peft_layersched.demo")]
 
 _GRID_COLUMNS = 64  # beyond this many epochs/steps, one grid column covers several
 
@@ -50,18 +45,15 @@ def _version() -> str:
     return __version__
 
 
-def _register_optional() -> None:
-    registered = {entry[0] for entry in _SUBCOMMANDS}
-    for name, module_name in _OPTIONAL_SUBCOMMANDS:
-        if name in registered or importlib.util.find_spec(module_name) is None:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        doc = (module.__doc__ or "").strip().splitlines()
-        summary = doc[0].split(":", 1)[-1].strip().rstrip(".") if doc else ""
-        register_subcommand(name, module.add_arguments, module.run, help=summary)
+def _register_demo() -> None:
+    # demo.py imports torch, transformers and PEFT at the top: imported when a parser is built, not with cli.
+    if any(entry[0] == "demo" for entry in _SUBCOMMANDS):
+        return
+    from . import demo
+
+    doc = (demo.__doc__ or "").strip().splitlines()  # no docstrings under python -OO
+    summary = doc[0].split(":", 1)[-1].strip().rstrip(".") if doc else ""
+    register_subcommand("demo", demo.add_arguments, demo.run, help=summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peft-layersched", description="Layer-scheduling LoRA for Hugging Face PEFT."
     )
     parser.add_argument("--version", action="version", version=f"peft-layersched {_version()}")
-    _register_optional()
+    _register_demo()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in _SUBCOMMANDS:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -305,29 +297,33 @@ def _grid(
     return lines
 
 
-def _run_plan(args: argparse.Namespace) -> int:
+def _plan_horizon(chosen: Optional[int], unit: str, schedule: Any) -> int:
+    if chosen is None:
+        return schedule.preview_span() if schedule is not None else 1
+    if chosen < 1:
+        raise ValueError(f"--{unit}s must be >= 1 (the number of {unit}s to show), got {chosen}.")
+    return chosen
+
+
+def _compute_plan(
+    model_path: str, config_path: str, epochs: Optional[int] = None, steps: Optional[int] = None
+) -> Dict[str, Any]:
+    """What ``plan`` shows, as plain data (the ``--json`` output): the model's stacks, the schedule, the
+    adapters per layer and the active layers at each epoch/step, with the phases they form."""
     from peft import get_peft_model
 
     _quiet_transformers()
-    config = _load_config(args.config)
+    config = _load_config(config_path)
     unit = config.schedule_unit
-    if args.epochs is not None and unit != "epoch":
-        raise ValueError(f"{args.config}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
-    if args.steps is not None and unit != "step":
-        raise ValueError(f"{args.config}: schedule_unit is {unit!r}: the schedule counts epochs; use --epochs.")
-    base, device = _build_model(args.model, config.task_type)
-    model = get_peft_model(base, config)
-    tuner = model.base_model
+    if epochs is not None and unit != "epoch":
+        raise ValueError(f"{config_path}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
+    if steps is not None and unit != "step":
+        raise ValueError(f"{config_path}: schedule_unit is {unit!r}: the schedule counts epochs; use --epochs.")
+    base, device = _build_model(model_path, config.task_type)
+    tuner = get_peft_model(base, config).base_model
     plan = tuner.scheduled_adapter()
-    index = plan.index
     schedule = plan.schedule
-    chosen = args.epochs if args.epochs is not None else args.steps
-    if chosen is not None:
-        if chosen < 1:
-            raise ValueError(f"--{unit}s must be >= 1 (the number of {unit}s to show), got {chosen}.")
-        horizon = chosen
-    else:
-        horizon = schedule.preview_span() if schedule is not None else 1
+    horizon = _plan_horizon(epochs if epochs is not None else steps, unit, schedule)
     preallocated = tuner.preallocated_layers
     if schedule is None:
         timeline = [list(preallocated)] * horizon
@@ -337,18 +333,17 @@ def _run_plan(args: argparse.Namespace) -> int:
     modules: Dict[Any, List[str]] = {}
     for module_name, layer in sorted(tuner.scheduled_modules().items()):
         if layer is not None:
-            modules.setdefault(layer, []).append(_module_suffix(module_name, index))
-    phases = _phases(timeline)
-    description = schedule.describe(unit) if schedule is not None else "none (plain LoRA: every adapter trains)"
-
-    payload = {
-        "model": {"path": args.model, "class": type(base).__name__, "device": device},
-        "stacks": [{"name": s.name, "path": s.path, "length": s.length} for s in index.stacks],
+            modules.setdefault(layer, []).append(_module_suffix(module_name, plan.index))
+    return {
+        "model": {"path": model_path, "class": type(base).__name__, "device": device},
+        "stacks": [{"name": s.name, "path": s.path, "length": s.length} for s in plan.index.stacks],
         "schedule": {
             "kind": schedule.kind if schedule is not None else None,
             "layer_schedule": config.to_dict().get("layer_schedule"),
             "unit": unit,
-            "description": description,
+            "description": schedule.describe(unit)
+            if schedule is not None
+            else "none (plain LoRA: every adapter trains)",
         },
         "preallocated_layers": preallocated,
         "layers": [
@@ -360,48 +355,74 @@ def _run_plan(args: argparse.Namespace) -> int:
         "timeline": timeline,
         "phases": [
             {"start": start, "end": end, "active": active, "trainable_lora_params": sum(params[x] for x in active)}
-            for start, end, active in phases
+            for start, end, active in _phases(timeline)
         ],
     }
 
+
+def _stack_index(plan: Dict[str, Any]) -> Any:
+    from .layers import LayerIndex, LayerStack
+
+    return LayerIndex([LayerStack(s["name"], s["path"], s["length"]) for s in plan["stacks"]])
+
+
+def _plan_rows(plan: Dict[str, Any]) -> List[Any]:
+    """Every layer of the model's stacks, top first (the rows of the grid and the plot)."""
+    return list(reversed(_stack_index(plan).all_layers()))
+
+
+def _render_plan(plan: Dict[str, Any]) -> List[str]:
+    """The text of ``plan`` (without ``--json``): the lines of :func:`_compute_plan`'s data."""
+    index = _stack_index(plan)
+    model, schedule, unit = plan["model"], plan["schedule"], plan["schedule"]["unit"]
+    preallocated = plan["preallocated_layers"]
     lines = [
-        f"model     {type(base).__name__} from {args.model} (built on {device}: no weights)",
+        f"model     {model['class']} from {model['path']} (built on {model['device']}: no weights)",
         "stacks    " + "; ".join(_stack_text(stack, index.multi) for stack in index.stacks),
-        f"schedule  {description}",
+        f"schedule  {schedule['description']}",
         f"adapters  {len(preallocated)} layer(s) preallocated: {_layers_text(preallocated)}; "
-        f"{_count(sum(params.values()))} LoRA parameters",
+        f"{_count(plan['lora_params_total'])} LoRA parameters",
         "",
         "target modules per layer:",
     ]
     groups: List[Tuple[Tuple[str, ...], List[Any]]] = []
-    for layer in preallocated:
-        names = tuple(modules.get(layer, []))
+    for layer in plan["layers"]:
+        names = tuple(layer["modules"])
         for group_names, members in groups:
             if group_names == names:
-                members.append(layer)
+                members.append(layer["id"])
                 break
         else:
-            groups.append((names, [layer]))
+            groups.append((names, [layer["id"]]))
     lines.extend(_table([[f"layers {_layers_text(members)}", ", ".join(names)] for names, members in groups]))
-    lines += ["", f"timeline, {unit}s 0..{horizon - 1}:"]
-    rows = list(reversed(index.all_layers()))
-    lines.extend(_grid(rows, timeline, preallocated, unit))
+    lines += ["", f"timeline, {unit}s 0..{plan['horizon'] - 1}:"]
+    lines.extend(_grid(_plan_rows(plan), plan["timeline"], preallocated, unit))
     lines += ["", "phases:"]
     table = [[f"{unit}s", "active layers", "trainable LoRA params"]]
-    shown = phases[:40]
-    for start, end, active in shown:
+    shown = plan["phases"][:40]
+    for phase in shown:
+        start, end = phase["start"], phase["end"]
         span = str(start) if start == end else f"{start}-{end}"
-        table.append([span, _layers_text(active), _count(sum(params[x] for x in active))])
+        table.append([span, _layers_text(phase["active"]), _count(phase["trainable_lora_params"])])
     lines.extend(_table(table))
-    if len(phases) > len(shown):
-        lines.append(f"  ... {len(phases) - len(shown)} more phases (--json lists them all)")
+    if len(plan["phases"]) > len(shown):
+        lines.append(f"  ... {len(plan['phases']) - len(shown)} more phases (--json lists them all)")
+    if "plot" in plan:
+        lines += ["", f"timeline drawn to {plan['plot']}"]
+    return lines
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    plan = _compute_plan(args.model, args.config, epochs=args.epochs, steps=args.steps)
     if args.plot:
         from .plot import plot_timeline
 
-        title = f"{type(base).__name__}: {description}"
-        payload["plot"] = plot_timeline(args.plot, rows, timeline, preallocated, unit, title)
-        lines += ["", f"timeline drawn to {args.plot}"]
-    return _emit(args, payload, lines)
+        title = f"{plan['model']['class']}: {plan['schedule']['description']}"
+        unit = plan["schedule"]["unit"]
+        plan["plot"] = plot_timeline(
+            args.plot, _plan_rows(plan), plan["timeline"], plan["preallocated_layers"], unit, title
+        )
+    return _emit(args, plan, _render_plan(plan))
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -472,13 +493,54 @@ def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str],
     return layer_of
 
 
-def _run_inspect(args: argparse.Namespace) -> int:
+def _lora_by_module(state: Dict[str, Any]) -> Tuple[Dict[str, Dict[str, Any]], int]:
+    """``{module name: {"lora_A": tensor, ...}}`` of a saved state dict, and the count of other parameters."""
+    lora: Dict[str, Dict[str, Any]] = {}
+    other_params = 0
+    for key, tensor in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            other_params += tensor.numel()
+            continue
+        lora.setdefault(match.group("module"), {})[match.group("part")] = tensor
+    return lora, other_params
+
+
+def _layer_order(layer: Any) -> Tuple[int, str, int]:
+    if layer is None:
+        return (2, "", 0)
+    if isinstance(layer, int):
+        return (0, "", layer)
+    stack, _, index = layer.rpartition(".")
+    return (1, stack, int(index))
+
+
+def _export_verdict(
+    peft_type: Any, scheduled: bool, ever: List[Any], layers: Dict[Any, Dict[str, Any]], in_stacks: List[Any]
+) -> Tuple[bool, str]:
+    """Whether ``export_lora`` can turn the adapter into plain LoRA, and what it would write."""
+    if peft_type != "SCHEDULED_LORA":
+        return False, f"peft_type is {peft_type!r}: already a plain PEFT adapter"
+    if scheduled and not ever:
+        return False, "no layer has been active yet (ever_active_layers is empty)"
+    kept = [layer for layer in in_stacks if not scheduled or layer in ever]
+    kept_modules = sum(len(layers[layer]["modules"]) for layer in kept)
+    if not scheduled:
+        kept_modules += len(layers.get(None, {}).get("modules", []))
+    return True, (
+        f"export_lora(model, out_dir) writes {kept_modules} module(s) of layer(s) {_layers_text(kept)} "
+        f"as a plain LoRA adapter"
+    )
+
+
+def _compute_inspect(folder: str) -> Dict[str, Any]:
+    """What ``inspect`` shows, as plain data (the ``--json`` output): the saved adapter's schedule, and per
+    layer its modules, LoRA parameter count and whether its weights show training."""
     import torch
 
     from .schedule import parse_schedule
     from .tuner import weights_show_training
 
-    folder = args.adapter_dir
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder; give the folder written by model.save_pretrained(...).")
     ignored: List[str] = []
@@ -489,42 +551,26 @@ def _run_inspect(args: argparse.Namespace) -> int:
     unit = config.schedule_unit
     schedule = parse_schedule(config.layer_schedule) if config.layer_schedule is not None else None
 
-    lora: Dict[str, Dict[str, Any]] = {}
-    other_params = 0
-    for key, tensor in state.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            other_params += tensor.numel()
-            continue
-        lora.setdefault(match.group("module"), {})[match.group("part")] = tensor
+    lora, other_params = _lora_by_module(state)
     layer_of = _layer_namer(list(lora), _uses_stack_names(config))
     init = config.init_lora_weights
     knowable = weights_show_training(init, torch.zeros(1)) is not None
-
     layers: Dict[Any, Dict[str, Any]] = {}
     for module, parts in lora.items():
-        layer = layer_of(module)
-        entry = layers.setdefault(layer, {"modules": [], "lora_params": 0, "trained": False if knowable else None})
+        entry = layers.setdefault(
+            layer_of(module), {"modules": [], "lora_params": 0, "trained": False if knowable else None}
+        )
         entry["modules"].append(module)
         entry["lora_params"] += sum(t.numel() for t in parts.values())
         # Zero at init (True / "gaussian"): lora_B, and lora_embedding_A for embeddings.
         if weights_show_training(init, parts.get("lora_B", parts.get("lora_embedding_A"))):
             entry["trained"] = True
 
-    def order(layer: Any) -> Tuple[int, str, int]:
-        if layer is None:
-            return (2, "", 0)
-        if isinstance(layer, int):
-            return (0, "", layer)
-        stack, _, index = layer.rpartition(".")
-        return (1, stack, int(index))
-
-    ids = sorted(layers, key=order)
+    ids = sorted(layers, key=_layer_order)
     in_stacks = [layer for layer in ids if layer is not None]
     ever = list(config.ever_active_layers or [])
     scheduled = config.layer_schedule is not None
     trained = [layer for layer in in_stacks if layers[layer]["trained"]]
-    lora_total = sum(entry["lora_params"] for entry in layers.values())
     notes: List[str] = []
     if ignored:
         notes.append(f"{len(ignored)} config key(s) unknown to the installed PEFT were ignored: {', '.join(ignored)}.")
@@ -538,23 +584,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         idle = [layer for layer in ever if layer in layers and not layers[layer]["trained"]]
         if idle:
             notes.append(f"layer(s) {_layers_text(idle)} are in ever_active_layers but their lora_B is still zero.")
-    if peft_type != "SCHEDULED_LORA":
-        exportable, export_note = False, f"peft_type is {peft_type!r}: already a plain PEFT adapter"
-    elif scheduled and not ever:
-        exportable, export_note = False, "no layer has been active yet (ever_active_layers is empty)"
-    else:
-        kept = [layer for layer in in_stacks if not scheduled or layer in ever]
-        kept_modules = sum(len(layers[layer]["modules"]) for layer in kept)
-        if not scheduled:
-            kept_modules += len(layers.get(None, {}).get("modules", []))
-        exportable = True
-        export_note = (
-            f"export_lora(model, out_dir) writes {kept_modules} module(s) of layer(s) {_layers_text(kept)} "
-            f"as a plain LoRA adapter"
-        )
-
-    description = schedule.describe(unit) if schedule is not None else "none (plain LoRA)"
-    payload = {
+    exportable, export_note = _export_verdict(peft_type, scheduled, ever, layers, in_stacks)
+    target = config.target_modules
+    return {
         "adapter_dir": folder,
         "peft_type": peft_type,
         "base_model_name_or_path": config.base_model_name_or_path,
@@ -563,13 +595,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
             "kind": schedule.kind if schedule is not None else None,
             "layer_schedule": config.to_dict().get("layer_schedule"),
             "unit": unit,
-            "description": description,
+            "description": schedule.describe(unit) if schedule is not None else "none (plain LoRA)",
         },
         "r": config.r,
         "lora_alpha": config.lora_alpha,
-        "target_modules": sorted(config.target_modules)
-        if isinstance(config.target_modules, (set, list, tuple))
-        else config.target_modules,
+        "target_modules": sorted(target) if isinstance(target, (set, list, tuple)) else target,
         "init_lora_weights": init,
         "layers": [
             {
@@ -584,7 +614,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         "preallocated_layers": in_stacks,
         "trained_layers": trained if knowable else None,
         "ever_active_layers": ever if scheduled else in_stacks,
-        "lora_params_total": lora_total,
+        "lora_params_total": sum(entry["lora_params"] for entry in layers.values()),
         "trained_lora_params": sum(layers[layer]["lora_params"] for layer in trained) if knowable else None,
         "other_params": other_params,
         "exportable": exportable,
@@ -592,46 +622,54 @@ def _run_inspect(args: argparse.Namespace) -> int:
         "notes": notes,
     }
 
-    target = payload["target_modules"]
+
+def _render_inspect(report: Dict[str, Any]) -> List[str]:
+    """The text of ``inspect`` (without ``--json``): the lines of :func:`_compute_inspect`'s data."""
+    schedule, init = report["schedule"], report["init_lora_weights"]
     lines = [
-        f"adapter   {folder} ({peft_type}, {weights_file})",
-        f"base      {config.base_model_name_or_path or '(not recorded)'}",
-        f"schedule  {description}",
-        f"          layer_schedule = {json.dumps(payload['schedule']['layer_schedule'])}, unit {unit}",
-        f"LoRA      r={config.r}, lora_alpha={config.lora_alpha}, init_lora_weights={init!r}, "
-        f"target_modules={target!r}",
+        f"adapter   {report['adapter_dir']} ({report['peft_type']}, {report['weights_file']})",
+        f"base      {report['base_model_name_or_path'] or '(not recorded)'}",
+        f"schedule  {schedule['description']}",
+        f"          layer_schedule = {json.dumps(schedule['layer_schedule'])}, unit {schedule['unit']}",
+        f"LoRA      r={report['r']}, lora_alpha={report['lora_alpha']}, init_lora_weights={init!r}, "
+        f"target_modules={report['target_modules']!r}",
         "",
     ]
     state_word = {True: "trained", False: "untrained", None: "unknown"}
     table = [["layer", "modules", "LoRA params", "weights", "ever active"]]
-    for layer in ids:
-        entry = layers[layer]
-        active = "yes" if not scheduled or layer in ever else "no"
+    for layer in report["layers"]:
         table.append(
             [
-                "(outside stacks)" if layer is None else str(layer),
-                str(len(entry["modules"])),
-                _count(entry["lora_params"]),
-                state_word[entry["trained"]],
-                active,
+                "(outside stacks)" if layer["id"] is None else str(layer["id"]),
+                str(len(layer["modules"])),
+                _count(layer["lora_params"]),
+                state_word[layer["trained"]],
+                "yes" if layer["ever_active"] else "no",
             ]
         )
     lines.extend(_table(table))
+    trained, in_stacks = report["trained_layers"], report["preallocated_layers"]
     trained_text = (
-        f"{len(trained)} ({_layers_text(trained)}), {_count(payload['trained_lora_params'])} LoRA parameters"
-        if knowable
+        f"{len(trained)} ({_layers_text(trained)}), {_count(report['trained_lora_params'])} LoRA parameters"
+        if trained is not None
         else f"unknown: init_lora_weights={init!r} does not start lora_B at zero"
     )
     lines += [
         "",
-        f"preallocated      {len(in_stacks)} layer(s): {_layers_text(in_stacks)}; {_count(lora_total)} LoRA parameters",
+        f"preallocated      {len(in_stacks)} layer(s): {_layers_text(in_stacks)}; "
+        f"{_count(report['lora_params_total'])} LoRA parameters",
         f"trained (weights) {trained_text}",
-        f"ever_active       {_layers_text(payload['ever_active_layers'])} (adapter_config.json)",
-        f"other parameters  {_count(other_params)} (modules_to_save and other non-LoRA tensors)",
-        f"exportable        {'yes' if exportable else 'no'}: {export_note}",
+        f"ever_active       {_layers_text(report['ever_active_layers'])} (adapter_config.json)",
+        f"other parameters  {_count(report['other_params'])} (modules_to_save and other non-LoRA tensors)",
+        f"exportable        {'yes' if report['exportable'] else 'no'}: {report['export']}",
     ]
-    lines += [f"note              {note}" for note in notes]
-    return _emit(args, payload, lines)
+    lines += [f"note              {note}" for note in report["notes"]]
+    return lines
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    report = _compute_inspect(args.adapter_dir)
+    return _emit(args, report, _render_inspect(report))
 
 
 register_subcommand(

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
-from toy_training import ToyClassification, scheduled_bert, train, training_args
+from helpers.toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers
 
@@ -212,21 +212,28 @@ def _run(tmp_path, epochs, resume=None, save=True):
     return model, trainer
 
 
-def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The 4-epoch run of ``_run`` with a checkpoint per epoch, done once: resumed runs read its checkpoints
+    and write to folders of their own."""
+    folder = tmp_path_factory.mktemp("checkpointed")
+    _run(folder, 4)
+    return str(folder)
+
+
+def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path, checkpoints):
     straight, _ = _run(tmp_path / "straight", 4, save=False)
-    _run(tmp_path / "first", 4)
-    checkpoint = os.path.join(str(tmp_path / "first"), "checkpoint-8")  # end of epoch 1
-    assert os.path.isdir(checkpoint), sorted(glob.glob(str(tmp_path / "first" / "*")))
-    resumed, trainer = _run(tmp_path / "first", 4, resume=checkpoint)
+    checkpoint = os.path.join(checkpoints, "checkpoint-8")  # end of epoch 1
+    assert os.path.isdir(checkpoint), sorted(glob.glob(os.path.join(checkpoints, "*")))
+    resumed, trainer = _run(tmp_path / "resumed", 4, resume=checkpoint)
     entries = schedule_entries(trainer)
     assert (entries[-1]["schedule_time"], entries[-1]["active_layers"], entries[-1]["step"]) == (2, "1,11", 8)
     for layer in (1, TOP):
         assert same(lora_of(straight, layer), lora_of(resumed, layer))
 
 
-def test_resume_mid_phase_restores_the_active_set(tmp_path):
-    _run(tmp_path, 4)
-    checkpoint = os.path.join(str(tmp_path), "checkpoint-12")  # end of epoch 2, inside phase {1, 11}
+def test_resume_mid_phase_restores_the_active_set(tmp_path, checkpoints):
+    checkpoint = os.path.join(checkpoints, "checkpoint-12")  # end of epoch 2, inside phase {1, 11}
     _, trainer = _run(tmp_path, 4, resume=checkpoint)
     first = [e for e in schedule_entries(trainer) if e["step"] == 12][0]
     assert first["active_layers"] == "1,11"

@@ -1,10 +1,11 @@
-"""``peft-layersched plan`` / ``inspect``: run as a subprocess the way a user runs them, checked against the
-library (the main flows), plus in-process runs of ``cli.main`` for the error table and the registry."""
+"""``peft-layersched plan`` / ``inspect``: ``cli.main`` in this process, its output checked against the
+library (the main flows, the error table, the registry), and one run of the installed console script."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,19 +16,26 @@ from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, cli
 
-import tiny_models
+from helpers import tiny_models
+
+pytestmark = pytest.mark.usefixtures("transformers_logging_restored")
 
 
-def run_cli(cwd, *args):
-    # cwd: a temporary folder, so `-m` imports the installed package, not a checkout next to the test.
-    return subprocess.run(
-        [sys.executable, "-m", "peft_layersched.cli"] + [str(a) for a in args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        universal_newlines=True,
-        cwd=str(cwd),
-        timeout=600,
-    )
+def console_script():
+    """The ``peft-layersched`` script of this interpreter's environment; ``python -m peft_layersched.cli``
+    (which the demo's subprocess test runs too) where the package is only on the path, not installed."""
+    script = os.path.join(os.path.dirname(sys.executable), "peft-layersched")
+    if os.path.isfile(script):
+        return [script]
+    assert os.environ.get("EXPECT_PACKAGE_INSTALLED") != "1", f"the package is installed but {script} is missing"
+    return [sys.executable, "-m", "peft_layersched.cli"]
+
+
+def run_cli(capsys, *args):
+    """``cli.main(args)`` in this process: (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def write_json(path, data):
@@ -36,24 +44,22 @@ def write_json(path, data):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Config-only model folders (no weights): a 6-layer BERT classifier and a T5 (3 + 2 blocks)."""
-    root = tmp_path_factory.mktemp("models")
-    bert = tiny_models.bert(num_layers=6)
-    bert.config.architectures = ["BertForSequenceClassification"]
-    bert.config.save_pretrained(str(root / "bert"))
-    tiny_models.t5().config.save_pretrained(str(root / "t5"))
-    return {"bert": str(root / "bert"), "t5": str(root / "t5" / "config.json")}
-
-
 GRADUAL = {"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 3}
 
 
-def test_plan_shows_stacks_targets_timeline_and_phases(tmp_path, models):
+def test_plan_shows_stacks_targets_timeline_and_phases(tmp_path, config_folders):
+    # The installed entry point in a process of its own (cwd: a temporary folder, so that nothing next to
+    # the test is imported by accident); every other test calls cli.main.
     fields = {"target_modules": ["query", "value"], "r": 4, "layer_schedule": GRADUAL}
     config = write_json(tmp_path / "gradual.json", fields)
-    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config, "--epochs", "7")
+    result = subprocess.run(
+        console_script() + ["plan", "--model", config_folders["bert6"], "--config", config, "--epochs", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        universal_newlines=True,
+        cwd=str(tmp_path),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "BertForSequenceClassification" in out and "built on meta" in out
@@ -68,13 +74,14 @@ def test_plan_shows_stacks_targets_timeline_and_phases(tmp_path, models):
     assert phases[1:] == [["0-1", "5", "512"], ["2-3", "4-5", "1,024"], ["4-6", "3-5", "1,536"]]
 
 
-def test_plan_json_is_what_the_library_does(tmp_path, models):
+def test_plan_json_is_what_the_library_does(tmp_path, capsys, config_folders):
     spec = {"type": "cyclic", "block": 2, "every": 3, "order": "random", "seed": 4}
     fields = {"target_modules": ["query", "value"], "r": 4, "layer_schedule": spec, "schedule_unit": "step"}
     config = write_json(tmp_path / "cyclic.json", dict(fields, task_type="SEQ_CLS"))
-    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config, "--steps", "20", "--json")
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+    code, out, err = run_cli(capsys, "plan", "--model", config_folders["bert6"], "--config", config, "--steps", 20,
+                             "--json")
+    assert code == 0, err
+    plan = json.loads(out)
     # The same config on a real (CPU) model, driven by the library itself.
     model = get_peft_model(tiny_models.bert(num_layers=6), ScheduledLoraConfig(**dict(fields, task_type="SEQ_CLS")))
     assert plan["timeline"] == [model.activate_layers(t) for t in range(20)]
@@ -89,44 +96,38 @@ def test_plan_json_is_what_the_library_does(tmp_path, models):
     assert [phase["start"] for phase in plan["phases"]] == list(range(0, 20, 3))
 
 
-def test_plan_errors_are_the_library_messages_and_exit_1(tmp_path, models):
-    config = write_json(tmp_path / "bad.json", {"target_modules": ["query"], "layer_schedule": {"0": [6]}})
-    result = run_cli(tmp_path, "plan", "--model", models["bert"], "--config", config)
-    assert result.returncode == 1
-    assert "plan: error: layer_schedule[0]: layer 6 is out of range" in result.stderr
-    assert "valid indices are 0..5 or -6..-1" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def _plan(capsys, *args):
-    code = cli.main(["plan"] + [str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-# (case id, config fields, extra arguments, regex of the message on stderr)
+# (case id, config fields, extra arguments, regex of the message on stderr): each exits 1 with the library's
+# message and no traceback.
 PLAN_ERRORS = [
+    (
+        "layer out of range",
+        {"layer_schedule": {"0": [6]}},
+        [],
+        r"plan: error: layer_schedule\[0\]: layer 6 is out of range(?s:.*)valid indices are 0\.\.5 or -6\.\.-1",
+    ),
     ("steps on an epoch schedule", {"layer_schedule": {"0": [1]}}, ["--steps", "5"], r"counts epochs; use --epochs"),
     ("typo field", {"layer_shedule": {"0": [1]}}, [], r"unknown ScheduledLoraConfig field\(s\) \['layer_shedule'\]"),
     ("unknown type", {"layer_schedule": {"type": "linear"}}, [], r"'type' must be one of \['gradual', 'cyclic'"),
     ("k too large", {"layer_schedule": {"type": "sampled", "k": 9}}, [], r"'k' is 9 but there are only 6 candidate"),
     ("no model", {"layer_schedule": {"0": [1]}}, ["--model", "nowhere"], r"--model nowhere: not a config.json file"),
+    ("invalid target regex", {"target_modules": ".*(query", "layer_schedule": {"0": [1]}}, [], r"not a valid regular"),
 ]
 
 
 @pytest.mark.parametrize("fields,extra,message", [c[1:] for c in PLAN_ERRORS], ids=[c[0] for c in PLAN_ERRORS])
-def test_plan_error_table(tmp_path, capsys, models, fields, extra, message):
+def test_plan_error_table(tmp_path, capsys, config_folders, fields, extra, message):
     config = write_json(tmp_path / "c.json", dict({"target_modules": ["query"]}, **fields))
-    model = [] if "--model" in extra else ["--model", models["bert"]]
-    code, _, err = _plan(capsys, *(model + ["--config", config] + extra))
+    model = [] if "--model" in extra else ["--model", config_folders["bert6"]]
+    code, _, err = run_cli(capsys, "plan", *(model + ["--config", config] + extra))
     assert code == 1
     assert re.search(message, err), err
+    assert "Traceback" not in err
 
 
-def test_plan_on_an_encoder_decoder_config_json(tmp_path, capsys, models):
+def test_plan_on_an_encoder_decoder_config_json(tmp_path, capsys, config_folders):
     schedule = {"type": "sampled", "k": 1, "layers": ["encoder.-1", "decoder.0"], "always": ["decoder.-1"]}
     config = write_json(tmp_path / "t5.json", {"target_modules": ["q", "v"], "layer_schedule": schedule})
-    code, out, _ = _plan(capsys, "--model", models["t5"], "--config", config, "--epochs", "4", "--json")
+    code, out, _ = run_cli(capsys, "plan", "--model", config_folders["t5"], "--config", config, "--epochs", 4, "--json")
     assert code == 0
     plan = json.loads(out)
     assert [s["name"] for s in plan["stacks"]] == ["encoder", "decoder"]
@@ -160,12 +161,12 @@ def _train_and_save(folder, schedule, t, steps=2, num_layers=4, **config):
 def test_inspect_reports_trained_adapters_from_the_weights(tmp_path, capsys):
     # 4 layers, gradual up to the top 3: adapters on 1-3; at epoch 2 layers 2-3 train, 1 has not joined yet.
     model = _train_and_save(tmp_path / "adapter", GRADUAL, t=2)
-    text = run_cli(tmp_path, "inspect", tmp_path / "adapter")
-    assert text.returncode == 0, text.stderr
-    table = text.stdout.split("ever active\n")[1].split("\n\n")[0]
+    code, text, err = run_cli(capsys, "inspect", tmp_path / "adapter")
+    assert code == 0, err
+    table = text.split("ever active\n")[1].split("\n\n")[0]
     rows = {line.split()[0]: line.split()[3:] for line in table.splitlines()}
     assert rows == {"1": ["untrained", "no"], "2": ["trained", "yes"], "3": ["trained", "yes"]}
-    assert "exportable        yes: export_lora(model, out_dir) writes 4 module(s) of layer(s) 2-3" in text.stdout
+    assert "exportable        yes: export_lora(model, out_dir) writes 4 module(s) of layer(s) 2-3" in text
     code, report = _inspect(capsys, tmp_path / "adapter")
     assert code == 0
     assert report["peft_type"] == "SCHEDULED_LORA"

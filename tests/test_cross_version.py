@@ -1,7 +1,7 @@
 """Adapters move between the legacy stack (PEFT 0.3.0, Python 3.7) and the installed PEFT.
 
 tox sets ``LEGACY_PYTHON`` to the interpreter of the PEFT 0.3.0 env (built earlier in the matrix); this
-test runs ``xversion_worker.py`` there and here: legacy save -> load here and continue the schedule, and
+test runs ``helpers/xversion_worker.py`` there and here: legacy save -> load here and continue the schedule, and
 save here (safetensors, PEFT's default) -> load on the legacy stack and continue.
 """
 
@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-import xversion_worker
+from helpers import xversion_worker
 
 LEGACY_PYTHON = os.environ.get("LEGACY_PYTHON", "")
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xversion_worker.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 pytestmark = pytest.mark.skipif(
     not (LEGACY_PYTHON and os.path.exists(LEGACY_PYTHON)),
@@ -28,7 +28,8 @@ def _legacy(command, folder):
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        [LEGACY_PYTHON, WORKER, command, str(folder)],
+        [LEGACY_PYTHON, "-m", "helpers.xversion_worker", command, str(folder)],
+        cwd=TESTS,  # where `-m helpers...` is found
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         universal_newlines=True,

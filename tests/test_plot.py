@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
 from peft_layersched import cli
 from peft_layersched.plot import ACTIVE, FROZEN, NO_ADAPTER, WAITING, timeline_states
 
-import tiny_models
-
+pytestmark = pytest.mark.usefixtures("transformers_logging_restored")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # 12 layers; adapters on 9-11; 11 trains at epochs 0-1, 9 at 2-3, nothing from 4 on; 10 never.
 FIELDS = {"target_modules": ["query", "value"], "layer_schedule": {"0": [11], "2": [9], "4": []},
@@ -30,13 +30,10 @@ def test_timeline_states_tell_training_frozen_waiting_and_no_adapter():
 
 
 @pytest.fixture()
-def plan_args(tmp_path):
-    bert = tiny_models.bert()
-    bert.config.architectures = ["BertForSequenceClassification"]
-    bert.config.save_pretrained(str(tmp_path / "bert"))
+def plan_args(tmp_path, config_folders):
     with open(str(tmp_path / "cfg.json"), "w") as handle:
         json.dump(FIELDS, handle)
-    return ["plan", "--model", str(tmp_path / "bert"), "--config", str(tmp_path / "cfg.json"), "--epochs", "6"]
+    return ["plan", "--model", config_folders["bert12"], "--config", str(tmp_path / "cfg.json"), "--epochs", "6"]
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed in this env (peft0212-tf5 has it)")
@@ -56,7 +53,7 @@ def test_plan_plot_draws_every_state(tmp_path, plan_args, capsys):
         assert rgb in pixels, colour
 
 
-@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed here: the missing-package message is not reachable")
-def test_plan_plot_without_matplotlib_says_how_to_install_it(tmp_path, plan_args, capsys):
+def test_plan_plot_without_matplotlib_says_how_to_install_it(tmp_path, plan_args, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
     assert cli.main(plan_args + ["--plot", str(tmp_path / "t.png")]) == 1
     assert "pip install 'peft-layersched[plot]'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from peft import PeftModel
 from peft_layersched import _compat, export_lora
 from peft_layersched.tuner import ScheduledLoraModel
 
-from scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
+from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
 
 
 def _read_json(folder, name="adapter_config.json"):

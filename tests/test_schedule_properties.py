@@ -1,46 +1,144 @@
-"""Property tests (hypothesis) for the torch-free schedule core and its layer addressing."""
+"""Property tests (hypothesis) for the torch-free milestone schedules, time checks and layer addressing.
+
+The typed schedules (gradual, cyclic, sampled) bound to a model's layers: ``test_schedules.py``.
+"""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peft_layersched import ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedule import parse_schedule
+from peft_layersched.schedule import check_time, parse_schedule
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(max_examples=300, deadline=None)
+LIGHT = settings(max_examples=100, deadline=None)
 
 layer_ids = st.one_of(
     st.integers(min_value=-48, max_value=47),
-    st.builds("decoder.{}".format, st.integers(min_value=-6, max_value=5)),
+    st.builds("{}.{}".format, st.sampled_from(["encoder", "decoder", "model.layers"]), st.integers(-6, 5)),
 )
-milestones = st.dictionaries(st.integers(min_value=0, max_value=1000), st.lists(layer_ids, max_size=6), min_size=1)
+phase_lists = st.lists(layer_ids, max_size=6)
+milestones = st.dictionaries(st.integers(min_value=0, max_value=1000), phase_lists, min_size=1)
+
+
+def _last_started(spec, t):
+    started = [start for start in spec if start <= t]
+    return list(spec[max(started)]) if started else []
+
+
+def _parsed_or_error(spec):
+    """``(schedule, None)`` if ``parse_schedule`` accepts ``spec``, else ``(None, the exception)``."""
+    try:
+        return parse_schedule(spec), None
+    except Exception as error:  # the test asserts its type
+        return None, error
+
+
+def _assert_user_error(error):
+    assert type(error) in (ValueError, TypeError), "{}: {}".format(type(error).__name__, error)
+    assert str(error), "an error without a message"
+
+
+# ----------------------------------------------------------------------------------- valid milestones
 
 
 @SETTINGS
 @given(milestones, st.integers(min_value=0, max_value=1200))
 def test_active_set_is_the_last_phase_started(spec, t):
     schedule = parse_schedule(spec)
-    started = [start for start in spec if start <= t]
-    expected = spec[max(started)] if started else []
-    assert schedule.active_at(t) == list(expected)
-    # deterministic, no state: queries at other times in between change nothing
+    expected = _last_started(spec, t)
+    assert schedule.active_at(t) == expected
+    assert schedule.boundaries() == sorted(spec)
+    # Constant between boundaries: the set can only change at a phase start.
+    if t > 0 and t not in spec:
+        assert schedule.active_at(t - 1) == schedule.active_at(t)
+    # Deterministic, no state: queries at other times in between change nothing.
     for other in (0, t + 7, max(t - 3, 0)):
         schedule.active_at(other)
-    assert schedule.active_at(t) == list(expected) == parse_schedule(spec).active_at(t)
+    assert schedule.active_at(t) == expected == parse_schedule(spec).active_at(t)
 
 
 @SETTINGS
 @given(milestones)
-def test_json_round_trip_is_identity(spec):
+def test_milestones_survive_json_and_the_config(spec):
     schedule = parse_schedule(spec)
-    through_json = json.loads(json.dumps(schedule.to_json()))  # int keys become strings
-    again = parse_schedule(through_json)
-    assert again.to_json() == schedule.to_json()
+    as_json = json.loads(json.dumps(schedule.to_json()))  # int keys become str
+    assert all(isinstance(start, str) for start in as_json)
+    again = parse_schedule(as_json)
+    assert again.phases == schedule.phases
+    assert again.to_json() == schedule.to_json() == {start: list(layers) for start, layers in sorted(spec.items())}
     for t in list(spec) + [0, 5000]:
         assert again.active_at(t) == schedule.active_at(t)
+    every = [layer for _, layers in sorted(spec.items()) for layer in layers]
+    assert again.all_layers() == sorted(set(every), key=every.index)
+    for form in (spec, as_json):
+        config = ScheduledLoraConfig(layer_schedule=form)
+        assert config.is_scheduled
+        assert list(config.layer_schedule.items()) == sorted(spec.items())  # int keys, in start order
+
+
+# ----------------------------------------------------------------------------------- invalid specs
+
+# A valid spec with one known-bad piece put in: must be rejected, with ValueError or TypeError only.
+BAD_STARTS = st.one_of(
+    st.integers(max_value=-1),
+    st.booleans(),
+    st.floats().filter(lambda x: not (x == x and float(x).is_integer() and x >= 0)),
+    st.text(alphabet="abcxyz -_.", min_size=1, max_size=6),
+    st.none(),
+    st.tuples(st.integers()),
+)
+BAD_LAYERS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(),
+    st.text(alphabet="abcxyz -_", min_size=0, max_size=6),
+    st.sampled_from(["eleven", "1.5", "decoder.", ".1", "decoder.one", "--1", "1e3"]),
+    st.lists(st.integers(), max_size=2),
+    st.binary(max_size=3),
+)
+NOT_A_LIST = st.one_of(st.none(), st.integers(), st.text(max_size=4), st.dictionaries(st.integers(), st.integers()))
+
+
+@st.composite
+def broken_milestones(draw):
+    spec = dict(draw(milestones))
+    how = draw(st.sampled_from(["start", "layer", "list", "empty", "container"]))
+    if how == "start":
+        # The bad key goes in first: True == 1 and 2.0 == 2 would otherwise just overwrite a good key.
+        broken = {draw(BAD_STARTS): draw(st.lists(layer_ids, max_size=4))}
+        for start, layers in spec.items():
+            if start not in broken:
+                broken[start] = layers
+        spec = broken
+    elif how == "layer":
+        start = draw(st.sampled_from(sorted(spec)))
+        layers = list(spec[start])
+        layers.insert(draw(st.integers(0, len(layers))), draw(BAD_LAYERS))
+        spec[start] = layers
+    elif how == "list":
+        spec[draw(st.sampled_from(sorted(spec)))] = draw(NOT_A_LIST)
+    elif how == "empty":
+        spec = {}
+    else:
+        spec = draw(
+            st.one_of(st.lists(st.lists(layer_ids, max_size=4), max_size=2), st.text(max_size=4), st.integers())
+        )  # None: plain LoRA
+    return spec
+
+
+@SETTINGS
+@given(broken_milestones())
+def test_a_broken_milestone_spec_is_refused_by_the_parser_and_the_config(spec):
+    with pytest.raises((ValueError, TypeError)):
+        parse_schedule(spec)
+    with pytest.raises((ValueError, TypeError)):
+        ScheduledLoraConfig(layer_schedule=spec)
 
 
 junk = st.one_of(
@@ -62,17 +160,45 @@ bad_specs = st.one_of(
     st.dictionaries(st.integers(min_value=-9, max_value=-1), st.lists(layer_ids, max_size=2), min_size=1),
     st.dictionaries(st.integers(min_value=0, max_value=9), st.lists(junk, min_size=1, max_size=2), min_size=1),
 )
+ANYTHING = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5), st.binary(max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.one_of(st.integers(), st.text(max_size=3), st.floats(allow_nan=False), st.booleans()),
+            inner,
+            max_size=3,
+        ),
+    ),
+    max_leaves=8,
+)
 
 
-@settings(max_examples=400, deadline=None)
-@given(bad_specs)
-def test_invalid_specs_raise_only_value_or_type_errors(spec):
-    try:
-        parse_schedule(spec)
-    except (ValueError, TypeError):
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(bad_specs, ANYTHING))
+def test_any_value_is_parsed_or_refused_with_a_value_or_type_error(spec):
+    schedule, error = _parsed_or_error(spec)
+    if error is not None:
+        _assert_user_error(error)
         return
-    # Accepted: then it must be a real milestone schedule.
+    # Accepted: then it is a real milestone schedule whose phases came from the spec.
     assert isinstance(spec, dict) and spec
+    assert len(schedule.phases) == len(spec)
+    assert all(start >= 0 for start in schedule.boundaries())
+
+
+# ----------------------------------------------------------------------------------- times and layer ids
+
+
+@LIGHT
+@given(st.one_of(st.integers(-50, 50), st.floats(allow_nan=True), st.text(max_size=3), st.booleans(), st.none()))
+def test_check_time(t):
+    integral = not isinstance(t, bool) and (isinstance(t, int) or (isinstance(t, float) and t.is_integer()))
+    if integral and t >= 0:
+        assert check_time(t) == t and type(check_time(t)) is int
+    else:
+        with pytest.raises(ValueError if integral else TypeError):
+            check_time(t)
 
 
 @SETTINGS

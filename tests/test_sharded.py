@@ -2,8 +2,8 @@
 LayerScheduleCallback, FSDP2 and FSDP1 (use_orig_params=True) in a plain loop.
 
 Per optimizer step every rank records the active layers and a hash of each layer's full LoRA weights
-(tests/sharded_worker.py).  The schedule: layer 3 trains epochs 0-1 and is frozen from epoch 2 on, when
-layer 1 joins (4 optimizer steps per epoch, 4 epochs).
+(tests/helpers/sharded_worker.py).  The schedule: layer 3 trains epochs 0-1 and is frozen from epoch 2
+on, when layer 1 joins (4 optimizer steps per epoch, 4 epochs).
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ import hashlib
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from packaging.version import Version
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
+from helpers import tiny_models
+from helpers.launch import two_ranks
+
 TORCH = Version(Version(torch.__version__).base_version)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 FSDP_KINDS = ("fsdp2", "fsdp1")
 ZERO_KINDS = ("zero1", "zero2", "zero3")
-LR_SCALE = 0.5  # sharded_worker.LR_SCALE
+LR_SCALE = 0.5  # helpers.sharded_worker.LR_SCALE
 
 needs_fsdp = pytest.mark.skipif(TORCH < Version("2.4"), reason=f"torch {torch.__version__}: fully_shard needs >= 2.4")
 needs_deepspeed = pytest.mark.skipif(
@@ -33,34 +32,14 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def launch(out, kinds, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        WORKER, str(out), ",".join(kinds),
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        universal_newlines=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
-        process.communicate()
-        pytest.fail(f"the 2-process {kinds} run did not finish within {timeout} s")
-    assert process.returncode == 0, output[-6000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("fsdp"), FSDP_KINDS, 300)
+    return two_ranks("sharded_worker", tmp_path_factory.mktemp("fsdp"), FSDP_KINDS, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("zero"), ZERO_KINDS, 600)
+    return two_ranks("sharded_worker", tmp_path_factory.mktemp("zero"), ZERO_KINDS, timeout=600)
 
 
 def ranks(out, kind):
@@ -122,9 +101,6 @@ def test_zero3_saves_the_full_adapter_and_it_loads_without_deepspeed(zero_run):
     from peft import PeftModel
 
     import peft_layersched  # noqa: F401  (registers SCHEDULED_LORA: what a user imports to load it)
-
-    sys.path.insert(0, os.path.dirname(WORKER))
-    import tiny_models
 
     final = ranks(zero_run, "zero3")[0]["steps"][-1]["hashes"]
     model = PeftModel.from_pretrained(tiny_models.bert(num_layers=4), os.path.join(str(zero_run), "zero3", "adapter"))

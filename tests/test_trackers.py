@@ -10,7 +10,7 @@ import pytest
 
 from peft_layersched import LayerScheduleCallback
 
-from toy_training import ToyClassification, scheduled_bert, train
+from helpers.toy_training import ToyClassification, scheduled_bert, train
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None,

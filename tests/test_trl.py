@@ -7,7 +7,7 @@ import torch
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
-import tiny_models
+from helpers import tiny_models
 
 trl = pytest.importorskip("trl", reason="TRL is installed only in the newest tox env (peft0212-tf5)")
 datasets = pytest.importorskip("datasets", reason="TRL's datasets dependency is missing")

@@ -1,5 +1,6 @@
 """The scheduled tuner on every model family: placement, activation, bypass, disable/merge, plain-LoRA parity,
-and bitwise invisibility of preallocated adapters until their phase."""
+and, in real training loops (AdamW with weight decay, dropout), bitwise invisibility of preallocated adapters
+until their phase and frozen layers that stay bitwise still."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from scheduled_cases import CASES, logits, lora_modules, lora_params, loss, perturb, snapshot, trainable
+from helpers.scheduled_cases import (
+    BY_FAMILY,
+    CASES,
+    logits,
+    lora_modules,
+    lora_params,
+    loss,
+    perturb,
+    snapshot,
+    trainable,
+)
 
 
 def _requires_grad(model):
@@ -185,10 +196,10 @@ def test_modules_to_save_train_in_every_phase(family, kwargs, module):
 # --------------------------------------------------------------------------- bitwise invisibility
 
 
-def _train(case, schedule, preallocate, epochs, steps=2):
+def _train(case, schedule, preallocate, epochs, steps=2, **config):
     """AdamW with weight decay over every requires_grad parameter, built right after get_peft_model."""
     torch.manual_seed(0)
-    model = case.build(layer_schedule=schedule, preallocate_layers=preallocate, lora_dropout=0.1)
+    model = case.build(layer_schedule=schedule, preallocate_layers=preallocate, lora_dropout=0.1, **config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.train()
     losses, snapshots = [], [snapshot(model)]
@@ -208,11 +219,18 @@ def _same(before, after, names):
     return [torch.equal(before[n], after[n]) for n in names]
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_preallocated_layers_are_bitwise_invisible_until_their_phase(case):
+# (case, extra config): every family, and BERT again with a classifier head (modules_to_save) that
+# trains in every phase next to the scheduled adapters.
+INVISIBILITY = [(case, {}) for case in CASES] + [(BY_FAMILY["bert"], {"task_type": "SEQ_CLS"})]
+
+
+@pytest.mark.parametrize(
+    "case,config", INVISIBILITY, ids=[repr(c) + (" with head" if kw else "") for c, kw in INVISIBILITY]
+)
+def test_preallocated_layers_are_bitwise_invisible_until_their_phase(case, config):
     top, low = [case.raw_top], [case.raw_low]
-    losses_a, a = _train(case, {0: top, 3: low + top, 4: low}, [case.raw_spare] + low + top, epochs=5)
-    losses_b, b = _train(case, {0: top}, None, epochs=3)
+    losses_a, a = _train(case, {0: top, 3: low + top, 4: low}, [case.raw_spare] + low + top, epochs=6, **config)
+    losses_b, b = _train(case, {0: top}, None, epochs=3, **config)
     names = sorted(a[0])
     top_names = [n for n in names if case.layer_of(n) == case.top]
     low_names = [n for n in names if case.layer_of(n) == case.low]
@@ -224,15 +242,17 @@ def test_preallocated_layers_are_bitwise_invisible_until_their_phase(case):
         assert torch.equal(x, y), step
     for epoch in range(4):
         assert all(_same(a[epoch], b[epoch], top_names)), epoch
+    for epoch in range(3):  # top trains in each epoch of its phase
+        assert not all(_same(a[epoch], a[epoch + 1], top_names)), epoch
     assert not any(_same(a[0], a[3], [n for n in top_names if "lora_B" in n]))  # top really trained
     assert all(_same(a[0], a[3], low_names + spare_names))  # untouched until their phase
     # Epoch 3: the low layer starts training.
     assert not all(_same(a[3], a[4], low_names))
     assert not any(_same(a[3], a[4], [n for n in low_names if "lora_B" in n]))
-    # Epoch 4: top frozen (bitwise still under AdamW weight decay) while low keeps training.
-    assert all(_same(a[4], a[5], top_names))
-    assert not all(_same(a[4], a[5], low_names))
-    assert all(_same(a[0], a[5], spare_names))  # never active: never changes
+    # Epochs 4-5: top frozen (bitwise still under AdamW weight decay, epoch after epoch) while low trains.
+    assert all(_same(a[4], a[5], top_names)) and all(_same(a[5], a[6], top_names))
+    assert not all(_same(a[4], a[5], low_names)) and not all(_same(a[5], a[6], low_names))
+    assert all(_same(a[0], a[6], spare_names))  # never active: never changes
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)

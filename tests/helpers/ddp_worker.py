@@ -1,6 +1,7 @@
 """One rank of a 2-process DDP Trainer run (gloo, CPU), launched by tests/test_distributed.py via torchrun.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT_DIR epoch,step,refuse
+    cd tests && python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        -m helpers.ddp_worker OUT_DIR epoch,step,refuse
 
 For each training kind writes OUT_DIR/<kind><rank>.json: per optimizer step, the active layers and a
 hash of each layer's LoRA weights as they were after that step; for "refuse", the callback's error.
@@ -14,14 +15,11 @@ import os
 import sys
 
 import torch
+from transformers import Trainer, TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peft_layersched import LayerScheduleCallback
 
-from transformers import Trainer, TrainerCallback  # noqa: E402
-
-from peft_layersched import LayerScheduleCallback  # noqa: E402
-
-from toy_training import ToyClassification, cpu_flag, scheduled_bert, train, training_args  # noqa: E402
+from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train, training_args
 
 LAYERS = 4
 SCHEDULES = {

@@ -1,7 +1,7 @@
 """Run by tests/test_cross_version.py, in this or another tox env's interpreter (e.g. PEFT 0.3.0).
 
-    python xversion_worker.py save DIR    train a scheduled adapter and save it (+ base weights, outputs)
-    python xversion_worker.py load DIR    load DIR's adapter, check outputs, continue the schedule
+    cd tests && python -m helpers.xversion_worker save DIR    train a scheduled adapter and save it (+ base weights)
+    cd tests && python -m helpers.xversion_worker load DIR    load DIR's adapter, check outputs, continue the schedule
 
 Prints one JSON line with what it saw.
 """
@@ -13,15 +13,12 @@ import os
 import sys
 
 import torch
+from peft import PeftModel, get_peft_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peft_layersched
+from peft_layersched import ScheduledLoraConfig
 
-from peft import PeftModel, get_peft_model  # noqa: E402
-
-import peft_layersched  # noqa: E402
-from peft_layersched import ScheduledLoraConfig  # noqa: E402
-
-import tiny_models  # noqa: E402
+from helpers import tiny_models
 
 SCHEDULE = {0: [11], 2: [1, 11]}
 

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
-import tiny_models
+from helpers import tiny_models
 
 
 class ToyClassification(Dataset):

@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig
 
-import tiny_models
+from helpers import tiny_models
 
 PREFIX = "base_model.model."
 

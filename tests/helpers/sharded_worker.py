@@ -1,6 +1,7 @@
 """One rank of a 2-process sharded run (gloo, CPU), launched by tests/test_sharded.py via torchrun.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 sharded_worker.py OUT_DIR KIND[,KIND...]
+    cd tests && python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        -m helpers.sharded_worker OUT_DIR KIND[,KIND...]
 
 Kinds: ``zero1``, ``zero2``, ``zero3`` (the Trainer with TrainingArguments(deepspeed=...) and LayerScheduleCallback;
 ``zero2`` also saves a checkpoint at step 6 and a second run resumes from it), ``fsdp2`` and ``fsdp1``
@@ -17,15 +18,12 @@ import os
 import sys
 
 import torch
+from transformers import TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peft_layersched import LayerScheduleCallback
+from peft_layersched.sharded import LAYER_KEY
 
-from transformers import TrainerCallback  # noqa: E402
-
-from peft_layersched import LayerScheduleCallback  # noqa: E402
-from peft_layersched.sharded import LAYER_KEY  # noqa: E402
-
-from toy_training import ToyClassification, cpu_flag, scheduled_bert, train  # noqa: E402
+from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train
 
 LAYERS = 4
 # layer 3 trains epochs 0-1 and is frozen after; layer 1 joins at epoch 2 (4 optimizer steps per epoch)

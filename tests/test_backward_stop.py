@@ -1,4 +1,4 @@
-"""The correctness side of "backward stops at the lowest active layer" (issue #6).
+"""Backward stops at the lowest active layer, and the gradients stay exact.
 
 Gradients with gradient checkpointing (reentrant and non-reentrant) equal plain autograd's, phase after
 phase, including phases whose lowest active layer is 0 and switches down to a lower layer; frozen layers
@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, _compat, checkpointing
 
-import tiny_models
+from helpers import tiny_models
 
 # family -> (layer stack paths, schedule, expected stop at t = 0, 1, ...: lowest active layer or None)
 PHASES = {
@@ -279,7 +279,7 @@ def test_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
     """``TrainingArguments(gradient_checkpointing=True)`` the way users turn it on (the Trainer enables it on
     the PeftModel, with whatever hooks this transformers/PEFT add): the schedule trains each layer in its
     phase, backward stops at the lowest active layer, and the weights match a run without checkpointing."""
-    from toy_training import scheduled_bert, train
+    from helpers.toy_training import scheduled_bert, train
 
     runs = {}
     for checkpointing_on in (False, True):

@@ -1,0 +1,90 @@
+"""ScheduledLoraConfig: its defaults, and the JSON round trip through save_pretrained / from_pretrained.
+
+Schedule property tests: ``test_schedule_properties.py`` (milestones) and ``test_schedules.py`` (typed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+from peft import LoraConfig
+
+from peft_layersched import ScheduledLoraConfig
+
+NEW_FIELDS = {
+    "layer_schedule": None,
+    "schedule_unit": "epoch",
+    "preallocate_layers": None,
+    "layers_pattern": None,
+    "init_seed": None,
+    "ever_active_layers": None,
+}
+
+
+def test_defaults():
+    config = ScheduledLoraConfig()
+    # LoRA in memory (every LoRA path of PEFT applies), SCHEDULED_LORA in to_dict() and on disk.
+    assert config.peft_type == "LORA" and config.to_dict()["peft_type"] == "SCHEDULED_LORA"
+    # PEFT 0.3.0 ships None for both; ours are the same on every PEFT.
+    assert (config.lora_alpha, config.lora_dropout) == (8, 0.0)
+    assert {name: getattr(config, name) for name in NEW_FIELDS} == NEW_FIELDS
+    assert not config.is_scheduled and config.schedule() is None
+    # Every other LoraConfig field keeps LoraConfig's default.
+    plain = LoraConfig()
+    for field in dataclasses.fields(LoraConfig):
+        if field.name not in {"peft_type", "lora_alpha", "lora_dropout"}:
+            assert getattr(config, field.name) == getattr(plain, field.name), field.name
+
+
+# (case id, config kwargs): each is saved with save_pretrained and read back with from_pretrained.
+ROUND_TRIPS = [
+    ("plain", dict(r=4, target_modules=["query", "value"])),
+    (
+        "int ids",
+        dict(
+            r=4,
+            target_modules=["query", "value"],
+            layer_schedule={0: [11], 3: [1, 11], 10: []},
+            preallocate_layers=[1, 5, 11],
+            init_seed=7,
+            ever_active_layers=[11],
+            layers_pattern="encoder.layer",
+        ),
+    ),
+    (
+        "stack ids, steps",
+        dict(
+            target_modules=r".*\.(q|v)",
+            layer_schedule={0: ["decoder.-1"], 250: ["encoder.0", "decoder.-1"]},
+            schedule_unit="step",
+            layers_pattern=["encoder.block", "decoder.block"],
+            lora_alpha=16,
+            lora_dropout=0.1,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in ROUND_TRIPS], ids=[c[0] for c in ROUND_TRIPS])
+def test_config_survives_save_pretrained_and_from_pretrained(kwargs, tmp_path):
+    config = ScheduledLoraConfig(**kwargs)
+    config.save_pretrained(str(tmp_path))
+    with open(os.path.join(str(tmp_path), "adapter_config.json")) as handle:
+        written = json.load(handle)
+    assert written["peft_type"] == "SCHEDULED_LORA"
+    if config.layer_schedule is not None:
+        assert sorted(written["layer_schedule"]) == sorted(str(k) for k in config.layer_schedule)  # JSON keys: str
+
+    loaded = ScheduledLoraConfig.from_pretrained(str(tmp_path))
+    assert type(loaded) is ScheduledLoraConfig
+    assert loaded.peft_type == "LORA" and loaded.to_dict() == config.to_dict()
+    for name in list(kwargs) + list(NEW_FIELDS):
+        value = getattr(loaded, name)
+        assert value == getattr(config, name), name
+        if name == "layer_schedule" and value is not None:
+            assert all(type(start) is int for start in value), value  # int keys survive
+    if config.layer_schedule is not None:
+        assert loaded.schedule().phases == config.schedule().phases
