@@ -20,8 +20,8 @@ from peft import get_peft_model
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
-import tiny_models
-from toy_training import training_args
+from helpers import tiny_models
+from helpers.toy_training import training_args
 
 if os.environ.get("PEFT_LAYERSCHED_COMPILE_TESTS") == "0":
     # ~30 s of dynamo tracing: tox.ini runs it in the oldest and the newest transformers envs only

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
-from toy_training import scheduled_bert, train, training_args
+from helpers.toy_training import scheduled_bert, train, training_args
 
 # 16 samples / batch 4 = 4 optimizer steps per epoch; 3 epochs = 12 steps; a switch every 2 steps.
 ROTATION = {0: [0], 2: [1], 4: [2], 6: [3], 8: [0], 10: [1, 3]}
