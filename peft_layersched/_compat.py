@@ -6,11 +6,14 @@ except where noted.  Each function's docstring says which versions behave how.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 import inspect
 import math
 import re
-from typing import Any, Dict, Iterator, List
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import peft
 import torch
@@ -96,6 +99,102 @@ def _install_tuner_dispatch(config_cls: type, tuner_cls: type) -> None:
 
     __new__._peft_layersched_dispatch = True  # type: ignore[attr-defined]
     LoraModel.__new__ = staticmethod(__new__)
+
+
+# ----------------------------------------------------------------------------------- configs
+
+
+class UniformConfig(object):
+    """Mixin (first base, before ``LoraConfig``) that makes a config subclass behave alike on every PEFT.
+
+    * ``__post_init__``: PEFT 0.3.0's ``LoraConfig`` defaults ``lora_alpha``/``lora_dropout`` to ``None``
+      (and crashes on them), and a file it wrote may carry those ``None`` s: they become this class's
+      field defaults.
+    * ``copy.copy``/``copy.deepcopy``: PEFT 0.3.0's config defines a ``__dict__`` property (``asdict``),
+      which makes the default protocol restore nothing: the attributes are copied one by one (a callable
+      value stays the same function under deepcopy).
+    * ``from_pretrained``: PEFT 0.3-0.6 build the config with defaults and ``setattr()`` the loaded
+      fields afterwards, so ``__post_init__`` never saw them: ``_loaded()`` runs on the result.
+    * ``from_json_file``: PEFT 0.6-0.13 build configs with ``cls(**json)`` and fail on keys a newer PEFT
+      wrote; 0.14+ drops them with a warning.  Here every PEFT drops them with a warning (after
+      ``_renamed_keys(loaded)``, which may map old names of this package's own fields).
+    * ``_save_as(save_directory, on_disk, **kwargs)``: PEFT 0.3.0 writes ``asdict(self)``, not
+      ``to_dict()``: the values meant for the file go onto a shallow copy, which PEFT then writes.
+    """
+
+    _NONE_IN_PEFT_030 = ("lora_alpha", "lora_dropout")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self._NONE_IN_PEFT_030:
+            if getattr(self, name, None) is None and defaults.get(name) is not None:
+                setattr(self, name, defaults[name])
+
+    def __copy__(self) -> Any:
+        new = object.__new__(type(self))
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, value)
+        return new
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
+    def _loaded(self) -> None:
+        """Check a config that PEFT filled in after construction (override)."""
+
+    @classmethod
+    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+        """The keys of a loaded ``adapter_config.json`` under their current names (override)."""
+        return loaded
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+        config = super().from_pretrained(  # type: ignore[misc]
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        if isinstance(config, UniformConfig):
+            config._loaded()
+        return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
+        loaded = cls._renamed_keys(super().from_json_file(path_json_file, **kwargs))  # type: ignore[misc]
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(key for key in loaded if key not in known)
+        if unknown:
+            warnings.warn(
+                f"{path_json_file}: ignoring {unknown}, written by a newer PEFT than the installed "
+                f"{PEFT_VERSION}; the adapter loads without them.",
+                stacklevel=2,
+            )
+        return {key: value for key, value in loaded.items() if key in known}
+
+    def _save_as(self, save_directory: str, on_disk: Dict[str, Any], **kwargs: Any) -> None:
+        written = copy.copy(self)
+        for key, value in on_disk.items():
+            setattr(written, key, value)
+        super(UniformConfig, written).save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+
+
+# PeftConfig fields that only some PEFT versions have: reading one where it is missing gives None.
+_OPTIONAL_FIELDS = {
+    "layers_to_transform": "0.4+",
+    "layers_pattern": "0.4+",
+    "exclude_modules": "0.14+",
+    "target_parameters": "0.17+",
+}
+
+
+def optional_field(config: Any, name: str) -> Any:
+    """``config.<name>``, or ``None`` on a PEFT without that field (see ``_OPTIONAL_FIELDS``)."""
+    if name not in _OPTIONAL_FIELDS:  # pragma: no cover - a programming error
+        raise KeyError(f"{name!r} is not a known optional PEFT config field: {sorted(_OPTIONAL_FIELDS)}")
+    return getattr(config, name, None)
 
 
 def module_excluded(name: str, exclude_modules: Any) -> bool:
@@ -208,18 +307,58 @@ def default_target_modules(model: nn.Module) -> Any:
     return list(mapping[model_type])
 
 
-def injection_args(method: str, args: tuple, kwargs: dict, default_model: nn.Module) -> Any:
-    """(model, adapter_name) of a PEFT injection call.
+class TunerHooks(object):
+    """Mixin (first base, before ``LoraModel``): PEFT's injection and unload, the same on every PEFT.
 
-    PEFT 0.3/0.4 inject through ``add_adapter(adapter_name, config=None)`` on ``self.model``;
-    0.5+ through ``inject_adapter(model, adapter_name, ...)``.
+    Injection runs inside ``self._scheduled_injection(model, adapter_name)`` after the adapter's config
+    went through ``self._own_config(config)`` (the tuner's own copy): PEFT >= 0.5 inject through
+    ``inject_adapter(model, adapter_name, ...)``, which reads the config that ``PeftModel.add_adapter`` /
+    ``load_adapter`` stored in ``peft_config``; PEFT 0.3 / 0.4 through ``add_adapter(adapter_name,
+    config=None)`` on ``self.model``, which stores a given config itself.  ``unload()`` (PEFT >= 0.5;
+    an ``AttributeError`` before) hands the plain model to ``self._unloaded(model)``.
     """
-    if method == "add_adapter":
-        name = args[0] if args else kwargs["adapter_name"]
-        return default_model, name
-    model = args[0] if args else kwargs["model"]
-    name = args[1] if len(args) > 1 else kwargs["adapter_name"]
-    return model, name
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
+        model = args[0] if args else kwargs["model"]
+        adapter_name = args[1] if len(args) > 1 else kwargs["adapter_name"]
+        self.peft_config[adapter_name] = self._own_config(self.peft_config[adapter_name])
+        with self._scheduled_injection(model, adapter_name):
+            return super().inject_adapter(*args, **kwargs)  # type: ignore[misc]
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT 0.3 / 0.4
+        parent = getattr(super(), "add_adapter", None)
+        if parent is None:
+            raise AttributeError("add_adapter")
+        adapter_name = args[0] if args else kwargs["adapter_name"]
+        if len(args) > 1 or kwargs.get("config") is not None:
+            config = self._own_config(args[1] if len(args) > 1 else kwargs.pop("config"))
+            args = (args[0], config) + tuple(args[2:]) if len(args) > 1 else args
+            if len(args) < 2:
+                kwargs["config"] = config
+            self.peft_config[adapter_name] = config
+        with self._scheduled_injection(self.model, adapter_name):
+            return parent(*args, **kwargs)
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        parent = getattr(super(), "unload", None)  # PEFT >= 0.5
+        if parent is None:
+            raise AttributeError("unload")
+        plain = parent(*args, **kwargs)
+        self._unloaded(plain)
+        return plain
+
+    # Overridden by the tuner:
+    peft_config: Dict[str, Any]
+    model: nn.Module
+
+    def _own_config(self, config: Any) -> Any:  # pragma: no cover - overridden
+        return config
+
+    def _scheduled_injection(self, model: nn.Module, adapter_name: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _unloaded(self, model: nn.Module) -> None:  # pragma: no cover - overridden
+        pass
 
 
 def get_adapter_state_dict(peft_model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
@@ -277,6 +416,36 @@ def trainer_resumes_adapter_checkpoints() -> bool:
     from packaging.version import Version
 
     return _transformers_version() >= Version("4.31")
+
+
+def write_legacy_resume_weights(model: Any, args: Any, state: Any) -> Optional[str]:
+    """Make the Trainer checkpoint just saved resumable on transformers 4.30; a no-op on 4.31+.
+
+    transformers 4.30 resumes only from a full weights file, which a PeftModel checkpoint lacks: the
+    trainable part (LoRA + ``modules_to_save``) is written to ``checkpoint-<step>/pytorch_model.bin``,
+    which that Trainer loads non-strictly.  For ``TrainerCallback.on_save(args, state, ...)``; returns
+    the path written, or ``None``.
+    """
+    import os
+
+    if trainer_resumes_adapter_checkpoints() or model is None:
+        return None
+    folder = os.path.join(args.output_dir, "checkpoint-{}".format(state.global_step))
+    if not (os.path.isdir(folder) and args.should_save):
+        return None
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+    path = os.path.join(folder, "pytorch_model.bin")
+    torch.save(weights, path)
+    return path
+
+
+def linear_types() -> Tuple[type, ...]:
+    """The module types ``target_modules="all-linear"`` means: ``nn.Linear`` and transformers' ``Conv1D``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
 
 
 def install_legacy_safetensors_reader() -> None:
@@ -416,6 +585,24 @@ def checkpointing_skips_layer_hooks(stack_parent: nn.Module) -> bool:
             source = ""
         _SKIPS_HOOKS[cls] = bool(_CHECKPOINTS_FORWARD.search(source))
     return _SKIPS_HOOKS[cls]
+
+
+def checkpointing_flag_holder(model: nn.Module, stack_path: str, index: int) -> Optional[nn.Module]:
+    """The module whose ``gradient_checkpointing`` flag decides whether layer ``index`` is checkpointed.
+
+    The layer itself from transformers 4.52 (``GradientCheckpointingLayer``); before, the module that
+    loops over the stack (or an ancestor of it).
+    """
+    flag = "gradient_checkpointing"
+    layer = model.get_submodule(f"{stack_path}.{index}")
+    if hasattr(layer, flag):
+        return layer
+    parts = stack_path.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut])) if cut else model
+        if hasattr(module, flag):
+            return module
+    return None
 
 
 def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = True) -> bool:

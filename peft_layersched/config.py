@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ def _check_target_regex(target_modules: Any) -> None:
 
 
 @dataclass
-class ScheduledLoraConfig(LoraConfig):
+class ScheduledLoraConfig(_compat.UniformConfig, LoraConfig):
     """LoRA whose trainable layers follow a schedule.
 
     Every ``LoraConfig`` field keeps its meaning (``r``, ``lora_alpha``, ``lora_dropout``,
@@ -131,12 +129,7 @@ class ScheduledLoraConfig(LoraConfig):
         # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
         # lists are layer stacks" and is never handed to PEFT's own layer filter.
         with self._hidden_layers_pattern():
-            super().__post_init__()
-        # PEFT 0.3.0's LoraConfig defaults are None; a loaded 0.3.0 file may carry them too.
-        if self.lora_alpha is None:
-            self.lora_alpha = 8
-        if self.lora_dropout is None:
-            self.lora_dropout = 0.0
+            super().__post_init__()  # (_compat.UniformConfig: PEFT 0.3.0's None defaults replaced)
         self.validate()
 
     def _check_init_mode(self) -> None:
@@ -157,21 +150,6 @@ class ScheduledLoraConfig(LoraConfig):
         finally:
             self.layers_pattern = saved
 
-    # PEFT 0.3.0's config defines a `__dict__` property (asdict), which makes the default copy and deepcopy
-    # restore nothing: copy the attributes one by one (a callable schedule stays the same function).
-    def __copy__(self) -> "ScheduledLoraConfig":
-        new = object.__new__(type(self))
-        for key, value in dict(self.__dict__).items():
-            setattr(new, key, value)
-        return new
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "ScheduledLoraConfig":
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for key, value in dict(self.__dict__).items():
-            setattr(new, key, copy.deepcopy(value, memo))
-        return new
-
     @property
     def is_scheduled(self) -> bool:
         return self.layer_schedule is not None
@@ -184,10 +162,11 @@ class ScheduledLoraConfig(LoraConfig):
     def validate(self) -> None:
         """Check and normalise the schedule fields (JSON string keys become ints again).
 
-        Called by ``__post_init__`` and again by the tuner, because PEFT 0.3.0 loads configs by
-        ``setattr`` after construction.  In memory ``peft_type`` is ``PeftType.LORA``, so every LoRA code
-        path of PEFT applies and plain ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and
-        ``adapter_config.json`` say ``"SCHEDULED_LORA"``, so loading comes back to this package.
+        Called by ``__post_init__`` and again by the tuner, because some PEFT versions fill a loaded
+        config in by ``setattr`` after construction (see ``_compat.UniformConfig``).  In memory
+        ``peft_type`` is ``PeftType.LORA``, so every LoRA code path of PEFT applies and plain
+        ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and ``adapter_config.json`` say
+        ``"SCHEDULED_LORA"``, so loading comes back to this package.
         """
         self.peft_type = _compat.LORA
         check_unit(self.schedule_unit)
@@ -214,13 +193,13 @@ class ScheduledLoraConfig(LoraConfig):
             )
         _check_target_regex(self.target_modules)
         self._check_init_mode()
-        if self.restricts_layers and getattr(self, "target_parameters", None):
+        if self.restricts_layers and _compat.optional_field(self, "target_parameters"):
             raise ValueError(
                 "target_parameters cannot be combined with a layer schedule yet: PEFT wraps those parameters in "
                 "every layer, outside the scheduled ones. Target modules (target_modules) with a schedule, or drop "
                 "layer_schedule/preallocate_layers to use target_parameters as plain LoRA."
             )
-        if self.is_scheduled and getattr(self, "layers_to_transform", None) is not None:
+        if self.is_scheduled and _compat.optional_field(self, "layers_to_transform") is not None:
             raise ValueError(
                 "layers_to_transform cannot be combined with layer_schedule: the schedule decides the layers. "
                 "Use preallocate_layers to give adapters to more layers than the schedule names."
@@ -229,29 +208,8 @@ class ScheduledLoraConfig(LoraConfig):
     def schedule(self) -> Optional[Schedule]:
         return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        # PEFT 0.3-0.6 build the config with defaults and setattr() the loaded fields afterwards, so
-        # __post_init__ never saw them: the schedule would keep JSON's str keys and go unchecked.
-        if isinstance(config, ScheduledLoraConfig):
-            config.validate()
-        return config
-
-    @classmethod
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
-        # PEFT 0.6-0.13 build configs with cls(**json) and fail on keys a newer PEFT wrote; 0.14+ drops
-        # them with a warning.  Do the same on every version, so adapters move between versions.
-        loaded = super().from_json_file(path_json_file, **kwargs)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(key for key in loaded if key not in known)
-        if unknown:
-            warnings.warn(
-                f"{path_json_file}: ignoring {unknown}, written by a newer PEFT than the installed "
-                f"{_compat.PEFT_VERSION}; the adapter loads without them.",
-                stacklevel=2,
-            )
-        return {key: value for key, value in loaded.items() if key in known}
+    def _loaded(self) -> None:
+        self.validate()  # the schedule would keep JSON's str keys and go unchecked
 
     def to_dict(self) -> Dict[str, Any]:
         output = super().to_dict()
@@ -261,17 +219,15 @@ class ScheduledLoraConfig(LoraConfig):
         return output
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        # On disk the type names this package, so PeftModel.from_pretrained comes back here.  PEFT 0.3.0
-        # writes asdict(self), not to_dict(): a shallow copy carries the on-disk values (self is untouched).
-        on_disk = copy.copy(self)
-        on_disk.peft_type = _compat.SCHEDULED_LORA
+        # On disk the type names this package, so PeftModel.from_pretrained comes back here (self is untouched).
+        on_disk: Dict[str, Any] = {"peft_type": _compat.SCHEDULED_LORA}
         if callable(self.layer_schedule):
-            on_disk.layer_schedule = parse_schedule(self.layer_schedule).to_json()
+            on_disk["layer_schedule"] = parse_schedule(self.layer_schedule).to_json()
             warnings.warn(
-                f"layer_schedule is the Python callable {on_disk.layer_schedule['name']}, which is not "
-                f"serialized: {save_directory}/adapter_config.json records only {on_disk.layer_schedule}. The "
+                f"layer_schedule is the Python callable {on_disk['layer_schedule']['name']}, which is not "
+                f"serialized: {save_directory}/adapter_config.json records only {on_disk['layer_schedule']}. The "
                 f"adapter weights, preallocate_layers and ever_active_layers are saved; after loading, give the "
                 f"function back with model.set_layer_schedule(fn) before training on.",
                 stacklevel=2,
             )
-        LoraConfig.save_pretrained(on_disk, save_directory, **kwargs)
+        self._save_as(save_directory, on_disk, **kwargs)

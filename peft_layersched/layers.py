@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from torch import nn
 
+from . import _compat
 from .schedule import LayerId, check_layer_id, short_layer_list, split_layer_id
 
 ALL_LINEAR = "all-linear"
@@ -206,14 +207,6 @@ class LayerIndex(object):
         return None
 
 
-def _linear_types() -> Tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
 def target_matcher(target_modules: Any):
     """A predicate ``(name, module) -> bool`` with PEFT's meaning of ``target_modules``.
 
@@ -223,7 +216,7 @@ def target_matcher(target_modules: Any):
     """
     if isinstance(target_modules, str):
         if target_modules == ALL_LINEAR:
-            kinds = _linear_types()
+            kinds = _compat.linear_types()
             return lambda name, module: isinstance(module, kinds)
         pattern = re.compile(target_modules)
         return lambda name, module: pattern.fullmatch(name) is not None
@@ -285,7 +278,7 @@ def _show(target_modules: Any) -> str:
 
 
 def _sample_names(model: nn.Module, index: LayerIndex, limit: int = 8) -> List[str]:
-    kinds = _linear_types()
+    kinds = _compat.linear_types()
     names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     first = index.stacks[0].path + ".0." if index.stacks else ""
     inside = [n for n in names if first and n.startswith(first)]

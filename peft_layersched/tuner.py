@@ -91,7 +91,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
 def _refuse_excluded(config: Any, targets: Dict[str, Any], preallocated: List[LayerId]) -> None:
     """``exclude_modules`` (PEFT >= 0.14) takes modules out of the scheduled layers; a layer it empties
     would be scheduled without an adapter.  (PEFT itself still applies exclude_modules at injection.)"""
-    excluded = getattr(config, "exclude_modules", None)
+    excluded = _compat.optional_field(config, "exclude_modules")
     if not excluded:
         return
     kept = {name: layer for name, layer in targets.items() if not _compat.module_excluded(name, excluded)}
@@ -218,7 +218,7 @@ def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int)
 _SEEDED_INIT_MODES = (True, False, "gaussian")
 
 
-class ScheduledLoraModel(LoraModel):
+class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
     """LoRA tuner with a layer schedule.  Created by ``get_peft_model(model, ScheduledLoraConfig(...))``.
 
     Reach its methods through the ``PeftModel``: ``peft_model.activate_layers(epoch)``,
@@ -239,26 +239,11 @@ class ScheduledLoraModel(LoraModel):
 
     # ----------------------------------------------------------------------------------- injection
 
-    def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
-        model, adapter_name = _compat.injection_args("inject_adapter", args, kwargs, None)
-        # PeftModel.add_adapter/load_adapter store the caller's config object: the tuner works on its own.
-        self.peft_config[adapter_name] = _own_copy(self.peft_config[adapter_name])
-        with self._scheduled_injection(model, adapter_name):
-            return super().inject_adapter(*args, **kwargs)
+    # Injection: _compat.TunerHooks runs PEFT's (inject_adapter / add_adapter) inside _scheduled_injection.
 
-    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT 0.3 / 0.4 inject through this
-        parent = getattr(super(), "add_adapter", None)
-        if parent is None:
-            raise AttributeError("add_adapter")
-        model, adapter_name = _compat.injection_args("add_adapter", args, kwargs, self.model)
-        if len(args) > 1 or kwargs.get("config") is not None:
-            config = _own_copy(args[1] if len(args) > 1 else kwargs.pop("config"))
-            args = (args[0], config) + tuple(args[2:]) if len(args) > 1 else args
-            if len(args) < 2:
-                kwargs["config"] = config
-            self.peft_config[adapter_name] = config
-        with self._scheduled_injection(model, adapter_name):
-            return parent(*args, **kwargs)
+    def _own_config(self, config: Any) -> Any:
+        # PeftModel.add_adapter/load_adapter store the caller's config object: the tuner works on its own.
+        return _own_copy(config)
 
     @property
     def _plans(self) -> Dict[str, _Plan]:
@@ -622,10 +607,5 @@ class ScheduledLoraModel(LoraModel):
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
 
-    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        parent = getattr(super(), "unload", None)  # PEFT >= 0.5
-        if parent is None:
-            raise AttributeError("unload")
-        plain = parent(*args, **kwargs)
-        checkpointing.remove(plain)
-        return plain
+    def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
+        checkpointing.remove(model)
