@@ -8,8 +8,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from peft import LoraConfig
-
 from . import _compat
 from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
 
@@ -31,7 +29,7 @@ def _check_target_regex(target_modules: Any) -> None:
 
 
 @dataclass
-class ScheduledLoraConfig(_compat.UniformConfig, LoraConfig):
+class ScheduledLoraConfig(_compat.UniformLoraConfig):
     """LoRA whose trainable layers follow a schedule.
 
     Every ``LoraConfig`` field keeps its meaning (``r``, ``lora_alpha``, ``lora_dropout``,
@@ -129,7 +127,7 @@ class ScheduledLoraConfig(_compat.UniformConfig, LoraConfig):
         # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
         # lists are layer stacks" and is never handed to PEFT's own layer filter.
         with self._hidden_layers_pattern():
-            super().__post_init__()  # (_compat.UniformConfig: PEFT 0.3.0's None defaults replaced)
+            super().__post_init__()  # (_compat.UniformLoraConfig: PEFT 0.3.0's None defaults replaced)
         self.validate()
 
     def _check_init_mode(self) -> None:
@@ -163,7 +161,7 @@ class ScheduledLoraConfig(_compat.UniformConfig, LoraConfig):
         """Check and normalise the schedule fields (JSON string keys become ints again).
 
         Called by ``__post_init__`` and again by the tuner, because some PEFT versions fill a loaded
-        config in by ``setattr`` after construction (see ``_compat.UniformConfig``).  In memory
+        config in by ``setattr`` after construction (see ``_compat.UniformLoraConfig``).  In memory
         ``peft_type`` is ``PeftType.LORA``, so every LoRA code path of PEFT applies and plain
         ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and ``adapter_config.json`` say
         ``"SCHEDULED_LORA"``, so loading comes back to this package.

@@ -16,31 +16,14 @@ layer ``1`` never captures layer ``10``.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from . import _compat
-from .schedule import LayerId, check_layer_id, short_layer_list, split_layer_id
+from .schedule import LayerId, LayerStack, StackIndex, short_layer_list
 
 ALL_LINEAR = "all-linear"
-
-
-class LayerStack(object):
-    """One repeated block stack: an ``nn.ModuleList`` at ``path`` with ``length`` blocks."""
-
-    def __init__(self, name: str, path: str, length: int) -> None:
-        self.name = name
-        self.path = path
-        self.length = length
-
-    @property
-    def aliases(self) -> Set[str]:
-        parent = self.path.rsplit(".", 1)[0] if "." in self.path else self.path
-        return {self.name, self.path, parent}
-
-    def __repr__(self) -> str:
-        return f"LayerStack(name={self.name!r}, path={self.path!r}, length={self.length})"
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -108,92 +91,12 @@ def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerS
     return [LayerStack(n, p, len(m)) for n, p, (_, m) in zip(names, paths, selected)]
 
 
-class LayerIndex(object):
+class LayerIndex(StackIndex):
     """Translate user layer ids to canonical ids and module names to layer ids for one model."""
-
-    def __init__(self, stacks: Sequence[LayerStack]) -> None:
-        self.stacks = list(stacks)
-        self._order = {stack.name: i for i, stack in enumerate(self.stacks)}
 
     @classmethod
     def from_model(cls, model: nn.Module, layers_pattern: Any = None) -> "LayerIndex":
         return cls(discover_stacks(model, layers_pattern))
-
-    @property
-    def multi(self) -> bool:
-        return len(self.stacks) > 1
-
-    def describe(self) -> str:
-        if not self.stacks:
-            return "no layer stacks (no nn.ModuleList of repeated blocks) were found"
-        if not self.multi:
-            stack = self.stacks[0]
-            return f"{stack.length} layers in '{stack.path}' (ids 0..{stack.length - 1}, or -{stack.length}..-1)"
-        parts = [f"'{s.name}' ({s.path}, {s.length} layers)" for s in self.stacks]
-        return "stacks " + ", ".join(parts)
-
-    def _require_stacks(self, raw: Any) -> None:
-        if not self.stacks:
-            raise ValueError(
-                f"cannot place layer {raw!r}: {self.describe()}. Set layers_pattern to the dotted path of "
-                f"the model's block list (e.g. 'encoder.layer' or 'model.layers')."
-            )
-
-    def _stack_for(self, alias: str, raw: Any) -> LayerStack:
-        for stack in self.stacks:
-            if alias in stack.aliases:
-                return stack
-        raise ValueError(
-            f"layer {raw!r}: unknown stack {alias!r}; the model has {self.describe()}. "
-            f"Write e.g. {self.example()!r}."
-        )
-
-    def example(self) -> LayerId:
-        if not self.stacks:
-            return 0
-        if not self.multi:
-            return -1
-        return f"{self.stacks[-1].name}.-1"
-
-    def canonical(self, raw: Any, where: str = "layer") -> LayerId:
-        """Canonical id for a user id: ``-1 -> 11``, ``"decoder.-1" -> "decoder.5"``."""
-        raw = check_layer_id(raw, where)
-        self._require_stacks(raw)
-        alias, index = split_layer_id(raw)
-        if alias is None:
-            if self.multi:
-                raise ValueError(
-                    f"{where}: bare layer id {raw!r} is ambiguous: the model has {self.describe()}. "
-                    f"Write '<stack>.<index>', e.g. '{self.stacks[0].name}.{index}' or "
-                    f"'{self.stacks[-1].name}.{index}'."
-                )
-            stack = self.stacks[0]
-        else:
-            stack = self._stack_for(alias, raw)
-        if not -stack.length <= index < stack.length:
-            raise ValueError(
-                f"{where}: layer {raw!r} is out of range: stack '{stack.name}' ({stack.path}) has "
-                f"{stack.length} layers, valid indices are 0..{stack.length - 1} or -{stack.length}..-1."
-            )
-        index %= stack.length
-        return index if not self.multi else f"{stack.name}.{index}"
-
-    def canonical_list(self, raws: Iterable[Any], where: str = "layer") -> List[LayerId]:
-        return self.sort({self.canonical(raw, where) for raw in raws})
-
-    def sort_key(self, layer: LayerId) -> Tuple[int, int]:
-        if isinstance(layer, int):
-            return (0, layer)
-        name, index = layer.rsplit(".", 1)
-        return (self._order.get(name, len(self._order)), int(index))
-
-    def sort(self, layers: Iterable[LayerId]) -> List[LayerId]:
-        return sorted(set(layers), key=self.sort_key)
-
-    def all_layers(self) -> List[LayerId]:
-        if not self.multi:
-            return list(range(self.stacks[0].length)) if self.stacks else []
-        return [f"{s.name}.{i}" for s in self.stacks for i in range(s.length)]
 
     def layer_of(self, module_name: str) -> Optional[LayerId]:
         """The canonical layer that holds ``module_name`` (a dotted path), or ``None``."""

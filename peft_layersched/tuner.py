@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
@@ -28,7 +27,7 @@ from torch import nn
 from . import _compat, checkpointing, sharded
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
-from .schedule import LayerId, Schedule, check_time, parse_schedule
+from .schedule import LayerId, Schedule, check_time, parse_schedule, stable_int
 
 
 class ScheduledAdapter(object):
@@ -113,12 +112,11 @@ def weights_show_training(init_mode: Any, zero_at_init: Optional[torch.Tensor]) 
 
 
 def _zero_at_init_part(layer: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
-    for attr in ("lora_B", "lora_embedding_A"):
-        container = getattr(layer, attr, None)
-        if container is not None and adapter_name in container:
-            item = container[adapter_name]
-            return item if isinstance(item, nn.Parameter) else item.weight
-    return None
+    weights = _compat.lora_weights(layer, adapter_name)
+    if weights is None:
+        return None
+    kind, weight_a, weight_b = weights
+    return weight_a if kind == "embedding" else weight_b
 
 
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
@@ -172,8 +170,7 @@ def _init_keeps_base_weight(init_mode: Any) -> bool:
 
 
 def _module_seed(init_seed: int, module_name: str) -> int:
-    digest = hashlib.sha256(f"{init_seed}:{module_name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_int(init_seed, module_name) & ((1 << 63) - 1)
 
 
 def _fill_uniform_fan_in(param: torch.Tensor, generator: torch.Generator) -> None:
@@ -193,10 +190,12 @@ def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int)
     """PEFT's LoRA init for ``init_lora_weights`` in (True, False, "gaussian"), from a private generator."""
     generator = torch.Generator().manual_seed(seed)
     r = layer.r[adapter_name]
+    weights = _compat.lora_weights(layer, adapter_name)
+    if weights is None:
+        return
+    kind, weight_a, weight_b = weights
     with torch.no_grad():
-        if adapter_name in getattr(layer, "lora_A", {}):
-            weight_a = layer.lora_A[adapter_name].weight
-            weight_b = layer.lora_B[adapter_name].weight
+        if kind == "linear":
             if init_mode == "gaussian":
                 _fill_normal(weight_a, 1.0 / r, generator)
             else:
@@ -205,14 +204,12 @@ def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int)
                 _fill_uniform_fan_in(weight_b, generator)
             else:
                 weight_b.zero_()
-        if adapter_name in getattr(layer, "lora_embedding_A", {}):
-            emb_a = layer.lora_embedding_A[adapter_name]
-            emb_b = layer.lora_embedding_B[adapter_name]
+        else:
             if init_mode is False:
-                _fill_normal(emb_a, 1.0, generator)
+                _fill_normal(weight_a, 1.0, generator)
             else:
-                emb_a.zero_()
-            _fill_normal(emb_b, 1.0, generator)
+                weight_a.zero_()
+            _fill_normal(weight_b, 1.0, generator)
 
 
 _SEEDED_INIT_MODES = (True, False, "gaussian")
@@ -320,7 +317,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                 if config.preallocate_layers is not None:
                     candidates = requested()
                 else:
-                    candidates = index.sort(layer for layer in matched().values() if layer is not None)
+                    candidates = index.held_layers(matched().values())
             schedule = schedule.bind(index.all_layers(), index.canonical, candidates)
         scheduled = index.sort(schedule.all_layers()) if schedule is not None else []
         if config.preallocate_layers is not None:
@@ -379,7 +376,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         name, plan = self._adapter(adapter_name)
         t = check_time(t)
         if plan.schedule is None:
-            active = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+            active = plan.index.held_layers(plan.modules.values())
             plan.ever.update(active)
         else:
             active = plan.schedule.active_at(t)  # bound: canonical ids in layer order
@@ -521,7 +518,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
     def scheduled_adapter(self, adapter_name: Optional[str] = None) -> "ScheduledAdapter":
         """A read-only view of a scheduled adapter (default: the one ``activate_layers`` drives)."""
         name, plan = self._adapter(adapter_name)
-        preallocated = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+        preallocated = plan.index.held_layers(plan.modules.values())
         if plan.active is not None:
             active = list(plan.active)
         elif plan.schedule is None:
@@ -558,7 +555,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         for module_name, layer_id in plan.modules.items():
             module = self.model.get_submodule(module_name)
             grouped.setdefault(layer_id, []).extend(_compat.adapter_parameters(module, name))
-        return {layer: grouped[layer] for layer in plan.index.sort(k for k in grouped if k is not None)}
+        return {layer: grouped[layer] for layer in plan.index.held_layers(grouped)}
 
     # --------------------------------------------- PEFT calls that reset per-layer flags or merge
 
@@ -597,15 +594,41 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         for name, plan in self._plans.items():
             for module_name in self._bypassed_modules(name, plan):
                 module = self.model.get_submodule(module_name)
-                with torch.no_grad():
-                    for attr in ("lora_B", "lora_embedding_B"):
-                        container = getattr(module, attr, None)
-                        if container is not None and name in container:
-                            item = container[name]
-                            (item if isinstance(item, nn.Parameter) else item.weight).zero_()
+                weights = _compat.lora_weights(module, name)
+                if weights is not None:
+                    with torch.no_grad():
+                        weights[2].zero_()
         merged = super().merge_and_unload(*args, **kwargs)
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
 
     def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
         checkpointing.remove(model)
+
+
+def find_scheduled_tuner(model: Any, needed_by: str) -> ScheduledLoraModel:
+    """The ``ScheduledLoraModel`` inside ``model``: a PeftModel's ``base_model``, or the first one among the
+    modules of a wrapper around a PeftModel (DDP, a DeepSpeed engine, ``torch.compile``).  ``needed_by``
+    names the caller in the ``TypeError`` raised when there is none (e.g. ``"export_lora()"``).
+    """
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, ScheduledLoraModel):
+        return tuner
+    modules = getattr(model, "modules", None)
+    for module in modules() if callable(modules) else []:
+        if isinstance(module, ScheduledLoraModel):
+            return module
+    raise TypeError(
+        f"{needed_by} needs a PeftModel built from a ScheduledLoraConfig (get_peft_model(model, "
+        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}."
+    )
+
+
+def peft_model_of(model: Any, tuner: ScheduledLoraModel) -> Any:
+    """The PeftModel in ``model`` (itself, or a module of a wrapper) whose ``base_model`` is ``tuner``."""
+    if getattr(model, "base_model", None) is tuner:
+        return model
+    for module in model.modules():
+        if getattr(module, "base_model", None) is tuner:
+            return module
+    return model

@@ -7,12 +7,12 @@ import dataclasses
 import importlib
 import re
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import peft
 import torch
 from peft import PeftType
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraConfig, LoraLayer
 from torch import nn
 
 PEFT_VERSION = peft.__version__
@@ -98,8 +98,11 @@ def _install_tuner_dispatch(config_cls: type, tuner_cls: type) -> None:
 # ----------------------------------------------------------------------------------- configs
 
 
-class UniformConfig(object):
-    """Mixin (first base, before ``LoraConfig``) that makes a config subclass behave alike on every PEFT.
+class UniformLoraConfig(LoraConfig):
+    """``LoraConfig`` for subclasses that behave alike on every PEFT (not a dataclass itself: its fields
+    are ``LoraConfig``'s; a mixin class before ``LoraConfig`` would give the subclass a ``__dict__``
+    descriptor of its own, which hides PEFT 0.3.0's ``__dict__`` property that ``to_dict`` and
+    ``save_pretrained`` read).
 
     * ``__post_init__``: PEFT 0.3.0's ``LoraConfig`` defaults ``lora_alpha``/``lora_dropout`` to ``None``
       (and crashes on them), and a file it wrote may carry those ``None`` s: they become this class's
@@ -119,8 +122,8 @@ class UniformConfig(object):
     _NONE_IN_PEFT_030 = ("lora_alpha", "lora_dropout")
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # type: ignore[misc]
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        super().__post_init__()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in self._NONE_IN_PEFT_030:
             if getattr(self, name, None) is None and defaults.get(name) is not None:
                 setattr(self, name, defaults[name])
@@ -148,17 +151,15 @@ class UniformConfig(object):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
-        config = super().from_pretrained(  # type: ignore[misc]
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
-        if isinstance(config, UniformConfig):
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, UniformLoraConfig):
             config._loaded()
         return config
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
-        loaded = cls._renamed_keys(super().from_json_file(path_json_file, **kwargs))  # type: ignore[misc]
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        loaded = cls._renamed_keys(super().from_json_file(path_json_file, **kwargs))
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(key for key in loaded if key not in known)
         if unknown:
             warnings.warn(
@@ -172,7 +173,7 @@ class UniformConfig(object):
         written = copy.copy(self)
         for key, value in on_disk.items():
             setattr(written, key, value)
-        super(UniformConfig, written).save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+        super(UniformLoraConfig, written).save_pretrained(save_directory, **kwargs)
 
 
 # PeftConfig fields that only some PEFT versions have: reading one where it is missing gives None.
@@ -261,14 +262,33 @@ def layer_adapter_names(layer: nn.Module) -> List[str]:
     return names
 
 
-# The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``adapter_layer_names``; 0.3-0.5
-# have the first four.
-_LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``LoraLayer.adapter_layer_names``
+# (a layer class may extend it); 0.3-0.5 have these four.
+_LORA_CONTAINERS_030 = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _adapter_containers(layer: nn.Module) -> List[str]:
-    names = list(getattr(layer, "adapter_layer_names", None) or _LORA_CONTAINERS)
+    names = list(getattr(layer, "adapter_layer_names", None) or _LORA_CONTAINERS_030)
     return [name for name in names if isinstance(getattr(layer, name, None), (nn.ModuleDict, nn.ParameterDict))]
+
+
+def lora_weights(layer: nn.Module, adapter_name: str) -> Optional[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(kind, A, B)``: the low-rank pair of ``adapter_name`` in one LoRA layer, or ``None`` if it has none.
+
+    ``kind`` is ``"linear"`` (``lora_A``/``lora_B`` modules: Linear, Conv1D, Conv, their weights) or
+    ``"embedding"`` (``lora_embedding_A``/``lora_embedding_B`` parameters), on every PEFT version.
+    """
+    for kind, a_name, b_name in (("linear", "lora_A", "lora_B"), ("embedding", "lora_embedding_A", "lora_embedding_B")):
+        a_container, b_container = getattr(layer, a_name, None), getattr(layer, b_name, None)
+        if a_container is None or b_container is None or adapter_name not in a_container:
+            continue
+        a, b = a_container[adapter_name], b_container[adapter_name]
+        return kind, _weight(a), _weight(b)
+    return None
+
+
+def _weight(item: Any) -> torch.Tensor:
+    return item if isinstance(item, nn.Parameter) else item.weight
 
 
 def adapter_parameters(layer: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -311,6 +331,8 @@ class TunerHooks(object):
     config=None)`` on ``self.model``, which stores a given config itself.  ``unload()`` (PEFT >= 0.5;
     an ``AttributeError`` before) hands the plain model to ``self._unloaded(model)``.
     """
+
+    __slots__ = ()
 
     def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
         model = args[0] if args else kwargs["model"]
