@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import _compat
 from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
@@ -53,8 +52,14 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
             ``"epoch"`` (default) or ``"step"`` (optimizer steps).
         preallocate_layers (`list`, *optional*):
             Layers that get adapters up front.  Default: every layer the schedule names.
+        layer_stacks (`str` or `list[str]`, *optional*):
+            Dotted path (or dotted suffix) of the block list(s) that are the layer stacks, e.g.
+            ``"encoder.layer"`` or ``["encoder.block", "decoder.block"]``, overriding automatic discovery.
         layers_pattern (`str` or `list[str]`, *optional*):
-            Dotted path (or suffix) of the block list(s), overriding automatic stack discovery.
+            PEFT's field, with PEFT's meaning: together with ``layers_to_transform`` (plain LoRA, no
+            schedule), the name of the block list PEFT's own layer filter reads.  Given without
+            ``layers_to_transform`` it is taken as ``layer_stacks`` (its earlier meaning in this package), with
+            a ``FutureWarning``.
         init_seed (`int`, *optional*):
             Adapter initial weights depend only on ``(init_seed, module name)``.  ``None``: taken from
             ``torch.initial_seed()`` when the model is built (with a schedule) and recorded here.
@@ -80,11 +85,13 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
 
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scaling = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    # Declared here too: PEFT 0.3.0's LoraConfig has no layers_pattern, and the old spelling of
+    # layer_stacks must work on every PEFT.
     layers_pattern: Optional[Union[List[str], str]] = field(
         default=None,
         metadata={
-            "help": "Dotted path or suffix of the model's block list(s) (e.g. 'encoder.layer', "
-            "'model.layers'); overrides automatic layer-stack discovery."
+            "help": "PEFT's meaning: with layers_to_transform, the name of the block list PEFT's layer filter "
+            "reads. Without layers_to_transform: deprecated spelling of layer_stacks."
         },
     )
     layer_schedule: Optional[Union[Dict[Any, Any], Callable[[int], List[LayerId]]]] = field(
@@ -114,6 +121,13 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         default=None,
         metadata={"help": "Set by the tuner: layers whose adapters have been active at least once."},
     )
+    layer_stacks: Optional[Union[List[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Dotted path or suffix of the model's block list(s) that are the layer stacks (e.g. "
+            "'encoder.layer', ['encoder.block', 'decoder.block']); overrides automatic layer-stack discovery."
+        },
+    )
     schedule_position: Optional[int] = field(
         default=None,
         metadata={
@@ -124,10 +138,8 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
 
     def __post_init__(self) -> None:
         self._check_init_mode()  # before PEFT's own checks of those modes' extra configs
-        # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
-        # lists are layer stacks" and is never handed to PEFT's own layer filter.
-        with self._hidden_layers_pattern():
-            super().__post_init__()  # (_compat.UniformLoraConfig: PEFT 0.3.0's None defaults replaced)
+        self._take_old_layer_stacks()  # before PEFT's checks of its own layers_pattern
+        super().__post_init__()  # (_compat.UniformLoraConfig: PEFT 0.3.0's None defaults replaced)
         self.validate()
 
     def _check_init_mode(self) -> None:
@@ -139,14 +151,34 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
                 f"(default), 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' or 'olora' with a schedule."
             )
 
-    @contextlib.contextmanager
-    def _hidden_layers_pattern(self) -> Iterator[None]:
-        saved = self.layers_pattern
-        self.layers_pattern = None
-        try:
-            yield
-        finally:
-            self.layers_pattern = saved
+    def _take_old_layer_stacks(self) -> None:
+        # Earlier versions of this package spelled `layer_stacks` `layers_pattern`; PEFT's own meaning needs
+        # layers_to_transform (PEFT >= 0.10 refuses it without), so without one it is the old spelling.
+        old = self.layers_pattern
+        if old is None or _compat.optional_field(self, "layers_to_transform") is not None:
+            return
+        if self.layer_stacks is not None:
+            raise ValueError(
+                f"layers_pattern={old!r} and layer_stacks={self.layer_stacks!r} are both given; layers_pattern "
+                f"(without layers_to_transform) is the old name of layer_stacks. Give only layer_stacks."
+            )
+        warnings.warn(
+            f"ScheduledLoraConfig(layers_pattern={old!r}) without layers_to_transform is deprecated: write "
+            f"layer_stacks={old!r} (the block list(s) that are the layer stacks). layers_pattern keeps PEFT's "
+            f"meaning together with layers_to_transform.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        self.layer_stacks, self.layers_pattern = old, None
+
+    @classmethod
+    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+        # An adapter_config.json written by an earlier version has our layer stacks under "layers_pattern".
+        if loaded.get("layers_pattern") is not None and loaded.get("layers_to_transform") is None and (
+            loaded.get("layer_stacks") is None
+        ):
+            loaded = dict(loaded, layer_stacks=loaded["layers_pattern"], layers_pattern=None)
+        return loaded
 
     @property
     def is_scheduled(self) -> bool:
@@ -181,13 +213,14 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
             raise TypeError(f"init_seed must be an int or None, got {self.init_seed!r}.")
         if self.schedule_position is not None:
             self.schedule_position = check_time(self.schedule_position, "schedule_position")
-        if self.layers_pattern is not None and not (
-            isinstance(self.layers_pattern, str)
-            or (isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern))
+        self._take_old_layer_stacks()  # (set after construction: PEFT 0.3-0.6 loading, or by hand)
+        stacks = self.layer_stacks
+        if stacks is not None and not (
+            isinstance(stacks, str) or (isinstance(stacks, (list, tuple)) and all(isinstance(p, str) for p in stacks))
         ):
             raise TypeError(
-                f"layers_pattern must be a str or a list of str (the dotted path of the block list, e.g. "
-                f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {self.layers_pattern!r}."
+                f"layer_stacks must be a str or a list of str (the dotted path of the block list, e.g. "
+                f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {stacks!r}."
             )
         _check_target_regex(self.target_modules)
         self._check_init_mode()

@@ -53,19 +53,19 @@ def _name_stacks(paths: List[str]) -> List[str]:
     return paths
 
 
-def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerStack]:
+def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerStack]:
     """Find the model's repeated block stacks (outermost ``nn.ModuleList`` s of identical blocks).
 
-    ``layers_pattern`` (a string or list of strings) overrides discovery: each entry names a
+    ``layer_stacks`` (a string or list of strings) overrides discovery: each entry names a
     ``ModuleList`` by its dotted path or a dotted suffix of it (``"layer"``, ``"decoder.layers"``).
     """
     lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if layers_pattern is not None:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    if layer_stacks is not None:
+        patterns = [layer_stacks] if isinstance(layer_stacks, str) else list(layer_stacks)
         if not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise TypeError(
-                f"layers_pattern must be a non-empty string or list of strings naming layer stacks, "
-                f"got {layers_pattern!r}."
+                f"layer_stacks must be a non-empty string or list of strings naming layer stacks, "
+                f"got {layer_stacks!r}."
             )
         chosen: List[Tuple[str, nn.Module]] = []
         for pattern in patterns:
@@ -73,7 +73,7 @@ def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerS
             if not hits:
                 found = [n for n, _ in lists] or ["(none)"]
                 raise ValueError(
-                    f"layers_pattern entry {pattern!r} matches no nn.ModuleList of the model; "
+                    f"layer_stacks entry {pattern!r} matches no nn.ModuleList of the model; "
                     f"ModuleLists found: {found}. Give a path or dotted suffix of one of them."
                 )
             chosen.extend(hit for hit in hits if hit[0] not in {c[0] for c in chosen})
@@ -95,8 +95,8 @@ class LayerIndex(StackIndex):
     """Translate user layer ids to canonical ids and module names to layer ids for one model."""
 
     @classmethod
-    def from_model(cls, model: nn.Module, layers_pattern: Any = None) -> "LayerIndex":
-        return cls(discover_stacks(model, layers_pattern))
+    def from_model(cls, model: nn.Module, layer_stacks: Any = None) -> "LayerIndex":
+        return cls(discover_stacks(model, layer_stacks))
 
     def layer_of(self, module_name: str) -> Optional[LayerId]:
         """The canonical layer that holds ``module_name`` (a dotted path), or ``None``."""

@@ -160,7 +160,7 @@ class StackIndex(object):
     def _require_stacks(self, raw: Any) -> None:
         if not self.stacks:
             raise ValueError(
-                f"cannot place layer {raw!r}: {self.describe()}. Set layers_pattern to the dotted path of "
+                f"cannot place layer {raw!r}: {self.describe()}. Set layer_stacks to the dotted path of "
                 f"the model's block list (e.g. 'encoder.layer' or 'model.layers')."
             )
 

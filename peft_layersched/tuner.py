@@ -260,10 +260,9 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         plan = self._plan(model, config)
         if plan.targets is not None and config.init_seed is None:
             config.init_seed = int(torch.initial_seed()) & ((1 << 63) - 1)
-        saved_targets, saved_pattern = config.target_modules, config.layers_pattern
+        saved_targets = config.target_modules
         if plan.targets is not None:
             config.target_modules = exact_names_regex(plan.targets)
-        config.layers_pattern = None
         seeded = config.init_seed is not None and config.init_lora_weights in _SEEDED_INIT_MODES
         rng = _compat.fork_rng() if seeded else contextlib.nullcontext()
         try:
@@ -273,20 +272,19 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         finally:
             if plan.targets is not None:
                 config.target_modules = saved_targets
-            config.layers_pattern = saved_pattern
 
     def _plan(self, model: nn.Module, config: ScheduledLoraConfig) -> _Plan:
         if not config.restricts_layers:
             # Plain LoRA: PEFT targets as it always does; the index only names layers for reporting.
             try:
-                index = LayerIndex.from_model(model, config.layers_pattern)
+                index = LayerIndex.from_model(model, config.layer_stacks)
             except ValueError:
                 index = LayerIndex([])
             return _Plan(index, None, None, None)
-        index = LayerIndex.from_model(model, config.layers_pattern)
+        index = LayerIndex.from_model(model, config.layer_stacks)
         if not index.stacks:
             raise ValueError(
-                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layers_pattern "
+                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layer_stacks "
                 f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
             )
         found: Dict[str, Any] = {}  # each computed once, when first needed (errors keep their order)
