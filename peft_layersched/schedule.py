@@ -61,7 +61,8 @@ def split_layer_id(raw: LayerId) -> Tuple[Union[str, None], int]:
     return match.group("stack"), int(match.group("index"))
 
 
-def _check_layer_list(layers: Any, where: str) -> List[LayerId]:
+def check_layer_list(layers: Any, where: str) -> List[LayerId]:
+    """A list (tuple, set) of layer ids, each checked by :func:`check_layer_id`; sets in a fixed order."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, set, frozenset)):
         raise TypeError(
             f"{where}: expected a list of layer ids, got {layers!r} ({type(layers).__name__}); "
@@ -253,10 +254,6 @@ def check_unit(unit: Any) -> str:
     return unit
 
 
-def check_layer_list(layers: Any, where: str) -> List[LayerId]:
-    return _check_layer_list(layers, where)
-
-
 # ------------------------------------------------------------------------------------ the interface
 
 
@@ -441,7 +438,7 @@ class MilestoneSchedule(Schedule):
             start = _check_start(raw_start)
             if start in phases:
                 raise ValueError(f"layer_schedule: start {start} appears twice ({raw_start!r}).")
-            phases[start] = _check_layer_list(layers, f"layer_schedule[{start}]")
+            phases[start] = check_layer_list(layers, f"layer_schedule[{start}]")
         self.phases: List[Tuple[int, List[LayerId]]] = sorted(phases.items())
 
     def active_at(self, t: int) -> List[LayerId]:
@@ -554,7 +551,7 @@ class _Spec(object):
         value = self.spec.get(key)
         if value is None:
             return None
-        checked = _check_layer_list(value, f"{self.where} '{key}'")
+        checked = check_layer_list(value, f"{self.where} '{key}'")
         if not checked and not allow_empty:
             raise ValueError(
                 f"{self.where}: '{key}' is an empty list; list candidate layers (e.g. [8, 9, 10, 11]) or "
@@ -917,7 +914,7 @@ class CallableSchedule(Schedule):
         self._require_bound()
         assert self._canonical is not None
         where = f"layer_schedule {self.name}({t})"
-        raw = _check_layer_list(self.fn(t), where)
+        raw = check_layer_list(self.fn(t), where)
         active = self._sorted(self._canonical(layer, where) for layer in raw)
         extra = [layer for layer in active if layer not in self._order or layer not in set(self._allowed)]
         if extra:

@@ -252,16 +252,6 @@ def layer_runs(layer: nn.Module, adapter_name: str) -> bool:
     return adapter_name in active
 
 
-def layer_adapter_names(layer: nn.Module) -> List[str]:
-    """The adapters whose weights ``layer`` holds (``LoraLayer.adapter_layer_names`` where PEFT has it)."""
-    names: List[str] = []
-    for attr in _adapter_containers(layer):
-        for key in getattr(layer, attr).keys():
-            if key not in names:
-                names.append(key)
-    return names
-
-
 # The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``LoraLayer.adapter_layer_names``
 # (a layer class may extend it); 0.3-0.5 have these four.
 _LORA_CONTAINERS_030 = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
