@@ -26,32 +26,17 @@ import os
 import warnings
 from typing import Any, Dict, List, Optional
 
-import torch
 from transformers import TrainerCallback
 
 from . import _compat, _optim, sharded
+from ._describe import format_layers
 from .schedule import LayerId
-from .tuner import ScheduledLoraModel
+from .tuner import ScheduledLoraModel, find_scheduled_tuner
 
 logger = logging.getLogger(__name__)
 
 _REACTIVATED_STATE = ("keep", "reset")
 _SCHEDULE_STARTS = ("restart", "continue")
-
-
-def find_tuner(model: Any) -> ScheduledLoraModel:
-    """The ``ScheduledLoraModel`` inside ``model`` (a PeftModel, or a wrapper around one)."""
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, ScheduledLoraModel):
-        return tuner
-    for module in getattr(model, "modules", lambda: [])():
-        if isinstance(module, ScheduledLoraModel):
-            return module
-    raise TypeError(
-        f"LayerScheduleCallback needs a model built from a ScheduledLoraConfig (get_peft_model(model, "
-        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got "
-        f"{type(model).__name__}."
-    )
 
 
 class LayerScheduleCallback(TrainerCallback):
@@ -175,7 +160,7 @@ class LayerScheduleCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------ events
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any):
-        tuner = find_tuner(model)
+        tuner = find_scheduled_tuner(model, "LayerScheduleCallback")
         self._user_optimizer = optimizer is not None
         self._use_engine(args, tuner)
         # The Trainer's optimizer is built later from `requires_grad` as it is then: make it all.
@@ -184,7 +169,7 @@ class LayerScheduleCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         self._reset_run()
-        self._tuner = find_tuner(model)
+        self._tuner = find_scheduled_tuner(model, "LayerScheduleCallback")
         self._use_engine(args, self._tuner)
         self._check_ddp(args)
         optimizer = kwargs.get("optimizer")
@@ -295,24 +280,14 @@ class LayerScheduleCallback(TrainerCallback):
         return 0
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
-        if _compat.trainer_resumes_adapter_checkpoints() or model is None:
-            return
-        # transformers 4.30 resumes only from a full weights file, which a PeftModel checkpoint lacks:
-        # write the trainable part (LoRA + modules_to_save); Trainer loads it non-strictly.
-        folder = os.path.join(args.output_dir, "checkpoint-{}".format(state.global_step))
-        if os.path.isdir(folder) and args.should_save:
-            weights = {
-                k: v.detach().cpu()
-                for k, v in model.state_dict().items()
-                if "lora_" in k or "modules_to_save" in k
-            }
-            torch.save(weights, os.path.join(folder, "pytorch_model.bin"))
+        if model is not None:  # transformers 4.30 resumes only from a full weights file: write the trainable part
+            _compat.write_legacy_resume_weights(model, args, state)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
         if self._tuner is None or logs is None or self._current is None:
             return
         # Callbacks that run after this one (and the log history entry) see the schedule too.
-        logs["active_layers"] = _layers_text(self._current)
+        logs["active_layers"] = format_layers(self._current, sep=",", ranges=0)
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -357,7 +332,7 @@ class LayerScheduleCallback(TrainerCallback):
         """Called right after ``trainer.create_optimizer`` builds the optimizer (sharded.install_trainer_hook)."""
         if sharded.freezing_for(sharded.engine_of(trainer.args)) != sharded.OPTIMIZER:
             return
-        tuner = find_tuner(trainer.model)
+        tuner = find_scheduled_tuner(trainer.model, "LayerScheduleCallback")
         layer_of = {id(p): layer for layer, ps in tuner.layer_parameters(self.adapter_name).items() for p in ps}
         sharded.split_by_layer(_optim.inner(trainer.optimizer), layer_of)
 
@@ -561,7 +536,7 @@ class LayerScheduleCallback(TrainerCallback):
         assert self._tuner is not None
         trainable = self._trainable_count(active)
         entry = {
-            "active_layers": _layers_text(active),
+            "active_layers": format_layers(active, sep=",", ranges=0),
             "trainable_params": trainable,
             "schedule_time": t,
             "epoch": state.epoch,
@@ -642,7 +617,3 @@ class LayerScheduleCallback(TrainerCallback):
 def _distributed(args: Any) -> bool:
     # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
     return int(getattr(args, "world_size", 1) or 1) > 1
-
-
-def _layers_text(layers: List[LayerId]) -> str:
-    return ",".join(str(layer) for layer in layers) if layers else "none"

@@ -112,14 +112,14 @@ class BackwardStop(object):
         if lo >= 1:
             holders: List[nn.Module] = []
             for i in range(lo):
-                holder = _flag_holder(model, stack.path, i)
+                holder = _compat.checkpointing_flag_holder(model, stack.path, i)
                 if holder is not None and not any(holder is h for h in holders):
                     holders.append(holder)
             shared = [h for h in holders if not any(h is layer for layer in layers)]
             if not shared or lo >= 2:
                 site = layers[lo - 1]
                 self._arm_holders = holders
-                self._fed_holder = _flag_holder(model, stack.path, lo)
+                self._fed_holder = _compat.checkpointing_flag_holder(model, stack.path, lo)
                 # A flag on the stack's parent is also read before the loop (use_cache under checkpointing,
                 # transformers < 4.52): switch it only once layer 0 has run.
                 arm_site = layers[0] if shared else None
@@ -132,7 +132,7 @@ class BackwardStop(object):
                 self._restore_input_hooks()
                 self.where = self.leaf = None
                 return
-            self._fed_holder = _flag_holder(model, stack.path, 0)
+            self._fed_holder = _compat.checkpointing_flag_holder(model, stack.path, 0)
             self.leaf = "input-embeddings"
         self._stash_input_hooks(input_hooks)
         parent = _parent(model, stack.path)
@@ -265,23 +265,6 @@ def _first_tensor(output: Any) -> Optional[torch.Tensor]:
 
 def _parent(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
-
-
-def _flag_holder(model: nn.Module, stack_path: str, index: int) -> Optional[nn.Module]:
-    """The module whose ``gradient_checkpointing`` flag decides whether layer ``index`` is checkpointed.
-
-    The layer itself from transformers 4.52 (``GradientCheckpointingLayer``); before, the module that
-    loops over the stack (or an ancestor of it).
-    """
-    layer = model.get_submodule(f"{stack_path}.{index}")
-    if hasattr(layer, _FLAG):
-        return layer
-    parts = stack_path.split(".")
-    for cut in range(len(parts) - 1, -1, -1):
-        module = model.get_submodule(".".join(parts[:cut])) if cut else model
-        if hasattr(module, _FLAG):
-            return module
-    return None
 
 
 def _input_embeddings(model: nn.Module, stack_path: str) -> Optional[nn.Module]:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
-
-from peft import LoraConfig
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import _compat
 from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
@@ -33,7 +28,7 @@ def _check_target_regex(target_modules: Any) -> None:
 
 
 @dataclass
-class ScheduledLoraConfig(LoraConfig):
+class ScheduledLoraConfig(_compat.UniformLoraConfig):
     """LoRA whose trainable layers follow a schedule.
 
     Every ``LoraConfig`` field keeps its meaning (``r``, ``lora_alpha``, ``lora_dropout``,
@@ -57,8 +52,14 @@ class ScheduledLoraConfig(LoraConfig):
             ``"epoch"`` (default) or ``"step"`` (optimizer steps).
         preallocate_layers (`list`, *optional*):
             Layers that get adapters up front.  Default: every layer the schedule names.
+        layer_stacks (`str` or `list[str]`, *optional*):
+            Dotted path (or dotted suffix) of the block list(s) that are the layer stacks, e.g.
+            ``"encoder.layer"`` or ``["encoder.block", "decoder.block"]``, overriding automatic discovery.
         layers_pattern (`str` or `list[str]`, *optional*):
-            Dotted path (or suffix) of the block list(s), overriding automatic stack discovery.
+            PEFT's field, with PEFT's meaning: together with ``layers_to_transform`` (plain LoRA, no
+            schedule), the name of the block list PEFT's own layer filter reads.  Given without
+            ``layers_to_transform`` it is taken as ``layer_stacks`` (its earlier meaning in this package), with
+            a ``FutureWarning``.
         init_seed (`int`, *optional*):
             Adapter initial weights depend only on ``(init_seed, module name)``.  ``None``: taken from
             ``torch.initial_seed()`` when the model is built (with a schedule) and recorded here.
@@ -84,11 +85,13 @@ class ScheduledLoraConfig(LoraConfig):
 
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scaling = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    # Declared here too: PEFT 0.3.0's LoraConfig has no layers_pattern, and the old spelling of
+    # layer_stacks must work on every PEFT.
     layers_pattern: Optional[Union[List[str], str]] = field(
         default=None,
         metadata={
-            "help": "Dotted path or suffix of the model's block list(s) (e.g. 'encoder.layer', "
-            "'model.layers'); overrides automatic layer-stack discovery."
+            "help": "PEFT's meaning: with layers_to_transform, the name of the block list PEFT's layer filter "
+            "reads. Without layers_to_transform: deprecated spelling of layer_stacks."
         },
     )
     layer_schedule: Optional[Union[Dict[Any, Any], Callable[[int], List[LayerId]]]] = field(
@@ -118,6 +121,13 @@ class ScheduledLoraConfig(LoraConfig):
         default=None,
         metadata={"help": "Set by the tuner: layers whose adapters have been active at least once."},
     )
+    layer_stacks: Optional[Union[List[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Dotted path or suffix of the model's block list(s) that are the layer stacks (e.g. "
+            "'encoder.layer', ['encoder.block', 'decoder.block']); overrides automatic layer-stack discovery."
+        },
+    )
     schedule_position: Optional[int] = field(
         default=None,
         metadata={
@@ -128,15 +138,8 @@ class ScheduledLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         self._check_init_mode()  # before PEFT's own checks of those modes' extra configs
-        # PEFT >= 0.10 rejects `layers_pattern` without `layers_to_transform`; ours means "which block
-        # lists are layer stacks" and is never handed to PEFT's own layer filter.
-        with self._hidden_layers_pattern():
-            super().__post_init__()
-        # PEFT 0.3.0's LoraConfig defaults are None; a loaded 0.3.0 file may carry them too.
-        if self.lora_alpha is None:
-            self.lora_alpha = 8
-        if self.lora_dropout is None:
-            self.lora_dropout = 0.0
+        self._take_old_layer_stacks()  # before PEFT's checks of its own layers_pattern
+        super().__post_init__()  # (_compat.UniformLoraConfig: PEFT 0.3.0's None defaults replaced)
         self.validate()
 
     def _check_init_mode(self) -> None:
@@ -148,29 +151,34 @@ class ScheduledLoraConfig(LoraConfig):
                 f"(default), 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' or 'olora' with a schedule."
             )
 
-    @contextlib.contextmanager
-    def _hidden_layers_pattern(self) -> Iterator[None]:
-        saved = self.layers_pattern
-        self.layers_pattern = None
-        try:
-            yield
-        finally:
-            self.layers_pattern = saved
+    def _take_old_layer_stacks(self) -> None:
+        # Earlier versions of this package spelled `layer_stacks` `layers_pattern`; PEFT's own meaning needs
+        # layers_to_transform (PEFT >= 0.10 refuses it without), so without one it is the old spelling.
+        old = self.layers_pattern
+        if old is None or _compat.optional_field(self, "layers_to_transform") is not None:
+            return
+        if self.layer_stacks is not None:
+            raise ValueError(
+                f"layers_pattern={old!r} and layer_stacks={self.layer_stacks!r} are both given; layers_pattern "
+                f"(without layers_to_transform) is the old name of layer_stacks. Give only layer_stacks."
+            )
+        warnings.warn(
+            f"ScheduledLoraConfig(layers_pattern={old!r}) without layers_to_transform is deprecated: write "
+            f"layer_stacks={old!r} (the block list(s) that are the layer stacks). layers_pattern keeps PEFT's "
+            f"meaning together with layers_to_transform.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        self.layer_stacks, self.layers_pattern = old, None
 
-    # PEFT 0.3.0's config defines a `__dict__` property (asdict), which makes the default copy and deepcopy
-    # restore nothing: copy the attributes one by one (a callable schedule stays the same function).
-    def __copy__(self) -> "ScheduledLoraConfig":
-        new = object.__new__(type(self))
-        for key, value in dict(self.__dict__).items():
-            setattr(new, key, value)
-        return new
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "ScheduledLoraConfig":
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for key, value in dict(self.__dict__).items():
-            setattr(new, key, copy.deepcopy(value, memo))
-        return new
+    @classmethod
+    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+        # An adapter_config.json written by an earlier version has our layer stacks under "layers_pattern".
+        if loaded.get("layers_pattern") is not None and loaded.get("layers_to_transform") is None and (
+            loaded.get("layer_stacks") is None
+        ):
+            loaded = dict(loaded, layer_stacks=loaded["layers_pattern"], layers_pattern=None)
+        return loaded
 
     @property
     def is_scheduled(self) -> bool:
@@ -184,10 +192,11 @@ class ScheduledLoraConfig(LoraConfig):
     def validate(self) -> None:
         """Check and normalise the schedule fields (JSON string keys become ints again).
 
-        Called by ``__post_init__`` and again by the tuner, because PEFT 0.3.0 loads configs by
-        ``setattr`` after construction.  In memory ``peft_type`` is ``PeftType.LORA``, so every LoRA code
-        path of PEFT applies and plain ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and
-        ``adapter_config.json`` say ``"SCHEDULED_LORA"``, so loading comes back to this package.
+        Called by ``__post_init__`` and again by the tuner, because some PEFT versions fill a loaded
+        config in by ``setattr`` after construction (see ``_compat.UniformLoraConfig``).  In memory
+        ``peft_type`` is ``PeftType.LORA``, so every LoRA code path of PEFT applies and plain
+        ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and ``adapter_config.json`` say
+        ``"SCHEDULED_LORA"``, so loading comes back to this package.
         """
         self.peft_type = _compat.LORA
         check_unit(self.schedule_unit)
@@ -204,23 +213,24 @@ class ScheduledLoraConfig(LoraConfig):
             raise TypeError(f"init_seed must be an int or None, got {self.init_seed!r}.")
         if self.schedule_position is not None:
             self.schedule_position = check_time(self.schedule_position, "schedule_position")
-        if self.layers_pattern is not None and not (
-            isinstance(self.layers_pattern, str)
-            or (isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern))
+        self._take_old_layer_stacks()  # (set after construction: PEFT 0.3-0.6 loading, or by hand)
+        stacks = self.layer_stacks
+        if stacks is not None and not (
+            isinstance(stacks, str) or (isinstance(stacks, (list, tuple)) and all(isinstance(p, str) for p in stacks))
         ):
             raise TypeError(
-                f"layers_pattern must be a str or a list of str (the dotted path of the block list, e.g. "
-                f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {self.layers_pattern!r}."
+                f"layer_stacks must be a str or a list of str (the dotted path of the block list, e.g. "
+                f"'encoder.layer' or ['encoder.block', 'decoder.block']), got {stacks!r}."
             )
         _check_target_regex(self.target_modules)
         self._check_init_mode()
-        if self.restricts_layers and getattr(self, "target_parameters", None):
+        if self.restricts_layers and _compat.optional_field(self, "target_parameters"):
             raise ValueError(
                 "target_parameters cannot be combined with a layer schedule yet: PEFT wraps those parameters in "
                 "every layer, outside the scheduled ones. Target modules (target_modules) with a schedule, or drop "
                 "layer_schedule/preallocate_layers to use target_parameters as plain LoRA."
             )
-        if self.is_scheduled and getattr(self, "layers_to_transform", None) is not None:
+        if self.is_scheduled and _compat.optional_field(self, "layers_to_transform") is not None:
             raise ValueError(
                 "layers_to_transform cannot be combined with layer_schedule: the schedule decides the layers. "
                 "Use preallocate_layers to give adapters to more layers than the schedule names."
@@ -229,29 +239,8 @@ class ScheduledLoraConfig(LoraConfig):
     def schedule(self) -> Optional[Schedule]:
         return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        # PEFT 0.3-0.6 build the config with defaults and setattr() the loaded fields afterwards, so
-        # __post_init__ never saw them: the schedule would keep JSON's str keys and go unchecked.
-        if isinstance(config, ScheduledLoraConfig):
-            config.validate()
-        return config
-
-    @classmethod
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
-        # PEFT 0.6-0.13 build configs with cls(**json) and fail on keys a newer PEFT wrote; 0.14+ drops
-        # them with a warning.  Do the same on every version, so adapters move between versions.
-        loaded = super().from_json_file(path_json_file, **kwargs)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(key for key in loaded if key not in known)
-        if unknown:
-            warnings.warn(
-                f"{path_json_file}: ignoring {unknown}, written by a newer PEFT than the installed "
-                f"{_compat.PEFT_VERSION}; the adapter loads without them.",
-                stacklevel=2,
-            )
-        return {key: value for key, value in loaded.items() if key in known}
+    def _loaded(self) -> None:
+        self.validate()  # the schedule would keep JSON's str keys and go unchecked
 
     def to_dict(self) -> Dict[str, Any]:
         output = super().to_dict()
@@ -261,17 +250,15 @@ class ScheduledLoraConfig(LoraConfig):
         return output
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        # On disk the type names this package, so PeftModel.from_pretrained comes back here.  PEFT 0.3.0
-        # writes asdict(self), not to_dict(): a shallow copy carries the on-disk values (self is untouched).
-        on_disk = copy.copy(self)
-        on_disk.peft_type = _compat.SCHEDULED_LORA
+        # On disk the type names this package, so PeftModel.from_pretrained comes back here (self is untouched).
+        on_disk: Dict[str, Any] = {"peft_type": _compat.SCHEDULED_LORA}
         if callable(self.layer_schedule):
-            on_disk.layer_schedule = parse_schedule(self.layer_schedule).to_json()
+            on_disk["layer_schedule"] = parse_schedule(self.layer_schedule).to_json()
             warnings.warn(
-                f"layer_schedule is the Python callable {on_disk.layer_schedule['name']}, which is not "
-                f"serialized: {save_directory}/adapter_config.json records only {on_disk.layer_schedule}. The "
+                f"layer_schedule is the Python callable {on_disk['layer_schedule']['name']}, which is not "
+                f"serialized: {save_directory}/adapter_config.json records only {on_disk['layer_schedule']}. The "
                 f"adapter weights, preallocate_layers and ever_active_layers are saved; after loading, give the "
                 f"function back with model.set_layer_schedule(fn) before training on.",
                 stacklevel=2,
             )
-        LoraConfig.save_pretrained(on_disk, save_directory, **kwargs)
+        self._save_as(save_directory, on_disk, **kwargs)

@@ -10,20 +10,10 @@ import torch
 from peft import LoraConfig
 
 from . import _compat
-from .tuner import ScheduledLoraModel
+from .tuner import find_scheduled_tuner, peft_model_of
 
 # Fields of ours that plain LoRA must not see, and PEFT's layer filter (the target list is exact).
 _DROP = {"peft_type", "target_modules", "layers_to_transform", "layers_pattern", "inference_mode"}
-
-
-def _tuner_of(model: Any) -> ScheduledLoraModel:
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, ScheduledLoraModel):
-        raise TypeError(
-            f"export_lora() needs a PeftModel built from a ScheduledLoraConfig (get_peft_model or "
-            f"PeftModel.from_pretrained), got {type(model).__name__}."
-        )
-    return tuner
 
 
 def export_lora(
@@ -40,7 +30,8 @@ def export_lora(
     outputs equal the scheduled model's.  ``safe_serialization``: default safetensors where the
     installed PEFT reads them (0.4+), else ``adapter_model.bin``.  Returns the written config.
     """
-    tuner = _tuner_of(model)
+    tuner = find_scheduled_tuner(model, "export_lora()")
+    model = peft_model_of(model, tuner)  # a wrapper's PeftModel: its state dict keys are the adapter's
     plan = tuner.scheduled_adapter(adapter_name)
     name = plan.name
     source = tuner.peft_config[name]

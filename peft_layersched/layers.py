@@ -16,30 +16,14 @@ layer ``1`` never captures layer ``10``.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .schedule import LayerId, check_layer_id, short_layer_list, split_layer_id
+from . import _compat
+from .schedule import LayerId, LayerStack, StackIndex, short_layer_list
 
 ALL_LINEAR = "all-linear"
-
-
-class LayerStack(object):
-    """One repeated block stack: an ``nn.ModuleList`` at ``path`` with ``length`` blocks."""
-
-    def __init__(self, name: str, path: str, length: int) -> None:
-        self.name = name
-        self.path = path
-        self.length = length
-
-    @property
-    def aliases(self) -> Set[str]:
-        parent = self.path.rsplit(".", 1)[0] if "." in self.path else self.path
-        return {self.name, self.path, parent}
-
-    def __repr__(self) -> str:
-        return f"LayerStack(name={self.name!r}, path={self.path!r}, length={self.length})"
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -69,19 +53,19 @@ def _name_stacks(paths: List[str]) -> List[str]:
     return paths
 
 
-def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerStack]:
+def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerStack]:
     """Find the model's repeated block stacks (outermost ``nn.ModuleList`` s of identical blocks).
 
-    ``layers_pattern`` (a string or list of strings) overrides discovery: each entry names a
+    ``layer_stacks`` (a string or list of strings) overrides discovery: each entry names a
     ``ModuleList`` by its dotted path or a dotted suffix of it (``"layer"``, ``"decoder.layers"``).
     """
     lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if layers_pattern is not None:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    if layer_stacks is not None:
+        patterns = [layer_stacks] if isinstance(layer_stacks, str) else list(layer_stacks)
         if not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise TypeError(
-                f"layers_pattern must be a non-empty string or list of strings naming layer stacks, "
-                f"got {layers_pattern!r}."
+                f"layer_stacks must be a non-empty string or list of strings naming layer stacks, "
+                f"got {layer_stacks!r}."
             )
         chosen: List[Tuple[str, nn.Module]] = []
         for pattern in patterns:
@@ -89,7 +73,7 @@ def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerS
             if not hits:
                 found = [n for n, _ in lists] or ["(none)"]
                 raise ValueError(
-                    f"layers_pattern entry {pattern!r} matches no nn.ModuleList of the model; "
+                    f"layer_stacks entry {pattern!r} matches no nn.ModuleList of the model; "
                     f"ModuleLists found: {found}. Give a path or dotted suffix of one of them."
                 )
             chosen.extend(hit for hit in hits if hit[0] not in {c[0] for c in chosen})
@@ -107,92 +91,12 @@ def discover_stacks(model: nn.Module, layers_pattern: Any = None) -> List[LayerS
     return [LayerStack(n, p, len(m)) for n, p, (_, m) in zip(names, paths, selected)]
 
 
-class LayerIndex(object):
+class LayerIndex(StackIndex):
     """Translate user layer ids to canonical ids and module names to layer ids for one model."""
 
-    def __init__(self, stacks: Sequence[LayerStack]) -> None:
-        self.stacks = list(stacks)
-        self._order = {stack.name: i for i, stack in enumerate(self.stacks)}
-
     @classmethod
-    def from_model(cls, model: nn.Module, layers_pattern: Any = None) -> "LayerIndex":
-        return cls(discover_stacks(model, layers_pattern))
-
-    @property
-    def multi(self) -> bool:
-        return len(self.stacks) > 1
-
-    def describe(self) -> str:
-        if not self.stacks:
-            return "no layer stacks (no nn.ModuleList of repeated blocks) were found"
-        if not self.multi:
-            stack = self.stacks[0]
-            return f"{stack.length} layers in '{stack.path}' (ids 0..{stack.length - 1}, or -{stack.length}..-1)"
-        parts = [f"'{s.name}' ({s.path}, {s.length} layers)" for s in self.stacks]
-        return "stacks " + ", ".join(parts)
-
-    def _require_stacks(self, raw: Any) -> None:
-        if not self.stacks:
-            raise ValueError(
-                f"cannot place layer {raw!r}: {self.describe()}. Set layers_pattern to the dotted path of "
-                f"the model's block list (e.g. 'encoder.layer' or 'model.layers')."
-            )
-
-    def _stack_for(self, alias: str, raw: Any) -> LayerStack:
-        for stack in self.stacks:
-            if alias in stack.aliases:
-                return stack
-        raise ValueError(
-            f"layer {raw!r}: unknown stack {alias!r}; the model has {self.describe()}. "
-            f"Write e.g. {self.example()!r}."
-        )
-
-    def example(self) -> LayerId:
-        if not self.stacks:
-            return 0
-        if not self.multi:
-            return -1
-        return f"{self.stacks[-1].name}.-1"
-
-    def canonical(self, raw: Any, where: str = "layer") -> LayerId:
-        """Canonical id for a user id: ``-1 -> 11``, ``"decoder.-1" -> "decoder.5"``."""
-        raw = check_layer_id(raw, where)
-        self._require_stacks(raw)
-        alias, index = split_layer_id(raw)
-        if alias is None:
-            if self.multi:
-                raise ValueError(
-                    f"{where}: bare layer id {raw!r} is ambiguous: the model has {self.describe()}. "
-                    f"Write '<stack>.<index>', e.g. '{self.stacks[0].name}.{index}' or "
-                    f"'{self.stacks[-1].name}.{index}'."
-                )
-            stack = self.stacks[0]
-        else:
-            stack = self._stack_for(alias, raw)
-        if not -stack.length <= index < stack.length:
-            raise ValueError(
-                f"{where}: layer {raw!r} is out of range: stack '{stack.name}' ({stack.path}) has "
-                f"{stack.length} layers, valid indices are 0..{stack.length - 1} or -{stack.length}..-1."
-            )
-        index %= stack.length
-        return index if not self.multi else f"{stack.name}.{index}"
-
-    def canonical_list(self, raws: Iterable[Any], where: str = "layer") -> List[LayerId]:
-        return self.sort({self.canonical(raw, where) for raw in raws})
-
-    def sort_key(self, layer: LayerId) -> Tuple[int, int]:
-        if isinstance(layer, int):
-            return (0, layer)
-        name, index = layer.rsplit(".", 1)
-        return (self._order.get(name, len(self._order)), int(index))
-
-    def sort(self, layers: Iterable[LayerId]) -> List[LayerId]:
-        return sorted(set(layers), key=self.sort_key)
-
-    def all_layers(self) -> List[LayerId]:
-        if not self.multi:
-            return list(range(self.stacks[0].length)) if self.stacks else []
-        return [f"{s.name}.{i}" for s in self.stacks for i in range(s.length)]
+    def from_model(cls, model: nn.Module, layer_stacks: Any = None) -> "LayerIndex":
+        return cls(discover_stacks(model, layer_stacks))
 
     def layer_of(self, module_name: str) -> Optional[LayerId]:
         """The canonical layer that holds ``module_name`` (a dotted path), or ``None``."""
@@ -206,14 +110,6 @@ class LayerIndex(object):
         return None
 
 
-def _linear_types() -> Tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
 def target_matcher(target_modules: Any):
     """A predicate ``(name, module) -> bool`` with PEFT's meaning of ``target_modules``.
 
@@ -223,7 +119,7 @@ def target_matcher(target_modules: Any):
     """
     if isinstance(target_modules, str):
         if target_modules == ALL_LINEAR:
-            kinds = _linear_types()
+            kinds = _compat.linear_types()
             return lambda name, module: isinstance(module, kinds)
         pattern = re.compile(target_modules)
         return lambda name, module: pattern.fullmatch(name) is not None
@@ -285,7 +181,7 @@ def _show(target_modules: Any) -> str:
 
 
 def _sample_names(model: nn.Module, index: LayerIndex, limit: int = 8) -> List[str]:
-    kinds = _linear_types()
+    kinds = _compat.linear_types()
     names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     first = index.stacks[0].path + ".0." if index.stacks else ""
     inside = [n for n in names if first and n.startswith(first)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 LayerId = Union[int, str]
 Canonicalizer = Callable[[Any, str], LayerId]
@@ -61,7 +61,8 @@ def split_layer_id(raw: LayerId) -> Tuple[Union[str, None], int]:
     return match.group("stack"), int(match.group("index"))
 
 
-def _check_layer_list(layers: Any, where: str) -> List[LayerId]:
+def check_layer_list(layers: Any, where: str) -> List[LayerId]:
+    """A list (tuple, set) of layer ids, each checked by :func:`check_layer_id`; sets in a fixed order."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, set, frozenset)):
         raise TypeError(
             f"{where}: expected a list of layer ids, got {layers!r} ({type(layers).__name__}); "
@@ -97,37 +98,137 @@ def _check_start(raw: Any) -> int:
     return start
 
 
-def _simple_canonicalizer(layers: Sequence[LayerId]) -> Canonicalizer:
-    """Raw -> canonical id for a model whose every layer, in order, is ``layers`` (no torch, no model).
+class LayerStack(object):
+    """One repeated block stack: ``length`` blocks named ``name`` (``"<name>.<index>"`` ids with several
+    stacks), at the dotted module ``path`` (``None`` when only the ids are known)."""
 
-    The tuner passes ``LayerIndex.canonical`` instead (it also knows stack paths as aliases).
+    def __init__(self, name: str, path: Optional[str], length: int) -> None:
+        self.name = name
+        self.path = path
+        self.length = length
+
+    @property
+    def aliases(self) -> Set[str]:
+        if self.path is None:
+            return {self.name}
+        parent = self.path.rsplit(".", 1)[0] if "." in self.path else self.path
+        return {self.name, self.path, parent}
+
+    def __repr__(self) -> str:
+        return f"LayerStack(name={self.name!r}, path={self.path!r}, length={self.length})"
+
+
+class StackIndex(object):
+    """Raw -> canonical layer ids (and layer order) for a model's layer stacks, without the model.
+
+    ``named``: whether ids carry the stack name (``"decoder.5"``); default: with several stacks.
+    ``LayerIndex`` (:mod:`peft_layersched.layers`) adds discovery on a model and module names.
     """
-    lengths: Dict[Optional[str], int] = {}
-    for layer in layers:
-        stack, index = split_layer_id(layer)
-        lengths[stack] = max(lengths.get(stack, 0), index + 1)
-    multi = any(stack is not None for stack in lengths)
 
-    def canonical(raw: Any, where: str = "layer") -> LayerId:
+    def __init__(self, stacks: Sequence[LayerStack], named: Optional[bool] = None) -> None:
+        self.stacks = list(stacks)
+        self._order = {stack.name: i for i, stack in enumerate(self.stacks)}
+        self._named = len(self.stacks) > 1 if named is None else bool(named)
+
+    @classmethod
+    def from_layer_ids(cls, layers: Sequence[LayerId]) -> "StackIndex":
+        """The stacks that canonical ``layers`` (every layer of a model, in order) come from."""
+        lengths: Dict[Optional[str], int] = {}
+        for layer in layers:
+            stack, index = split_layer_id(layer)
+            lengths[stack] = max(lengths.get(stack, 0), index + 1)
+        named = [name for name in lengths if name is not None]
+        if named:  # (a bare id is ambiguous there: ints mixed in cannot be addressed)
+            return cls([LayerStack(name, None, lengths[name]) for name in named], named=True)
+        return cls([LayerStack("", None, lengths[None])] if lengths else [], named=False)
+
+    @property
+    def multi(self) -> bool:
+        return self._named
+
+    def describe(self) -> str:
+        if not self.stacks:
+            return "no layer stacks (no nn.ModuleList of repeated blocks) were found"
+        if not self.multi:
+            stack = self.stacks[0]
+            where = f" in '{stack.path}'" if stack.path is not None else ""
+            return f"{stack.length} layers{where} (ids 0..{stack.length - 1}, or -{stack.length}..-1)"
+        parts = [
+            f"'{s.name}' ({s.path + ', ' if s.path is not None else ''}{s.length} layers)" for s in self.stacks
+        ]
+        return "stacks " + ", ".join(parts)
+
+    def _require_stacks(self, raw: Any) -> None:
+        if not self.stacks:
+            raise ValueError(
+                f"cannot place layer {raw!r}: {self.describe()}. Set layer_stacks to the dotted path of "
+                f"the model's block list (e.g. 'encoder.layer' or 'model.layers')."
+            )
+
+    def _stack_for(self, alias: str, raw: Any) -> LayerStack:
+        for stack in self.stacks:
+            if alias in stack.aliases:
+                return stack
+        raise ValueError(
+            f"layer {raw!r}: unknown stack {alias!r}; the model has {self.describe()}. "
+            f"Write e.g. {self.example()!r}."
+        )
+
+    def example(self) -> LayerId:
+        if not self.stacks:
+            return 0
+        if not self.multi:
+            return -1
+        return f"{self.stacks[-1].name}.-1"
+
+    def canonical(self, raw: Any, where: str = "layer") -> LayerId:
+        """Canonical id for a user id: ``-1 -> 11``, ``"decoder.-1" -> "decoder.5"``."""
         raw = check_layer_id(raw, where)
-        stack, index = split_layer_id(raw)
-        if stack is None and multi:
+        self._require_stacks(raw)
+        alias, index = split_layer_id(raw)
+        if alias is None:
+            if self.multi:
+                raise ValueError(
+                    f"{where}: bare layer id {raw!r} is ambiguous: the model has {self.describe()}. "
+                    f"Write '<stack>.<index>', e.g. '{self.stacks[0].name}.{index}' or "
+                    f"'{self.stacks[-1].name}.{index}'."
+                )
+            stack = self.stacks[0]
+        else:
+            stack = self._stack_for(alias, raw)
+        if not -stack.length <= index < stack.length:
+            if self.multi or stack.path is not None:
+                path = f" ({stack.path})" if stack.path is not None else ""
+                size = f"stack '{stack.name}'{path} has {stack.length} layers"
+            else:
+                size = f"{stack.length} layers"
             raise ValueError(
-                f"{where}: bare layer id {raw!r} is ambiguous: the model has stacks {sorted(lengths)}; "
-                f"write '<stack>.<index>'."
+                f"{where}: layer {raw!r} is out of range: {size}, valid indices are 0..{stack.length - 1} or "
+                f"-{stack.length}..-1."
             )
-        if stack not in lengths:
-            raise ValueError(f"{where}: layer {raw!r}: unknown stack {stack!r}; stacks: {sorted(lengths)}.")
-        length = lengths[stack]
-        if not -length <= index < length:
-            raise ValueError(
-                f"{where}: layer {raw!r} is out of range: {length} layers, valid indices are "
-                f"0..{length - 1} or -{length}..-1."
-            )
-        index %= length
-        return index if stack is None else f"{stack}.{index}"
+        index %= stack.length
+        return index if not self.multi else f"{stack.name}.{index}"
 
-    return canonical
+    def canonical_list(self, raws: Iterable[Any], where: str = "layer") -> List[LayerId]:
+        return self.sort({self.canonical(raw, where) for raw in raws})
+
+    def sort_key(self, layer: LayerId) -> Tuple[int, int]:
+        if isinstance(layer, int):
+            return (0, layer)
+        name, index = layer.rsplit(".", 1)
+        return (self._order.get(name, len(self._order)), int(index))
+
+    def sort(self, layers: Iterable[LayerId]) -> List[LayerId]:
+        return sorted(set(layers), key=self.sort_key)
+
+    def held_layers(self, layers: Iterable[Optional[LayerId]]) -> List[LayerId]:
+        """The layers among ``layers`` (``None``: outside every stack, left out), sorted."""
+        return self.sort(layer for layer in layers if layer is not None)
+
+    def all_layers(self) -> List[LayerId]:
+        if not self.multi:
+            return list(range(self.stacks[0].length)) if self.stacks else []
+        return [f"{s.name}.{i}" for s in self.stacks for i in range(s.length)]
 
 
 def check_time(t: Any, where: str = "activate_layers(t): t") -> int:
@@ -151,10 +252,6 @@ def check_unit(unit: Any) -> str:
     if unit not in SCHEDULE_UNITS:
         raise ValueError(f"schedule_unit={unit!r} is not supported; use one of {list(SCHEDULE_UNITS)}.")
     return unit
-
-
-def check_layer_list(layers: Any, where: str) -> List[LayerId]:
-    return _check_layer_list(layers, where)
 
 
 # ------------------------------------------------------------------------------------ the interface
@@ -306,7 +403,7 @@ def _bind_args(
 ) -> Tuple[List[LayerId], Canonicalizer, List[LayerId]]:
     layers = list(layers)
     if canonical is None:
-        canonical = _simple_canonicalizer(layers)
+        canonical = StackIndex.from_layer_ids(layers).canonical
     default = list(layers) if default_candidates is None else list(default_candidates)
     return layers, canonical, default
 
@@ -341,7 +438,7 @@ class MilestoneSchedule(Schedule):
             start = _check_start(raw_start)
             if start in phases:
                 raise ValueError(f"layer_schedule: start {start} appears twice ({raw_start!r}).")
-            phases[start] = _check_layer_list(layers, f"layer_schedule[{start}]")
+            phases[start] = check_layer_list(layers, f"layer_schedule[{start}]")
         self.phases: List[Tuple[int, List[LayerId]]] = sorted(phases.items())
 
     def active_at(self, t: int) -> List[LayerId]:
@@ -454,7 +551,7 @@ class _Spec(object):
         value = self.spec.get(key)
         if value is None:
             return None
-        checked = _check_layer_list(value, f"{self.where} '{key}'")
+        checked = check_layer_list(value, f"{self.where} '{key}'")
         if not checked and not allow_empty:
             raise ValueError(
                 f"{self.where}: '{key}' is an empty list; list candidate layers (e.g. [8, 9, 10, 11]) or "
@@ -463,7 +560,9 @@ class _Spec(object):
         return checked
 
 
-def _digest_int(*parts: Any) -> int:
+def stable_int(*parts: Any) -> int:
+    """A 64-bit int that depends only on ``parts`` (sha256 of their ``str`` joined by ``":"``), the same
+    on every Python, platform and run (unlike ``hash``)."""
     text = ":".join(str(part) for part in parts)
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
@@ -472,7 +571,7 @@ def _seeded_permutation(n: int, *key: Any) -> List[int]:
     """A permutation of ``range(n)`` that depends only on ``key`` (same on every Python and platform)."""
     order = list(range(n))
     for i in range(n - 1, 0, -1):
-        j = _digest_int(*(key + (i,))) % (i + 1)
+        j = stable_int(*(key + (i,))) % (i + 1)
         order[i], order[j] = order[j], order[i]
     return order
 
@@ -480,7 +579,7 @@ def _seeded_permutation(n: int, *key: Any) -> List[int]:
 def _seeded_sample(pool: List[LayerId], k: int, *key: Any) -> List[LayerId]:
     pool = list(pool)
     for i in range(k):
-        j = i + _digest_int(*(key + (i,))) % (len(pool) - i)
+        j = i + stable_int(*(key + (i,))) % (len(pool) - i)
         pool[i], pool[j] = pool[j], pool[i]
     return pool[:k]
 
@@ -815,7 +914,7 @@ class CallableSchedule(Schedule):
         self._require_bound()
         assert self._canonical is not None
         where = f"layer_schedule {self.name}({t})"
-        raw = _check_layer_list(self.fn(t), where)
+        raw = check_layer_list(self.fn(t), where)
         active = self._sorted(self._canonical(layer, where) for layer in raw)
         extra = [layer for layer in active if layer not in self._order or layer not in set(self._allowed)]
         if extra:

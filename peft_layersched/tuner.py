@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
@@ -28,7 +27,7 @@ from torch import nn
 from . import _compat, checkpointing, sharded
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
-from .schedule import LayerId, Schedule, check_time, parse_schedule
+from .schedule import LayerId, Schedule, check_time, parse_schedule, stable_int
 
 
 class ScheduledAdapter(object):
@@ -91,7 +90,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
 def _refuse_excluded(config: Any, targets: Dict[str, Any], preallocated: List[LayerId]) -> None:
     """``exclude_modules`` (PEFT >= 0.14) takes modules out of the scheduled layers; a layer it empties
     would be scheduled without an adapter.  (PEFT itself still applies exclude_modules at injection.)"""
-    excluded = getattr(config, "exclude_modules", None)
+    excluded = _compat.optional_field(config, "exclude_modules")
     if not excluded:
         return
     kept = {name: layer for name, layer in targets.items() if not _compat.module_excluded(name, excluded)}
@@ -113,12 +112,11 @@ def weights_show_training(init_mode: Any, zero_at_init: Optional[torch.Tensor]) 
 
 
 def _zero_at_init_part(layer: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
-    for attr in ("lora_B", "lora_embedding_A"):
-        container = getattr(layer, attr, None)
-        if container is not None and adapter_name in container:
-            item = container[adapter_name]
-            return item if isinstance(item, nn.Parameter) else item.weight
-    return None
+    weights = _compat.lora_weights(layer, adapter_name)
+    if weights is None:
+        return None
+    kind, weight_a, weight_b = weights
+    return weight_a if kind == "embedding" else weight_b
 
 
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
@@ -172,8 +170,7 @@ def _init_keeps_base_weight(init_mode: Any) -> bool:
 
 
 def _module_seed(init_seed: int, module_name: str) -> int:
-    digest = hashlib.sha256(f"{init_seed}:{module_name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_int(init_seed, module_name) & ((1 << 63) - 1)
 
 
 def _fill_uniform_fan_in(param: torch.Tensor, generator: torch.Generator) -> None:
@@ -193,10 +190,12 @@ def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int)
     """PEFT's LoRA init for ``init_lora_weights`` in (True, False, "gaussian"), from a private generator."""
     generator = torch.Generator().manual_seed(seed)
     r = layer.r[adapter_name]
+    weights = _compat.lora_weights(layer, adapter_name)
+    if weights is None:
+        return
+    kind, weight_a, weight_b = weights
     with torch.no_grad():
-        if adapter_name in getattr(layer, "lora_A", {}):
-            weight_a = layer.lora_A[adapter_name].weight
-            weight_b = layer.lora_B[adapter_name].weight
+        if kind == "linear":
             if init_mode == "gaussian":
                 _fill_normal(weight_a, 1.0 / r, generator)
             else:
@@ -205,20 +204,18 @@ def _seeded_init(layer: nn.Module, adapter_name: str, init_mode: Any, seed: int)
                 _fill_uniform_fan_in(weight_b, generator)
             else:
                 weight_b.zero_()
-        if adapter_name in getattr(layer, "lora_embedding_A", {}):
-            emb_a = layer.lora_embedding_A[adapter_name]
-            emb_b = layer.lora_embedding_B[adapter_name]
+        else:
             if init_mode is False:
-                _fill_normal(emb_a, 1.0, generator)
+                _fill_normal(weight_a, 1.0, generator)
             else:
-                emb_a.zero_()
-            _fill_normal(emb_b, 1.0, generator)
+                weight_a.zero_()
+            _fill_normal(weight_b, 1.0, generator)
 
 
 _SEEDED_INIT_MODES = (True, False, "gaussian")
 
 
-class ScheduledLoraModel(LoraModel):
+class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
     """LoRA tuner with a layer schedule.  Created by ``get_peft_model(model, ScheduledLoraConfig(...))``.
 
     Reach its methods through the ``PeftModel``: ``peft_model.activate_layers(epoch)``,
@@ -239,26 +236,11 @@ class ScheduledLoraModel(LoraModel):
 
     # ----------------------------------------------------------------------------------- injection
 
-    def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
-        model, adapter_name = _compat.injection_args("inject_adapter", args, kwargs, None)
-        # PeftModel.add_adapter/load_adapter store the caller's config object: the tuner works on its own.
-        self.peft_config[adapter_name] = _own_copy(self.peft_config[adapter_name])
-        with self._scheduled_injection(model, adapter_name):
-            return super().inject_adapter(*args, **kwargs)
+    # Injection: _compat.TunerHooks runs PEFT's (inject_adapter / add_adapter) inside _scheduled_injection.
 
-    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT 0.3 / 0.4 inject through this
-        parent = getattr(super(), "add_adapter", None)
-        if parent is None:
-            raise AttributeError("add_adapter")
-        model, adapter_name = _compat.injection_args("add_adapter", args, kwargs, self.model)
-        if len(args) > 1 or kwargs.get("config") is not None:
-            config = _own_copy(args[1] if len(args) > 1 else kwargs.pop("config"))
-            args = (args[0], config) + tuple(args[2:]) if len(args) > 1 else args
-            if len(args) < 2:
-                kwargs["config"] = config
-            self.peft_config[adapter_name] = config
-        with self._scheduled_injection(model, adapter_name):
-            return parent(*args, **kwargs)
+    def _own_config(self, config: Any) -> Any:
+        # PeftModel.add_adapter/load_adapter store the caller's config object: the tuner works on its own.
+        return _own_copy(config)
 
     @property
     def _plans(self) -> Dict[str, _Plan]:
@@ -278,10 +260,9 @@ class ScheduledLoraModel(LoraModel):
         plan = self._plan(model, config)
         if plan.targets is not None and config.init_seed is None:
             config.init_seed = int(torch.initial_seed()) & ((1 << 63) - 1)
-        saved_targets, saved_pattern = config.target_modules, config.layers_pattern
+        saved_targets = config.target_modules
         if plan.targets is not None:
             config.target_modules = exact_names_regex(plan.targets)
-        config.layers_pattern = None
         seeded = config.init_seed is not None and config.init_lora_weights in _SEEDED_INIT_MODES
         rng = _compat.fork_rng() if seeded else contextlib.nullcontext()
         try:
@@ -291,20 +272,19 @@ class ScheduledLoraModel(LoraModel):
         finally:
             if plan.targets is not None:
                 config.target_modules = saved_targets
-            config.layers_pattern = saved_pattern
 
     def _plan(self, model: nn.Module, config: ScheduledLoraConfig) -> _Plan:
         if not config.restricts_layers:
             # Plain LoRA: PEFT targets as it always does; the index only names layers for reporting.
             try:
-                index = LayerIndex.from_model(model, config.layers_pattern)
+                index = LayerIndex.from_model(model, config.layer_stacks)
             except ValueError:
                 index = LayerIndex([])
             return _Plan(index, None, None, None)
-        index = LayerIndex.from_model(model, config.layers_pattern)
+        index = LayerIndex.from_model(model, config.layer_stacks)
         if not index.stacks:
             raise ValueError(
-                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layers_pattern "
+                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layer_stacks "
                 f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
             )
         found: Dict[str, Any] = {}  # each computed once, when first needed (errors keep their order)
@@ -335,7 +315,7 @@ class ScheduledLoraModel(LoraModel):
                 if config.preallocate_layers is not None:
                     candidates = requested()
                 else:
-                    candidates = index.sort(layer for layer in matched().values() if layer is not None)
+                    candidates = index.held_layers(matched().values())
             schedule = schedule.bind(index.all_layers(), index.canonical, candidates)
         scheduled = index.sort(schedule.all_layers()) if schedule is not None else []
         if config.preallocate_layers is not None:
@@ -394,7 +374,7 @@ class ScheduledLoraModel(LoraModel):
         name, plan = self._adapter(adapter_name)
         t = check_time(t)
         if plan.schedule is None:
-            active = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+            active = plan.index.held_layers(plan.modules.values())
             plan.ever.update(active)
         else:
             active = plan.schedule.active_at(t)  # bound: canonical ids in layer order
@@ -536,7 +516,7 @@ class ScheduledLoraModel(LoraModel):
     def scheduled_adapter(self, adapter_name: Optional[str] = None) -> "ScheduledAdapter":
         """A read-only view of a scheduled adapter (default: the one ``activate_layers`` drives)."""
         name, plan = self._adapter(adapter_name)
-        preallocated = plan.index.sort(layer for layer in plan.modules.values() if layer is not None)
+        preallocated = plan.index.held_layers(plan.modules.values())
         if plan.active is not None:
             active = list(plan.active)
         elif plan.schedule is None:
@@ -573,7 +553,7 @@ class ScheduledLoraModel(LoraModel):
         for module_name, layer_id in plan.modules.items():
             module = self.model.get_submodule(module_name)
             grouped.setdefault(layer_id, []).extend(_compat.adapter_parameters(module, name))
-        return {layer: grouped[layer] for layer in plan.index.sort(k for k in grouped if k is not None)}
+        return {layer: grouped[layer] for layer in plan.index.held_layers(grouped)}
 
     # --------------------------------------------- PEFT calls that reset per-layer flags or merge
 
@@ -612,20 +592,41 @@ class ScheduledLoraModel(LoraModel):
         for name, plan in self._plans.items():
             for module_name in self._bypassed_modules(name, plan):
                 module = self.model.get_submodule(module_name)
-                with torch.no_grad():
-                    for attr in ("lora_B", "lora_embedding_B"):
-                        container = getattr(module, attr, None)
-                        if container is not None and name in container:
-                            item = container[name]
-                            (item if isinstance(item, nn.Parameter) else item.weight).zero_()
+                weights = _compat.lora_weights(module, name)
+                if weights is not None:
+                    with torch.no_grad():
+                        weights[2].zero_()
         merged = super().merge_and_unload(*args, **kwargs)
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
 
-    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        parent = getattr(super(), "unload", None)  # PEFT >= 0.5
-        if parent is None:
-            raise AttributeError("unload")
-        plain = parent(*args, **kwargs)
-        checkpointing.remove(plain)
-        return plain
+    def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
+        checkpointing.remove(model)
+
+
+def find_scheduled_tuner(model: Any, needed_by: str) -> ScheduledLoraModel:
+    """The ``ScheduledLoraModel`` inside ``model``: a PeftModel's ``base_model``, or the first one among the
+    modules of a wrapper around a PeftModel (DDP, a DeepSpeed engine, ``torch.compile``).  ``needed_by``
+    names the caller in the ``TypeError`` raised when there is none (e.g. ``"export_lora()"``).
+    """
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, ScheduledLoraModel):
+        return tuner
+    modules = getattr(model, "modules", None)
+    for module in modules() if callable(modules) else []:
+        if isinstance(module, ScheduledLoraModel):
+            return module
+    raise TypeError(
+        f"{needed_by} needs a PeftModel built from a ScheduledLoraConfig (get_peft_model(model, "
+        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}."
+    )
+
+
+def peft_model_of(model: Any, tuner: ScheduledLoraModel) -> Any:
+    """The PeftModel in ``model`` (itself, or a module of a wrapper) whose ``base_model`` is ``tuner``."""
+    if getattr(model, "base_model", None) is tuner:
+        return model
+    for module in model.modules():
+        if getattr(module, "base_model", None) is tuner:
+            return module
+    return model

@@ -19,6 +19,7 @@ NEW_FIELDS = {
     "schedule_unit": "epoch",
     "preallocate_layers": None,
     "layers_pattern": None,
+    "layer_stacks": None,
     "init_seed": None,
     "ever_active_layers": None,
 }
@@ -51,7 +52,7 @@ ROUND_TRIPS = [
             preallocate_layers=[1, 5, 11],
             init_seed=7,
             ever_active_layers=[11],
-            layers_pattern="encoder.layer",
+            layer_stacks="encoder.layer",
         ),
     ),
     (
@@ -60,7 +61,7 @@ ROUND_TRIPS = [
             target_modules=r".*\.(q|v)",
             layer_schedule={0: ["decoder.-1"], 250: ["encoder.0", "decoder.-1"]},
             schedule_unit="step",
-            layers_pattern=["encoder.block", "decoder.block"],
+            layer_stacks=["encoder.block", "decoder.block"],
             lora_alpha=16,
             lora_dropout=0.1,
         ),

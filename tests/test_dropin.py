@@ -373,7 +373,7 @@ def test_loading_weights_that_the_saved_schedule_hides_warns_with_the_layers(tmp
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"layers_pattern": 5}, TypeError, "layers_pattern must be a str"),
+    ({"layer_stacks": 5}, TypeError, "layer_stacks must be a str"),
     ({"target_modules": r".*(query"}, ValueError, "not a valid regular expression"),
     ({"schedule_position": -1}, ValueError, "schedule_position must be >= 0"),
 ])

@@ -182,13 +182,13 @@ MODEL_ERRORS = [
         r"names no layer, so no layer would get",
     ),
     (
-        "layers_pattern matches nothing",
+        "layer_stacks matches nothing",
         "bert",
-        {"layers_pattern": "blocks"},
+        {"layer_stacks": "blocks"},
         ValueError,
-        r"layers_pattern entry 'blocks' matches no nn\.ModuleList.*'bert\.encoder\.layer'",
+        r"layer_stacks entry 'blocks' matches no nn\.ModuleList.*'bert\.encoder\.layer'",
     ),
-    ("layers_pattern empty", "llama", {"layers_pattern": []}, TypeError, r"layers_pattern must be a non-empty string"),
+    ("layer_stacks empty", "llama", {"layer_stacks": []}, TypeError, r"layer_stacks must be a non-empty string"),
 ]
 
 

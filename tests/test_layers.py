@@ -182,8 +182,8 @@ PATTERNS = [
 def test_layers_pattern_overrides_discovery(family, pattern, stacks, schedule, preallocated, blocks):
     case = BY_FAMILY[family]
     assert [(s.name, s.path, s.length) for s in discover_stacks(case.base(), pattern)] == stacks
-    model = case.build(layers_pattern=pattern, layer_schedule=schedule)
+    model = case.build(layer_stacks=pattern, layer_schedule=schedule)
     assert model.preallocated_layers == preallocated
     expected = case.modules_under(blocks)
     assert expected and lora_modules(model) == expected
-    assert model.peft_config["default"].layers_pattern == pattern  # kept for save / from_pretrained
+    assert model.peft_config["default"].layer_stacks == pattern  # kept for save / from_pretrained

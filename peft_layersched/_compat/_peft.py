@@ -1,21 +1,18 @@
-"""Every difference between PEFT/transformers/torch versions lives here.
-
-The rest of the package reads as if there were one PEFT.  We detect features, not version numbers,
-except where noted.  Each function's docstring says which versions behave how.
-"""
+"""PEFT version differences (0.3.0 .. newest): type registration, configs, LoRA layers, injection, files."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
-import inspect
-import math
 import re
-from typing import Any, Dict, Iterator, List
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import peft
 import torch
 from peft import PeftType
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraConfig, LoraLayer
 from torch import nn
 
 PEFT_VERSION = peft.__version__
@@ -98,6 +95,103 @@ def _install_tuner_dispatch(config_cls: type, tuner_cls: type) -> None:
     LoraModel.__new__ = staticmethod(__new__)
 
 
+# ----------------------------------------------------------------------------------- configs
+
+
+class UniformLoraConfig(LoraConfig):
+    """``LoraConfig`` for subclasses that behave alike on every PEFT (not a dataclass itself: its fields
+    are ``LoraConfig``'s; a mixin class before ``LoraConfig`` would give the subclass a ``__dict__``
+    descriptor of its own, which hides PEFT 0.3.0's ``__dict__`` property that ``to_dict`` and
+    ``save_pretrained`` read).
+
+    * ``__post_init__``: PEFT 0.3.0's ``LoraConfig`` defaults ``lora_alpha``/``lora_dropout`` to ``None``
+      (and crashes on them), and a file it wrote may carry those ``None`` s: they become this class's
+      field defaults.
+    * ``copy.copy``/``copy.deepcopy``: PEFT 0.3.0's config defines a ``__dict__`` property (``asdict``),
+      which makes the default protocol restore nothing: the attributes are copied one by one (a callable
+      value stays the same function under deepcopy).
+    * ``from_pretrained``: PEFT 0.3-0.6 build the config with defaults and ``setattr()`` the loaded
+      fields afterwards, so ``__post_init__`` never saw them: ``_loaded()`` runs on the result.
+    * ``from_json_file``: PEFT 0.6-0.13 build configs with ``cls(**json)`` and fail on keys a newer PEFT
+      wrote; 0.14+ drops them with a warning.  Here every PEFT drops them with a warning (after
+      ``_renamed_keys(loaded)``, which may map old names of this package's own fields).
+    * ``_save_as(save_directory, on_disk, **kwargs)``: PEFT 0.3.0 writes ``asdict(self)``, not
+      ``to_dict()``: the values meant for the file go onto a shallow copy, which PEFT then writes.
+    """
+
+    _NONE_IN_PEFT_030 = ("lora_alpha", "lora_dropout")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self._NONE_IN_PEFT_030:
+            if getattr(self, name, None) is None and defaults.get(name) is not None:
+                setattr(self, name, defaults[name])
+
+    def __copy__(self) -> Any:
+        new = object.__new__(type(self))
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, value)
+        return new
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in dict(self.__dict__).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
+    def _loaded(self) -> None:
+        """Check a config that PEFT filled in after construction (override)."""
+
+    @classmethod
+    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+        """The keys of a loaded ``adapter_config.json`` under their current names (override)."""
+        return loaded
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, UniformLoraConfig):
+            config._loaded()
+        return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
+        loaded = cls._renamed_keys(super().from_json_file(path_json_file, **kwargs))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(key for key in loaded if key not in known)
+        if unknown:
+            warnings.warn(
+                f"{path_json_file}: ignoring {unknown}, written by a newer PEFT than the installed "
+                f"{PEFT_VERSION}; the adapter loads without them.",
+                stacklevel=2,
+            )
+        return {key: value for key, value in loaded.items() if key in known}
+
+    def _save_as(self, save_directory: str, on_disk: Dict[str, Any], **kwargs: Any) -> None:
+        written = copy.copy(self)
+        for key, value in on_disk.items():
+            setattr(written, key, value)
+        super(UniformLoraConfig, written).save_pretrained(save_directory, **kwargs)
+
+
+# PeftConfig fields that only some PEFT versions have: reading one where it is missing gives None.
+_OPTIONAL_FIELDS = {
+    "layers_to_transform": "0.4+",
+    "layers_pattern": "0.4+",
+    "exclude_modules": "0.14+",
+    "target_parameters": "0.17+",
+}
+
+
+def optional_field(config: Any, name: str) -> Any:
+    """``config.<name>``, or ``None`` on a PEFT without that field (see ``_OPTIONAL_FIELDS``)."""
+    if name not in _OPTIONAL_FIELDS:  # pragma: no cover - a programming error
+        raise KeyError(f"{name!r} is not a known optional PEFT config field: {sorted(_OPTIONAL_FIELDS)}")
+    return getattr(config, name, None)
+
+
 def module_excluded(name: str, exclude_modules: Any) -> bool:
     """Whether PEFT's ``exclude_modules`` (0.14+) takes module ``name`` out: a str is a full-match regex,
     a list matches whole names or dotted suffixes."""
@@ -158,24 +252,33 @@ def layer_runs(layer: nn.Module, adapter_name: str) -> bool:
     return adapter_name in active
 
 
-def layer_adapter_names(layer: nn.Module) -> List[str]:
-    """The adapters whose weights ``layer`` holds (``LoraLayer.adapter_layer_names`` where PEFT has it)."""
-    names: List[str] = []
-    for attr in _adapter_containers(layer):
-        for key in getattr(layer, attr).keys():
-            if key not in names:
-                names.append(key)
-    return names
-
-
-# The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``adapter_layer_names``; 0.3-0.5
-# have the first four.
-_LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# The LoRA parameter containers of a layer: PEFT >= 0.6 lists them in ``LoraLayer.adapter_layer_names``
+# (a layer class may extend it); 0.3-0.5 have these four.
+_LORA_CONTAINERS_030 = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _adapter_containers(layer: nn.Module) -> List[str]:
-    names = list(getattr(layer, "adapter_layer_names", None) or _LORA_CONTAINERS)
+    names = list(getattr(layer, "adapter_layer_names", None) or _LORA_CONTAINERS_030)
     return [name for name in names if isinstance(getattr(layer, name, None), (nn.ModuleDict, nn.ParameterDict))]
+
+
+def lora_weights(layer: nn.Module, adapter_name: str) -> Optional[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(kind, A, B)``: the low-rank pair of ``adapter_name`` in one LoRA layer, or ``None`` if it has none.
+
+    ``kind`` is ``"linear"`` (``lora_A``/``lora_B`` modules: Linear, Conv1D, Conv, their weights) or
+    ``"embedding"`` (``lora_embedding_A``/``lora_embedding_B`` parameters), on every PEFT version.
+    """
+    for kind, a_name, b_name in (("linear", "lora_A", "lora_B"), ("embedding", "lora_embedding_A", "lora_embedding_B")):
+        a_container, b_container = getattr(layer, a_name, None), getattr(layer, b_name, None)
+        if a_container is None or b_container is None or adapter_name not in a_container:
+            continue
+        a, b = a_container[adapter_name], b_container[adapter_name]
+        return kind, _weight(a), _weight(b)
+    return None
+
+
+def _weight(item: Any) -> torch.Tensor:
+    return item if isinstance(item, nn.Parameter) else item.weight
 
 
 def adapter_parameters(layer: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -208,18 +311,60 @@ def default_target_modules(model: nn.Module) -> Any:
     return list(mapping[model_type])
 
 
-def injection_args(method: str, args: tuple, kwargs: dict, default_model: nn.Module) -> Any:
-    """(model, adapter_name) of a PEFT injection call.
+class TunerHooks(object):
+    """Mixin (first base, before ``LoraModel``): PEFT's injection and unload, the same on every PEFT.
 
-    PEFT 0.3/0.4 inject through ``add_adapter(adapter_name, config=None)`` on ``self.model``;
-    0.5+ through ``inject_adapter(model, adapter_name, ...)``.
+    Injection runs inside ``self._scheduled_injection(model, adapter_name)`` after the adapter's config
+    went through ``self._own_config(config)`` (the tuner's own copy): PEFT >= 0.5 inject through
+    ``inject_adapter(model, adapter_name, ...)``, which reads the config that ``PeftModel.add_adapter`` /
+    ``load_adapter`` stored in ``peft_config``; PEFT 0.3 / 0.4 through ``add_adapter(adapter_name,
+    config=None)`` on ``self.model``, which stores a given config itself.  ``unload()`` (PEFT >= 0.5;
+    an ``AttributeError`` before) hands the plain model to ``self._unloaded(model)``.
     """
-    if method == "add_adapter":
-        name = args[0] if args else kwargs["adapter_name"]
-        return default_model, name
-    model = args[0] if args else kwargs["model"]
-    name = args[1] if len(args) > 1 else kwargs["adapter_name"]
-    return model, name
+
+    __slots__ = ()
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
+        model = args[0] if args else kwargs["model"]
+        adapter_name = args[1] if len(args) > 1 else kwargs["adapter_name"]
+        self.peft_config[adapter_name] = self._own_config(self.peft_config[adapter_name])
+        with self._scheduled_injection(model, adapter_name):
+            return super().inject_adapter(*args, **kwargs)  # type: ignore[misc]
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT 0.3 / 0.4
+        parent = getattr(super(), "add_adapter", None)
+        if parent is None:
+            raise AttributeError("add_adapter")
+        adapter_name = args[0] if args else kwargs["adapter_name"]
+        if len(args) > 1 or kwargs.get("config") is not None:
+            config = self._own_config(args[1] if len(args) > 1 else kwargs.pop("config"))
+            args = (args[0], config) + tuple(args[2:]) if len(args) > 1 else args
+            if len(args) < 2:
+                kwargs["config"] = config
+            self.peft_config[adapter_name] = config
+        with self._scheduled_injection(self.model, adapter_name):
+            return parent(*args, **kwargs)
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        parent = getattr(super(), "unload", None)  # PEFT >= 0.5
+        if parent is None:
+            raise AttributeError("unload")
+        plain = parent(*args, **kwargs)
+        self._unloaded(plain)
+        return plain
+
+    # Overridden by the tuner:
+    peft_config: Dict[str, Any]
+    model: nn.Module
+
+    def _own_config(self, config: Any) -> Any:  # pragma: no cover - overridden
+        return config
+
+    def _scheduled_injection(self, model: nn.Module, adapter_name: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _unloaded(self, model: nn.Module) -> None:  # pragma: no cover - overridden
+        pass
 
 
 def get_adapter_state_dict(peft_model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
@@ -227,12 +372,6 @@ def get_adapter_state_dict(peft_model: nn.Module, adapter_name: str) -> Dict[str
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-
-
-def fork_rng() -> Any:
-    """A context that restores the global CPU (and CUDA) RNG state on exit."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def _reads_safetensors() -> bool:
@@ -249,34 +388,6 @@ def _reads_safetensors() -> bool:
 
 
 PEFT_READS_SAFETENSORS = _reads_safetensors()
-
-
-def _transformers_version() -> Any:
-    import transformers
-    from packaging.version import Version
-
-    return Version(Version(transformers.__version__).base_version)
-
-
-def update_steps_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int) -> int:
-    """Optimizer steps per epoch the way the installed Trainer counts them (floor <= 4.51, ceil >= 4.52)."""
-    from packaging.version import Version
-
-    try:
-        batches = len(train_dataloader)
-    except TypeError:
-        return 1
-    accumulation = max(int(gradient_accumulation_steps or 1), 1)
-    if _transformers_version() >= Version("4.52"):
-        return max(int(math.ceil(batches / float(accumulation))), 1)
-    return max(batches // accumulation, 1)
-
-
-def trainer_resumes_adapter_checkpoints() -> bool:
-    """transformers >= 4.31 resumes a PeftModel from its adapter files; 4.30 needs a full weights file."""
-    from packaging.version import Version
-
-    return _transformers_version() >= Version("4.31")
 
 
 def install_legacy_safetensors_reader() -> None:
@@ -324,117 +435,3 @@ def install_legacy_safetensors_reader() -> None:
 
     load_adapter._peft_layersched_shim = True  # type: ignore[attr-defined]
     PeftModel.load_adapter = load_adapter
-
-
-def empty_weights() -> Any:
-    """A context in which modules are built without allocating their weights, and the device it uses.
-
-    Returns ``(context, device_name)``: ``with torch.device("meta")`` where torch has it (2.0+); torch
-    1.13 has the meta device but not the context manager, so accelerate's ``init_empty_weights`` (PEFT
-    depends on accelerate); else plain CPU allocation.
-    """
-    import contextlib
-
-    meta = torch.device("meta")
-    if hasattr(meta, "__enter__"):
-        return meta, "meta"
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:  # pragma: no cover - every supported PEFT installs accelerate
-        return contextlib.nullcontext(), "cpu"
-    return init_empty_weights(include_buffers=True), "meta"
-
-
-# The input-require-grads forward hooks (``output.requires_grad_(True)`` on the input embeddings):
-# transformers' ``enable_input_require_grads`` (4.30 .. 5.x; 5.x's gradient_checkpointing_enable calls it
-# for every model that reads input_ids) and PEFT's fallback for models without that method (0.4+).
-# transformers 4.x keeps only the last handle (a second call orphans the first hook) and 5.x keeps a
-# list, so they are found on the modules themselves rather than through transformers' handles.
-_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
-def input_require_grads_hooks_of(module: nn.Module) -> List[Any]:
-    """``(key, hook)`` for each input-require-grads hook registered on ``module`` itself."""
-    found = []
-    for key, hook in module._forward_hooks.items():
-        if getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS:
-            origin = str(getattr(hook, "__module__", "") or "").split(".")[0]
-            if origin in ("transformers", "peft"):
-                found.append((key, hook))
-    return found
-
-
-def input_require_grads_hooks(model: nn.Module) -> List[Any]:
-    """``(module, key, hook)`` for each input-require-grads hook registered on a module of ``model``."""
-    return [(m, key, hook) for m in model.modules() for key, hook in input_require_grads_hooks_of(m)]
-
-
-def take_forward_hook(module: nn.Module, key: Any) -> None:
-    """Unregister the forward hook ``key`` (what its ``RemovableHandle.remove()`` does)."""
-    module._forward_hooks.pop(key, None)
-
-
-def put_forward_hook(module: nn.Module, key: Any, hook: Any) -> None:
-    """Register ``hook`` again under its old key, so the owner's handle still removes it."""
-    module._forward_hooks[key] = hook
-
-
-def checkpoint_reentrant(holder: nn.Module) -> bool:
-    """Whether the gradient checkpointing that ``holder``'s flag switches is torch's reentrant kind.
-
-    transformers >= 4.35 store ``functools.partial(checkpoint, **gradient_checkpointing_kwargs)`` as
-    ``_gradient_checkpointing_func`` (4.35 .. 4.57 default ``use_reentrant=True``, 5.x ``False``);
-    < 4.35 call ``torch.utils.checkpoint.checkpoint`` without ``use_reentrant``, which is reentrant on
-    every torch this package supports (1.13 .. 2.13).  An unknown function counts as reentrant: that
-    is the kind that needs a leaf input, and a leaf is correct for either kind.
-    """
-    func = getattr(holder, "_gradient_checkpointing_func", None)
-    if func is None:
-        return True
-    keywords = getattr(func, "keywords", None)
-    if not isinstance(keywords, dict):
-        return True
-    return keywords.get("use_reentrant", True) is not False
-
-
-# transformers 4.35 .. 4.51 T5-family stacks (t5, mt5, umt5, longt5, switch_transformers, ...) checkpoint
-# ``layer_module.forward`` instead of the module: the blocks' forward hooks do not run under checkpointing.
-_CHECKPOINTS_FORWARD = re.compile(r"_gradient_checkpointing_func\(\s*[\w.]+\.forward\s*,")
-_SKIPS_HOOKS: Dict[type, bool] = {}
-
-
-def checkpointing_skips_layer_hooks(stack_parent: nn.Module) -> bool:
-    """Whether ``stack_parent`` (the module that loops over a layer stack) calls the layers' ``forward``
-    directly when it checkpoints them, so their forward hooks do not run (transformers 4.35 .. 4.51,
-    T5 family); everywhere else the checkpointed call is ``layer(...)`` / ``layer.__call__``.
-    """
-    cls = type(stack_parent)
-    if cls not in _SKIPS_HOOKS:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # pragma: no cover - source not available (frozen app)
-            source = ""
-        _SKIPS_HOOKS[cls] = bool(_CHECKPOINTS_FORWARD.search(source))
-    return _SKIPS_HOOKS[cls]
-
-
-def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = True) -> bool:
-    """Turn on transformers' gradient checkpointing of the given kind on a base model.
-
-    transformers 5.x: ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
-    deprecated alias); 4.35 .. 4.57: ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=)``;
-    < 4.35: no arguments, always reentrant.  Returns False (and changes nothing) where the installed
-    transformers cannot do the requested kind.
-    """
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    keyword = "activation_checkpointing_kwargs"
-    if enable is None:
-        enable = model.gradient_checkpointing_enable
-        keyword = "gradient_checkpointing_kwargs"
-    if keyword not in inspect.signature(enable).parameters:
-        if not reentrant:
-            return False
-        enable()
-        return True
-    enable(**{keyword: {"use_reentrant": bool(reentrant)}})
-    return True
