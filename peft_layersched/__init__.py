@@ -9,7 +9,7 @@ from .config import ScheduledLoraConfig
 from .export import export_lora
 from .registration import register
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 register()
 
