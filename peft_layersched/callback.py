@@ -191,6 +191,7 @@ class LayerScheduleCallback(TrainerCallback):
         else:
             t = int(state.global_step)
         self._switch(t, state, initial=True)
+        self._tuner.check_deferred_load()  # a resumed checkpoint's weights, against the schedule at its step
         self._set_layer_lrs(state)
         self._snapshot_before_step()
 

@@ -149,13 +149,23 @@ _TRAINER_HOOK = "_peft_layersched_split"
 _LOG_HOOK = "_peft_layersched_log"
 
 
+def _hooks(trainer: Any, name: str) -> List[Any]:
+    """The ``name`` methods of the trainer's callbacks that have one (our callbacks' Trainer hooks)."""
+    found = (getattr(cb, name, None) for cb in getattr(getattr(trainer, "callback_handler", None), "callbacks", []))
+    return [hook for hook in found if callable(hook)]
+
+
 def install_trainer_hook() -> None:
-    """Wrap ``transformers.Trainer.create_optimizer`` and ``Trainer.log`` once.  Right after the Trainer
-    builds its optimizer (before DeepSpeed/accelerate wrap it), every callback with a
-    ``_peft_layersched_split`` method gets ``(trainer)`` and may split the groups; before a log record
-    goes to the callbacks, every callback with ``_peft_layersched_log`` gets ``(trainer, logs)`` and may
-    add to it.  A Trainer without such a callback is not touched."""
+    """Wrap ``transformers.Trainer.create_optimizer``, ``Trainer.log`` and ``Trainer._load_from_checkpoint``
+    once.  Right after the Trainer builds its optimizer (before DeepSpeed/accelerate wrap it), every
+    callback with a ``_peft_layersched_split`` method gets ``(trainer)`` and may split the groups; before a
+    log record goes to the callbacks, every callback with ``_peft_layersched_log`` gets ``(trainer, logs)``
+    and may add to it; a resume loads the checkpoint's weights with the scheduled tuner's check of loaded
+    weights put off until the callback has moved the schedule to the checkpoint's step.  A Trainer
+    without such a callback is not touched."""
     from transformers import Trainer
+
+    from .tuner import deferred_load_check
 
     original = Trainer.create_optimizer
     if getattr(original, "_peft_layersched_hook", False):
@@ -165,10 +175,8 @@ def install_trainer_hook() -> None:
         fresh = getattr(self, "optimizer", None) is None
         result = original(self, *args, **kwargs)
         if fresh:
-            for callback in getattr(getattr(self, "callback_handler", None), "callbacks", []):
-                split = getattr(callback, _TRAINER_HOOK, None)
-                if callable(split):
-                    split(self)
+            for split in _hooks(self, _TRAINER_HOOK):
+                split(self)
         return result
 
     create_optimizer._peft_layersched_hook = True  # type: ignore[attr-defined]
@@ -179,10 +187,20 @@ def install_trainer_hook() -> None:
     original_log = Trainer.log
 
     def log(self: Any, logs: Dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        for callback in getattr(getattr(self, "callback_handler", None), "callbacks", []):
-            add = getattr(callback, _LOG_HOOK, None)
-            if callable(add) and isinstance(logs, dict):
+        if isinstance(logs, dict):
+            for add in _hooks(self, _LOG_HOOK):
                 add(self, logs)
         return original_log(self, logs, *args, **kwargs)
 
     Trainer.log = log
+
+    original_load = getattr(Trainer, "_load_from_checkpoint", None)
+    if original_load is not None:
+
+        def _load_from_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _hooks(self, _LOG_HOOK):
+                return original_load(self, *args, **kwargs)
+            with deferred_load_check():
+                return original_load(self, *args, **kwargs)
+
+        Trainer._load_from_checkpoint = _load_from_checkpoint

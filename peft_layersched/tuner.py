@@ -119,7 +119,27 @@ def _zero_at_init_part(layer: nn.Module, adapter_name: str) -> Optional[torch.Te
     return weight_a if kind == "embedding" else weight_b
 
 
+_DEFERRED_LOAD_CHECKS: List[int] = [0]  # > 0: inside deferred_load_check()
+
+
+@contextlib.contextmanager
+def deferred_load_check() -> Iterator[None]:
+    """Weights loaded inside are checked later, by :meth:`ScheduledLoraModel.check_deferred_load`.
+
+    For ``Trainer`` resume: the checkpoint's weights come in before the schedule has been moved to the
+    checkpoint's step, so layers that trained after step 0 would look hidden at load time.
+    """
+    _DEFERRED_LOAD_CHECKS[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED_LOAD_CHECKS[0] -= 1
+
+
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
+    if _DEFERRED_LOAD_CHECKS[0]:
+        tuner.__dict__["_load_check_pending"] = True
+        return
     for name, plan in tuner._plans.items():
         hidden = []
         for module_name in tuner._bypassed_modules(name, plan):
@@ -387,6 +407,12 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             config.schedule_position = t
         self._write_layer_state()
         return list(active)
+
+    def check_deferred_load(self) -> None:
+        """Run the check of loaded weights that :func:`deferred_load_check` put off, if it did (a warning
+        naming layers whose LoRA weights show training although the schedule so far leaves them out)."""
+        if self.__dict__.pop("_load_check_pending", False):
+            _check_loaded_weights(self)
 
     def restore_layer_state(
         self, t: Any, ever_active_layers: Any = None, adapter_name: Optional[str] = None
