@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+CLOCK = time.perf_counter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -59,12 +60,12 @@ class _Clock(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if lsb.DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = CLOCK()
 
     def on_step_end(self, args, state, control, **kwargs):
         if lsb.DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(CLOCK() - self._start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "layer_schedule/optimizer_state_bytes" in logs:
@@ -101,9 +102,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(lsb.CLOCKS), default="wall",
+                        help="wall (default) or cpu: this process's CPU time, for a shared machine (with --threads 1)")
     parser.add_argument("--rounds", type=int)
     args = parser.parse_args(argv)
     lsb.DEVICE = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = lsb.CLOCKS[args.clock]
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
