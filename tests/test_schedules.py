@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 import peft_layersched.schedule as schedule_module
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedule import CyclicSchedule, GradualSchedule, SampledSchedule, parse_schedule
+from peft_layersched.schedule import CyclicSchedule, CyclicSpec, GradualSchedule, SampledSchedule, parse_schedule
 
 from helpers import tiny_models
 from helpers.toy_training import train
@@ -87,7 +87,7 @@ def valid_specs(draw):
             "type": "cyclic",
             "block": draw(st.integers(min_value=1, max_value=count + 2)),
             "every": every,
-            "order": draw(st.sampled_from(CyclicSchedule.ORDERS)),
+            "order": draw(st.sampled_from(CyclicSpec.ORDERS)),
             "seed": draw(st.integers(min_value=-5, max_value=2**40)),
         }
     else:
