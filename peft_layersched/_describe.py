@@ -56,11 +56,11 @@ def _candidates(layers: Optional[List[LayerId]]) -> str:
 
 
 def describe_schedule(schedule: Union[ScheduleSpec, Schedule], unit: str = "epoch") -> str:
-    """One line on what ``schedule`` (a spec, or a bound schedule: its spec) does, time in ``unit``s."""
+    """One line on what ``schedule`` (a spec or a bound schedule) does, time in ``unit``s."""
     spec = schedule.spec if isinstance(schedule, Schedule) else schedule
-    if isinstance(spec, MilestoneSpec):
+    if isinstance(schedule, (MilestoneSpec, MilestoneSchedule)):  # bound: the canonical ids
         return "milestones: " + "; ".join(
-            "from {} {}: {}".format(unit, start, list(layers) or "none") for start, layers in spec.phases
+            "from {} {}: {}".format(unit, start, list(layers) or "none") for start, layers in schedule.phases
         )
     if isinstance(spec, GradualSpec):
         limit = "" if spec.limit is None else ", up to {}".format(spec.limit)

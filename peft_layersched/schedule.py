@@ -295,6 +295,10 @@ class Schedule(object):
     def kind(self) -> str:
         return self.spec.kind
 
+    def as_spec(self) -> "ScheduleSpec":
+        """The spec of this schedule as bound (milestones: with canonical ids)."""
+        return self.spec
+
     # --------------------------------------------------------------------------- to override
 
     def active_at(self, t: int) -> List[LayerId]:  # pragma: no cover - abstract
@@ -454,6 +458,9 @@ class MilestoneSchedule(Schedule):
 
     def boundaries(self) -> List[int]:
         return [start for start, _ in self.phases]
+
+    def as_spec(self) -> "MilestoneSpec":
+        return MilestoneSpec(dict(self.phases))
 
 
 class MilestoneSpec(ScheduleSpec):
@@ -925,13 +932,13 @@ def parse_schedule(spec: Any) -> ScheduleSpec:
 
     ``spec``: a milestone dict ``{start: layers}``, a dict with a ``"type"`` key (``"gradual"``,
     ``"cyclic"``, ``"sampled"``; ``"callable"`` is what a saved callable schedule loads as), a callable
-    ``t -> layers``, a :class:`ScheduleSpec`, or a bound :class:`Schedule` (its spec).  Raises
+    ``t -> layers``, a :class:`ScheduleSpec`, or a bound :class:`Schedule` (its spec as bound).  Raises
     ``TypeError``/``ValueError`` naming the field.
     """
     if isinstance(spec, ScheduleSpec):
         return spec
     if isinstance(spec, Schedule):
-        return spec.spec
+        return spec.as_spec()
     if callable(spec) and not isinstance(spec, (dict, type)):
         return CallableSpec(spec)
     if isinstance(spec, dict) and "type" in spec:
