@@ -12,10 +12,10 @@ with no extra state.  Kinds (the ``layer_schedule`` value of ``ScheduledLoraConf
 
 A *raw* layer id is what a user writes: an ``int`` (negative counts from the top) or a string
 ``"<stack>.<index>"``.  :func:`parse_schedule` validates a ``layer_schedule`` value into its *spec* (a
-:class:`ScheduleSpec`: the data the config stores, ``to_json``); schedules that speak of "every layer"
+:class:`ScheduleSpec`: validated data, whose ``to_json`` the config stores); schedules that speak of "every layer"
 or "the top k" need the model's layer list, so :meth:`ScheduleSpec.bind` builds the *runtime*
 (:class:`Schedule`) on it (the tuner passes ``LayerIndex.all_layers()`` and ``LayerIndex.canonical``),
-which maps ``t`` to canonical ids.  A milestone spec answers ``active_at`` on raw ids too.  Everything
+which maps ``t`` to canonical ids.  A milestone spec answers ``active_at``/``all_layers`` on raw ids too.  Everything
 here can be validated and property-tested without a model.  Wording for people (descriptions, preview
 spans) lives in :mod:`peft_layersched._describe`.
 """
@@ -260,7 +260,7 @@ def check_unit(unit: Any) -> str:
 # ------------------------------------------------------------------------------------ the two halves
 #
 # A schedule comes in two objects: its *spec* (:class:`ScheduleSpec`: the validated ``layer_schedule``
-# value, what the config stores and ``to_json`` writes) and, once the model's layers are known, its
+# value; ``to_json`` gives what the config stores) and, once the model's layers are known, its
 # *runtime* (:class:`Schedule`: ``t -> canonical layer ids``), which ``spec.bind(layers)`` builds from the
 # spec.  A runtime is always bound; a spec never is.
 
@@ -357,7 +357,8 @@ class Schedule(object):
 
 
 class ScheduleSpec(object):
-    """A validated ``layer_schedule`` value (what :func:`parse_schedule` returns and the config stores).
+    """A validated ``layer_schedule`` value (what :func:`parse_schedule` returns; ``to_json()`` is what the
+    config stores).
 
     * ``kind``: ``"milestones"``, ``"gradual"``, ``"cyclic"``, ``"sampled"`` or ``"callable"``;
     * ``to_json()``: the spec as written to ``adapter_config.json``;
