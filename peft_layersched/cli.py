@@ -24,6 +24,8 @@ import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ._describe import describe_schedule, preview_span
+
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
@@ -299,7 +301,7 @@ def _grid(
 
 def _plan_horizon(chosen: Optional[int], unit: str, schedule: Any) -> int:
     if chosen is None:
-        return schedule.preview_span() if schedule is not None else 1
+        return preview_span(schedule) if schedule is not None else 1
     if chosen < 1:
         raise ValueError(f"--{unit}s must be >= 1 (the number of {unit}s to show), got {chosen}.")
     return chosen
@@ -341,7 +343,7 @@ def _compute_plan(
             "kind": schedule.kind if schedule is not None else None,
             "layer_schedule": config.to_dict().get("layer_schedule"),
             "unit": unit,
-            "description": schedule.describe(unit)
+            "description": describe_schedule(schedule, unit)
             if schedule is not None
             else "none (plain LoRA: every adapter trains)",
         },
@@ -595,7 +597,7 @@ def _compute_inspect(folder: str) -> Dict[str, Any]:
             "kind": schedule.kind if schedule is not None else None,
             "layer_schedule": config.to_dict().get("layer_schedule"),
             "unit": unit,
-            "description": schedule.describe(unit) if schedule is not None else "none (plain LoRA)",
+            "description": describe_schedule(schedule, unit) if schedule is not None else "none (plain LoRA)",
         },
         "r": config.r,
         "lora_alpha": config.lora_alpha,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import _compat
-from .schedule import CallableSchedule, LayerId, Schedule, check_layer_list, check_time, check_unit, parse_schedule
+from .schedule import CallableSpec, LayerId, ScheduleSpec, check_layer_list, check_time, check_unit, parse_schedule
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
 _DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
@@ -203,7 +203,7 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         if self.layer_schedule is not None:
             schedule = parse_schedule(self.layer_schedule)
             # A function stays as given: it is not JSON (to_dict/save_pretrained write its name instead).
-            if not isinstance(schedule, CallableSchedule) or schedule.fn is None:
+            if not isinstance(schedule, CallableSpec) or schedule.fn is None:
                 self.layer_schedule = schedule.to_json()
         if self.preallocate_layers is not None:
             self.preallocate_layers = check_layer_list(self.preallocate_layers, "preallocate_layers")
@@ -236,7 +236,7 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
                 "Use preallocate_layers to give adapters to more layers than the schedule names."
             )
 
-    def schedule(self) -> Optional[Schedule]:
+    def schedule(self) -> Optional[ScheduleSpec]:
         return parse_schedule(self.layer_schedule) if self.layer_schedule is not None else None
 
     def _loaded(self) -> None:

@@ -4,17 +4,20 @@ Every schedule is a pure, deterministic function of the time ``t`` (an epoch or 
 its own spec (seeds included), so every DDP rank and every resumed run computes the same active set
 with no extra state.  Kinds (the ``layer_schedule`` value of ``ScheduledLoraConfig``):
 
-* milestones ``{start: layers}`` (:class:`MilestoneSchedule`);
-* ``{"type": "gradual", ...}``: ULMFiT-style gradual unfreezing (:class:`GradualSchedule`);
-* ``{"type": "cyclic", ...}``: BAdam-style blocks taking turns (:class:`CyclicSchedule`);
-* ``{"type": "sampled", ...}``: LISA-style seeded draws of ``k`` layers (:class:`SampledSchedule`);
-* a Python callable ``t -> layers`` (:class:`CallableSchedule`; not serialized, see its docstring).
+* milestones ``{start: layers}`` (:class:`MilestoneSpec`);
+* ``{"type": "gradual", ...}``: ULMFiT-style gradual unfreezing (:class:`GradualSpec`);
+* ``{"type": "cyclic", ...}``: BAdam-style blocks taking turns (:class:`CyclicSpec`);
+* ``{"type": "sampled", ...}``: LISA-style seeded draws of ``k`` layers (:class:`SampledSpec`);
+* a Python callable ``t -> layers`` (:class:`CallableSpec`; not serialized, see its docstring).
 
 A *raw* layer id is what a user writes: an ``int`` (negative counts from the top) or a string
-``"<stack>.<index>"``.  Schedules that speak of "every layer" or "the top k" need the model's layer
-list: :meth:`Schedule.bind` ties a parsed schedule to it (the tuner passes ``LayerIndex.all_layers()``
-and ``LayerIndex.canonical``), and the bound schedule maps ``t`` to canonical ids.  Milestones work
-unbound too (on raw ids).  Everything here can be validated and property-tested without a model.
+``"<stack>.<index>"``.  :func:`parse_schedule` validates a ``layer_schedule`` value into its *spec* (a
+:class:`ScheduleSpec`: validated data, whose ``to_json`` the config stores); schedules that speak of "every layer"
+or "the top k" need the model's layer list, so :meth:`ScheduleSpec.bind` builds the *runtime*
+(:class:`Schedule`) on it (the tuner passes ``LayerIndex.all_layers()`` and ``LayerIndex.canonical``),
+which maps ``t`` to canonical ids.  A milestone spec answers ``active_at``/``all_layers`` on raw ids too.  Everything
+here can be validated and property-tested without a model.  Wording for people (descriptions, preview
+spans) lives in :mod:`peft_layersched._describe`.
 """
 
 from __future__ import annotations
@@ -254,11 +257,17 @@ def check_unit(unit: Any) -> str:
     return unit
 
 
-# ------------------------------------------------------------------------------------ the interface
+# ------------------------------------------------------------------------------------ the two halves
+#
+# A schedule comes in two objects: its *spec* (:class:`ScheduleSpec`: the validated ``layer_schedule``
+# value; ``to_json`` gives what the config stores) and, once the model's layers are known, its
+# *runtime* (:class:`Schedule`: ``t -> canonical layer ids``), which ``spec.bind(layers)`` builds from the
+# spec.  A runtime is always bound; a spec never is.
 
 
 class Schedule(object):
-    """What every schedule offers (the tuner and the callback use only this).
+    """A schedule on a model's layers (what the tuner and the callback use); built by
+    :meth:`ScheduleSpec.bind`, never unbound.
 
     * ``active_at(t)``: the layers that train at epoch/step ``t``;
     * ``all_layers()``: every layer the schedule can ever activate (the default preallocated set);
@@ -266,23 +275,29 @@ class Schedule(object):
     * ``layers_until(t)``: every layer active at some time in ``0..t`` (the ever-active set);
     * ``run_start(layer, t)``: when the run of consecutive active times of ``layer`` that holds ``t``
       began (``None`` if ``layer`` is not active at ``t``);
-    * ``to_json()``: the spec as written to ``adapter_config.json``;
-    * ``bind(layers, canonical, default_candidates)``: the schedule on a model's layers.
+    * ``spec``: the :class:`ScheduleSpec` it was bound from (``kind`` is its kind).
 
     The active set only changes at multiples of ``granule`` (``every``; 1 for callables); the generic
     ``layers_until``/``run_start`` walk those periods, with caches that make the monotone queries of a
     training run O(1) amortized.
     """
 
-    kind = ""
     runnable = True  # False for a callable schedule loaded from disk (the function was not saved)
     granule = 1
 
-    def __init__(self) -> None:
-        self._order: Dict[LayerId, int] = {}
-        self._bound = False
+    def __init__(self, spec: "ScheduleSpec", layers: Sequence[LayerId]) -> None:
+        self.spec = spec
+        self._order: Dict[LayerId, int] = {layer: i for i, layer in enumerate(layers)}
         self._until: Tuple[int, Set[LayerId]] = (-1, set())
         self._runs: Dict[LayerId, Tuple[int, int]] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def as_spec(self) -> "ScheduleSpec":
+        """The spec of this schedule as bound (milestones: with canonical ids)."""
+        return self.spec
 
     # --------------------------------------------------------------------------- to override
 
@@ -292,44 +307,10 @@ class Schedule(object):
     def all_layers(self) -> List[LayerId]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def to_json(self) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def describe(self, unit: str = "epoch") -> str:
-        return self.kind
-
-    def preview_span(self) -> int:
-        """How many epochs/steps show the schedule's whole pattern (the CLI's default horizon)."""
-        return 10
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "Schedule":
-        """This schedule on a model: ``layers`` are all its canonical layer ids in model order
-        (``LayerIndex.all_layers()``), ``canonical`` turns a raw id into a canonical one (default: from
-        ``layers`` alone), ``default_candidates`` are the layers a schedule without its own ``layers``
-        list draws from (default: ``layers``).  Returns a new schedule whose ids are canonical.
-        """
-        raise NotImplementedError  # pragma: no cover - abstract
-
     # --------------------------------------------------------------------------- common
 
     def initial_layers(self) -> List[LayerId]:
         return self.active_at(0)
-
-    def _require_bound(self) -> None:
-        if not self._bound:
-            raise ValueError(
-                f"a {self.kind!r} layer schedule needs the model's layers: bind it with "
-                f"schedule.bind(layers) (the tuner does this in get_peft_model)."
-            )
-
-    def _bind_common(self, layers: Sequence[LayerId]) -> None:
-        self._order = {layer: i for i, layer in enumerate(layers)}
-        self._bound = True
 
     def _sorted(self, layers: Any) -> List[LayerId]:
         big = len(self._order)
@@ -375,8 +356,37 @@ class Schedule(object):
         return start * g
 
 
-def _describe_layers(layers: Optional[List[LayerId]]) -> str:
-    return "candidates: every layer" if layers is None else "candidates: {}".format(layers)
+class ScheduleSpec(object):
+    """A validated ``layer_schedule`` value (what :func:`parse_schedule` returns; ``to_json()`` is what the
+    config stores).
+
+    * ``kind``: ``"milestones"``, ``"gradual"``, ``"cyclic"``, ``"sampled"`` or ``"callable"``;
+    * ``to_json()``: the spec as written to ``adapter_config.json``;
+    * ``bind(layers, canonical, default_candidates)``: the :class:`Schedule` on a model's layers.
+    """
+
+    kind = ""
+    runtime: Callable[..., Schedule]  # the Schedule class bind() builds: runtime(spec, layers, canonical, default)
+
+    def to_json(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bind(
+        self,
+        layers: Sequence[LayerId],
+        canonical: Optional[Canonicalizer] = None,
+        default_candidates: Optional[Sequence[LayerId]] = None,
+    ) -> Schedule:
+        """This schedule on a model: ``layers`` are all its canonical layer ids in model order
+        (``LayerIndex.all_layers()``), ``canonical`` turns a raw id into a canonical one (default: from
+        ``layers`` alone), ``default_candidates`` are the layers a schedule without its own ``layers``
+        list draws from (default: ``layers``).  Returns a :class:`Schedule` whose ids are canonical.
+        """
+        layers = list(layers)
+        if canonical is None:
+            canonical = StackIndex.from_layer_ids(layers).canonical
+        default = list(layers) if default_candidates is None else list(default_candidates)
+        return type(self).runtime(self, layers, canonical, default)
 
 
 def _bind_candidates(
@@ -398,30 +408,74 @@ def _bind_candidates(
     return sorted(set(chosen), key=lambda layer: order[layer])
 
 
-def _bind_args(
-    layers: Sequence[LayerId], canonical: Optional[Canonicalizer], default_candidates: Optional[Sequence[LayerId]]
-) -> Tuple[List[LayerId], Canonicalizer, List[LayerId]]:
-    layers = list(layers)
-    if canonical is None:
-        canonical = StackIndex.from_layer_ids(layers).canonical
-    default = list(layers) if default_candidates is None else list(default_candidates)
-    return layers, canonical, default
-
-
 # ------------------------------------------------------------------------------------ milestones
+
+Phases = List[Tuple[int, List[LayerId]]]
+
+
+def _phase_at(phases: Phases, t: int) -> List[LayerId]:
+    active: List[LayerId] = []
+    for start, layers in phases:
+        if start > t:
+            break
+        active = layers
+    return list(active)
 
 
 class MilestoneSchedule(Schedule):
+    """Milestones on a model: the phases of a :class:`MilestoneSpec` with canonical ids."""
+
+    def __init__(
+        self, spec: "MilestoneSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.phases: Phases = [
+            (start, self._sorted(canonical(layer, f"layer_schedule[{start}]") for layer in raw))
+            for start, raw in spec.phases
+        ]
+
+    def active_at(self, t: int) -> List[LayerId]:
+        return _phase_at(self.phases, t)
+
+    def all_layers(self) -> List[LayerId]:
+        return self._sorted(layer for _, layers in self.phases for layer in layers)
+
+    def initial_layers(self) -> List[LayerId]:
+        return list(self.phases[0][1])
+
+    def layers_until(self, t: int) -> List[LayerId]:
+        return self._sorted(layer for start, layers in self.phases if start <= t for layer in layers)
+
+    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
+        joined: Optional[int] = None
+        for start, layers in self.phases:
+            if start > t:
+                break
+            if layer in layers:
+                joined = start if joined is None else joined
+            else:
+                joined = None
+        return joined
+
+    def boundaries(self) -> List[int]:
+        return [start for start, _ in self.phases]
+
+    def as_spec(self) -> "MilestoneSpec":
+        return MilestoneSpec(dict(self.phases))
+
+
+class MilestoneSpec(ScheduleSpec):
     """``{start: layers}``: from ``start`` on exactly ``layers`` train, until the next start.
 
-    Before the first start nothing is scheduled (only ``modules_to_save`` train).  Works unbound (raw
-    ids) and bound (canonical ids).
+    Before the first start nothing is scheduled (only ``modules_to_save`` train).  The spec answers
+    ``active_at(t)`` and ``all_layers()`` on the raw ids as written; bound (:class:`MilestoneSchedule`)
+    on canonical ids.
     """
 
     kind = "milestones"
+    runtime = MilestoneSchedule
 
     def __init__(self, spec: Any) -> None:
-        super().__init__()
         if not isinstance(spec, dict):
             raise TypeError(
                 f"layer_schedule must be a dict {{start: layers}}, a dict with a 'type' key "
@@ -439,75 +493,23 @@ class MilestoneSchedule(Schedule):
             if start in phases:
                 raise ValueError(f"layer_schedule: start {start} appears twice ({raw_start!r}).")
             phases[start] = check_layer_list(layers, f"layer_schedule[{start}]")
-        self.phases: List[Tuple[int, List[LayerId]]] = sorted(phases.items())
+        self.phases: Phases = sorted(phases.items())
 
     def active_at(self, t: int) -> List[LayerId]:
-        active: List[LayerId] = []
-        for start, layers in self.phases:
-            if start > t:
-                break
-            active = layers
-        return list(active)
+        return _phase_at(self.phases, t)
 
     def all_layers(self) -> List[LayerId]:
+        """Every layer of every phase, raw, in the order first written."""
         seen: List[LayerId] = []
         for _, layers in self.phases:
-            for layer in layers:
-                if layer not in seen:
-                    seen.append(layer)
-        return self._sorted(seen) if self._bound else seen
-
-    def initial_layers(self) -> List[LayerId]:
-        return list(self.phases[0][1])
-
-    def layers_until(self, t: int) -> List[LayerId]:
-        seen: List[LayerId] = []
-        for start, layers in self.phases:
-            if start > t:
-                break
             seen.extend(layer for layer in layers if layer not in seen)
-        return self._sorted(seen) if self._bound else seen
-
-    def run_start(self, layer: LayerId, t: int) -> Optional[int]:
-        joined: Optional[int] = None
-        for start, layers in self.phases:
-            if start > t:
-                break
-            if layer in layers:
-                joined = start if joined is None else joined
-            else:
-                joined = None
-        return joined
+        return seen
 
     def boundaries(self) -> List[int]:
         return [start for start, _ in self.phases]
 
-    def preview_span(self) -> int:
-        last = self.phases[-1][0]
-        return max(3, last + max(2, last // 4))
-
     def to_json(self) -> Dict[int, List[LayerId]]:
         return {start: list(layers) for start, layers in self.phases}
-
-    def describe(self, unit: str = "epoch") -> str:
-        return "milestones: " + "; ".join(
-            "from {} {}: {}".format(unit, start, list(layers) or "none") for start, layers in self.phases
-        )
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "MilestoneSchedule":
-        layers, canonical, _ = _bind_args(layers, canonical, default_candidates)
-        bound = MilestoneSchedule({0: []})
-        bound._bind_common(layers)
-        bound.phases = [
-            (start, bound._sorted(canonical(layer, f"layer_schedule[{start}]") for layer in raw))
-            for start, raw in self.phases
-        ]
-        return bound
 
 
 # ------------------------------------------------------------------------------------ typed specs
@@ -585,93 +587,32 @@ def _seeded_sample(pool: List[LayerId], k: int, *key: Any) -> List[LayerId]:
 
 
 class GradualSchedule(Schedule):
-    """ULMFiT-style gradual unfreezing: ``k`` layers from the top (or bottom), ``n`` more every ``every``
-    epochs/steps, up to ``limit`` layers.
+    """Gradual unfreezing on a model: ``_ranked`` are the candidates, first to join first."""
 
-    ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 6}``: top layer at
-    0-1, top two at 2-3, ... up to the top six.  ``layers`` restricts the candidates (default: every layer
-    that holds a target module, or ``preallocate_layers``).  Layers, once added, stay active.
-    """
-
-    kind = "gradual"
-    FIELDS = {
-        "k": "layers active from the start, default 1",
-        "n": "layers added each time, default 1",
-        "every": "epochs/steps between additions, default 1",
-        "from": "'top' (default) or 'bottom'",
-        "limit": "most layers active at once, default all candidates",
-        "layers": "candidate layers, default every layer",
-    }
-
-    def __init__(self, spec: Dict[Any, Any]) -> None:
-        super().__init__()
-        check = _Spec(spec, self.kind, self.FIELDS)
-        self.k = check.integer("k", 1, 0, self.FIELDS["k"])
-        self.n = check.integer("n", 1, 0, self.FIELDS["n"])
-        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
-        self.side = check.choice("from", "top", ("top", "bottom"))
-        self.limit = check.integer("limit", None, 1, self.FIELDS["limit"])
-        self.layers = check.layers("layers", allow_empty=False)
-        if self.k == 0 and self.n == 0:
-            raise ValueError(f"{check.where}: 'k' and 'n' are both 0, so no layer would ever train; set k >= 1.")
-        if self.limit is not None and self.limit < self.k:
-            raise ValueError(
-                f"{check.where}: 'limit' ({self.limit}) is smaller than 'k' ({self.k}), the layers active from "
-                f"the start; raise 'limit' or lower 'k'."
-            )
-        self.granule = self.every
-        self._ranked: List[LayerId] = []  # candidates, first to join first
-        self._cap = 0
-
-    def to_json(self) -> Dict[str, Any]:
-        spec: Dict[str, Any] = {"type": self.kind, "k": self.k, "n": self.n, "every": self.every, "from": self.side}
-        if self.limit is not None:
-            spec["limit"] = self.limit
-        if self.layers is not None:
-            spec["layers"] = list(self.layers)
-        return spec
-
-    def describe(self, unit: str = "epoch") -> str:
-        limit = "" if self.limit is None else ", up to {}".format(self.limit)
-        return "gradual: {} layer(s) from the {}, +{} every {} {}(s){} ({})".format(
-            self.k, self.side, self.n, self.every, unit, limit, _describe_layers(self.layers)
-        )
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "GradualSchedule":
-        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = GradualSchedule(self.to_json())
-        bound._bind_common(layers)
+    def __init__(
+        self, spec: "GradualSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.k, self.n, self.every = spec.k, spec.n, spec.every
+        self.granule = spec.every
         where = "layer_schedule (type 'gradual') 'layers'"
-        candidates = _bind_candidates(self.layers, where, layers, canonical, default)
-        if self.k > len(candidates):
+        candidates = _bind_candidates(spec.layers, where, layers, canonical, default)
+        if spec.k > len(candidates):
             raise ValueError(
-                f"layer_schedule (type 'gradual'): 'k' is {self.k} but there are only {len(candidates)} candidate "
+                f"layer_schedule (type 'gradual'): 'k' is {spec.k} but there are only {len(candidates)} candidate "
                 f"layers ({short_layer_list(candidates)}); lower 'k' or widen 'layers'."
             )
-        bound._ranked = list(reversed(candidates)) if self.side == "top" else candidates
-        most = len(candidates) if self.n > 0 else self.k
-        bound._cap = most if self.limit is None else min(self.limit, most)
-        return bound
-
-    def preview_span(self) -> int:
-        self._require_bound()
-        full = -(-(self._cap - self.k) // self.n) if self.n else 0
-        return (max(full, 0) + 2) * self.every
+        self._ranked: List[LayerId] = list(reversed(candidates)) if spec.side == "top" else candidates
+        most = len(candidates) if spec.n > 0 else spec.k
+        self._cap = most if spec.limit is None else min(spec.limit, most)
 
     def _count(self, period: int) -> int:
         return min(self.k + self.n * period, self._cap)
 
     def active_at(self, t: int) -> List[LayerId]:
-        self._require_bound()
         return self._sorted(self._ranked[: self._count(t // self.every)])
 
     def all_layers(self) -> List[LayerId]:
-        self._require_bound()
         return self._sorted(self._ranked[: self._cap])
 
     def layers_until(self, t: int) -> List[LayerId]:
@@ -686,7 +627,92 @@ class GradualSchedule(Schedule):
         return -(-(rank + 1 - self.k) // self.n) * self.every  # first period whose count exceeds rank
 
 
+class GradualSpec(ScheduleSpec):
+    """ULMFiT-style gradual unfreezing: ``k`` layers from the top (or bottom), ``n`` more every ``every``
+    epochs/steps, up to ``limit`` layers.
+
+    ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 6}``: top layer at
+    0-1, top two at 2-3, ... up to the top six.  ``layers`` restricts the candidates (default: every layer
+    that holds a target module, or ``preallocate_layers``).  Layers, once added, stay active.
+    """
+
+    kind = "gradual"
+    runtime = GradualSchedule
+    FIELDS = {
+        "k": "layers active from the start, default 1",
+        "n": "layers added each time, default 1",
+        "every": "epochs/steps between additions, default 1",
+        "from": "'top' (default) or 'bottom'",
+        "limit": "most layers active at once, default all candidates",
+        "layers": "candidate layers, default every layer",
+    }
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        check = _Spec(spec, self.kind, self.FIELDS)
+        self.k = check.integer("k", 1, 0, self.FIELDS["k"])
+        self.n = check.integer("n", 1, 0, self.FIELDS["n"])
+        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
+        self.side = check.choice("from", "top", ("top", "bottom"))
+        self.limit = check.integer("limit", None, 1, self.FIELDS["limit"])
+        self.layers = check.layers("layers", allow_empty=False)
+        if self.k == 0 and self.n == 0:
+            raise ValueError(f"{check.where}: 'k' and 'n' are both 0, so no layer would ever train; set k >= 1.")
+        if self.limit is not None and self.limit < self.k:
+            raise ValueError(
+                f"{check.where}: 'limit' ({self.limit}) is smaller than 'k' ({self.k}), the layers active from "
+                f"the start; raise 'limit' or lower 'k'."
+            )
+
+    def to_json(self) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {"type": self.kind, "k": self.k, "n": self.n, "every": self.every, "from": self.side}
+        if self.limit is not None:
+            spec["limit"] = self.limit
+        if self.layers is not None:
+            spec["layers"] = list(self.layers)
+        return spec
+
+
 class CyclicSchedule(Schedule):
+    """Block round-robin on a model: ``_blocks`` are the candidate blocks in model order."""
+
+    def __init__(
+        self, spec: "CyclicSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.every, self.order, self.seed = spec.every, spec.order, spec.seed
+        self.granule = spec.every
+        where = "layer_schedule (type 'cyclic') 'layers'"
+        candidates = _bind_candidates(spec.layers, where, layers, canonical, default)
+        if not candidates:
+            raise ValueError("layer_schedule (type 'cyclic'): there are no candidate layers to cycle through.")
+        self._blocks = [candidates[i : i + spec.block] for i in range(0, len(candidates), spec.block)]
+
+    @property
+    def block_count(self) -> int:
+        return len(self._blocks)
+
+    def block_at(self, t: int) -> int:
+        """Index of the block (in model order) that trains at ``t``."""
+        period = t // self.every
+        count = len(self._blocks)
+        cycle, position = divmod(period, count)
+        if self.order == "ascending":
+            return position
+        if self.order == "descending":
+            return count - 1 - position
+        return _seeded_permutation(count, "cyclic", self.seed, cycle)[position]
+
+    def active_at(self, t: int) -> List[LayerId]:
+        return list(self._blocks[self.block_at(t)])
+
+    def all_layers(self) -> List[LayerId]:
+        return [layer for block in self._blocks for layer in block]
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return len(self._blocks) == 1
+
+
+class CyclicSpec(ScheduleSpec):
     """BAdam-style block round-robin: the candidates, in model order, are cut into blocks of ``block``
     layers (the last one may be smaller), and one block at a time trains for ``every`` epochs/steps.
 
@@ -696,6 +722,7 @@ class CyclicSchedule(Schedule):
     """
 
     kind = "cyclic"
+    runtime = CyclicSchedule
     ORDERS = ("ascending", "descending", "random")
     FIELDS = {
         "block": "layers per block, default 1",
@@ -706,15 +733,12 @@ class CyclicSchedule(Schedule):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        super().__init__()
         check = _Spec(spec, self.kind, self.FIELDS)
         self.block = check.integer("block", 1, 1, self.FIELDS["block"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])
         self.order = check.choice("order", "ascending", self.ORDERS)
         self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
         self.layers = check.layers("layers", allow_empty=False)
-        self.granule = self.every
-        self._blocks: List[List[LayerId]] = []
 
     def to_json(self) -> Dict[str, Any]:
         spec: Dict[str, Any] = {
@@ -728,56 +752,38 @@ class CyclicSchedule(Schedule):
             spec["layers"] = list(self.layers)
         return spec
 
-    def describe(self, unit: str = "epoch") -> str:
-        seed = " (seed {})".format(self.seed) if self.order == "random" else ""
-        return "cyclic: blocks of {} layer(s), each for {} {}(s), {} order{} ({})".format(
-            self.block, self.every, unit, self.order, seed, _describe_layers(self.layers)
-        )
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "CyclicSchedule":
-        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = CyclicSchedule(self.to_json())
-        bound._bind_common(layers)
-        where = "layer_schedule (type 'cyclic') 'layers'"
-        candidates = _bind_candidates(self.layers, where, layers, canonical, default)
-        if not candidates:
-            raise ValueError("layer_schedule (type 'cyclic'): there are no candidate layers to cycle through.")
-        bound._blocks = [candidates[i : i + self.block] for i in range(0, len(candidates), self.block)]
-        return bound
-
-    def block_at(self, t: int) -> int:
-        """Index of the block (in model order) that trains at ``t``."""
-        self._require_bound()
-        period = t // self.every
-        count = len(self._blocks)
-        cycle, position = divmod(period, count)
-        if self.order == "ascending":
-            return position
-        if self.order == "descending":
-            return count - 1 - position
-        return _seeded_permutation(count, "cyclic", self.seed, cycle)[position]
-
-    def active_at(self, t: int) -> List[LayerId]:
-        return list(self._blocks[self.block_at(t)])
-
-    def preview_span(self) -> int:
-        self._require_bound()
-        return 2 * len(self._blocks) * self.every
-
-    def all_layers(self) -> List[LayerId]:
-        self._require_bound()
-        return [layer for block in self._blocks for layer in block]
-
-    def _always_active(self, layer: LayerId) -> bool:
-        return len(self._blocks) == 1
-
 
 class SampledSchedule(Schedule):
+    """Seeded sampling on a model: ``k`` of ``_pool`` drawn per period, plus the ``_fixed`` layers."""
+
+    def __init__(
+        self, spec: "SampledSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.k, self.every, self.seed = spec.k, spec.every, spec.seed
+        self.granule = spec.every
+        where = "layer_schedule (type 'sampled')"
+        self._fixed = _bind_candidates(spec.always, f"{where} 'always'", layers, canonical, [])
+        candidates = _bind_candidates(spec.layers, f"{where} 'layers'", layers, canonical, default)
+        self._pool = [layer for layer in candidates if layer not in set(self._fixed)]
+        if spec.k > len(self._pool):
+            raise ValueError(
+                f"{where}: 'k' is {spec.k} but there are only {len(self._pool)} candidate layers to draw from "
+                f"({short_layer_list(self._pool)}, 'always' layers excluded); lower 'k' or widen 'layers'."
+            )
+
+    def active_at(self, t: int) -> List[LayerId]:
+        drawn = _seeded_sample(self._pool, self.k, "sampled", self.seed, t // self.every)
+        return self._sorted(self._fixed + drawn)
+
+    def all_layers(self) -> List[LayerId]:
+        return self._sorted(self._fixed + self._pool)
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return layer in self._fixed or self.k == len(self._pool)
+
+
+class SampledSpec(ScheduleSpec):
     """LISA-style sampling: every ``every`` epochs/steps, ``k`` candidate layers drawn without replacement
     by a generator seeded with ``(seed, period)``, plus the ``always`` layers.
 
@@ -785,6 +791,7 @@ class SampledSchedule(Schedule):
     """
 
     kind = "sampled"
+    runtime = SampledSchedule
     FIELDS = {
         "k": "layers drawn each time, default 1",
         "every": "epochs/steps between draws, default 1",
@@ -794,16 +801,12 @@ class SampledSchedule(Schedule):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        super().__init__()
         check = _Spec(spec, self.kind, self.FIELDS)
         self.k = check.integer("k", 1, 1, self.FIELDS["k"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])
         self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
         self.always = check.layers("always", allow_empty=True) or []
         self.layers = check.layers("layers", allow_empty=False)
-        self.granule = self.every
-        self._pool: List[LayerId] = []
-        self._fixed: List[LayerId] = []
 
     def to_json(self) -> Dict[str, Any]:
         spec: Dict[str, Any] = {
@@ -816,47 +819,6 @@ class SampledSchedule(Schedule):
         if self.layers is not None:
             spec["layers"] = list(self.layers)
         return spec
-
-    def describe(self, unit: str = "epoch") -> str:
-        always = ", always {}".format(self.always) if self.always else ""
-        return "sampled: {} layer(s) drawn every {} {}(s), seed {}{} ({})".format(
-            self.k, self.every, unit, self.seed, always, _describe_layers(self.layers)
-        )
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "SampledSchedule":
-        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = SampledSchedule(self.to_json())
-        bound._bind_common(layers)
-        where = "layer_schedule (type 'sampled')"
-        bound._fixed = _bind_candidates(self.always, f"{where} 'always'", layers, canonical, [])
-        candidates = _bind_candidates(self.layers, f"{where} 'layers'", layers, canonical, default)
-        bound._pool = [layer for layer in candidates if layer not in set(bound._fixed)]
-        if self.k > len(bound._pool):
-            raise ValueError(
-                f"{where}: 'k' is {self.k} but there are only {len(bound._pool)} candidate layers to draw from "
-                f"({short_layer_list(bound._pool)}, 'always' layers excluded); lower 'k' or widen 'layers'."
-            )
-        return bound
-
-    def active_at(self, t: int) -> List[LayerId]:
-        self._require_bound()
-        drawn = _seeded_sample(self._pool, self.k, "sampled", self.seed, t // self.every)
-        return self._sorted(self._fixed + drawn)
-
-    def all_layers(self) -> List[LayerId]:
-        self._require_bound()
-        return self._sorted(self._fixed + self._pool)
-
-    def preview_span(self) -> int:
-        return 8 * self.every
-
-    def _always_active(self, layer: LayerId) -> bool:
-        return layer in self._fixed or self.k == len(self._pool)
 
 
 # ------------------------------------------------------------------------------------ callables
@@ -874,45 +836,19 @@ def _callable_name(fn: Any) -> str:
 
 
 class CallableSchedule(Schedule):
-    """A Python function ``t -> layers`` (it must be pure: the same ``t`` always gives the same layers).
+    """A callable schedule on a model: ``fn(t)``, checked against the allowed (preallocated) layers."""
 
-    Allowed at runtime only: ``save_pretrained`` writes ``{"type": "callable", "name": ...}`` in its
-    place (with a warning); after loading, give the function back with
-    ``model.set_layer_schedule(fn)``.  The layers it may return are the preallocated ones
-    (``preallocate_layers``, default every layer that holds a target module).
-    """
-
-    kind = "callable"
-
-    def __init__(self, fn: Callable[[int], Any]) -> None:
-        super().__init__()
-        self.fn = fn
-        self.name = _callable_name(fn)
-        self._allowed: List[LayerId] = []
-        self._canonical: Optional[Canonicalizer] = None
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"type": self.kind, "name": self.name}
-
-    def describe(self, unit: str = "epoch") -> str:
-        return "callable: {}({})".format(self.name, unit)
-
-    def bind(
-        self,
-        layers: Sequence[LayerId],
-        canonical: Optional[Canonicalizer] = None,
-        default_candidates: Optional[Sequence[LayerId]] = None,
-    ) -> "CallableSchedule":
-        layers, canonical, default = _bind_args(layers, canonical, default_candidates)
-        bound = self._unbound_copy()
-        bound._bind_common(layers)
-        bound._canonical = canonical
-        bound._allowed = bound._sorted(default)
-        return bound
+    def __init__(
+        self, spec: "CallableSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.fn = spec.fn
+        self.name = spec.name
+        self._canonical = canonical
+        self._allowed = self._sorted(default)
 
     def active_at(self, t: int) -> List[LayerId]:
-        self._require_bound()
-        assert self._canonical is not None
+        assert self.fn is not None
         where = f"layer_schedule {self.name}({t})"
         raw = check_layer_list(self.fn(t), where)
         active = self._sorted(self._canonical(layer, where) for layer in raw)
@@ -926,36 +862,13 @@ class CallableSchedule(Schedule):
         return active
 
     def all_layers(self) -> List[LayerId]:
-        self._require_bound()
         return list(self._allowed)
-
-    def _unbound_copy(self) -> "CallableSchedule":
-        return CallableSchedule(self.fn)
 
 
 class UnsavedCallableSchedule(CallableSchedule):
-    """What a saved callable schedule loads as: its layers are known, the function is not."""
+    """A saved callable schedule on a model: its layers are known, the function is not."""
 
     runnable = False
-
-    def __init__(self, spec: Dict[Any, Any]) -> None:
-        Schedule.__init__(self)
-        unknown = [key for key in spec if key not in ("type", "name")]
-        if unknown:
-            raise ValueError(f"layer_schedule (type 'callable'): unknown key(s) {unknown}; valid keys: 'type', 'name'.")
-        name = spec.get("name", "<callable>")
-        if not isinstance(name, str):
-            raise TypeError(f"layer_schedule (type 'callable'): 'name' must be a string, got {name!r}.")
-        self.fn = None
-        self.name = name
-        self._allowed = []
-        self._canonical = None
-
-    def _unbound_copy(self) -> "UnsavedCallableSchedule":
-        return UnsavedCallableSchedule(self.to_json())
-
-    def describe(self, unit: str = "epoch") -> str:
-        return "callable (not saved): {}".format(self.name)
 
     def active_at(self, t: int) -> List[LayerId]:
         raise ValueError(
@@ -975,33 +888,71 @@ class UnsavedCallableSchedule(CallableSchedule):
         return None
 
 
+class CallableSpec(ScheduleSpec):
+    """A Python function ``t -> layers`` (it must be pure: the same ``t`` always gives the same layers).
+
+    Allowed at runtime only: ``save_pretrained`` writes ``{"type": "callable", "name": ...}`` in its
+    place (with a warning); after loading, give the function back with
+    ``model.set_layer_schedule(fn)``.  The layers it may return are the preallocated ones
+    (``preallocate_layers``, default every layer that holds a target module).
+    """
+
+    kind = "callable"
+    runtime = CallableSchedule
+
+    def __init__(self, fn: Optional[Callable[[int], Any]], name: Optional[str] = None) -> None:
+        self.fn = fn
+        self.name = _callable_name(fn) if name is None else name
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"type": self.kind, "name": self.name}
+
+
+class UnsavedCallableSpec(CallableSpec):
+    """What a saved callable schedule loads as (``{"type": "callable", "name": ...}``): no function."""
+
+    runtime = UnsavedCallableSchedule
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        unknown = [key for key in spec if key not in ("type", "name")]
+        if unknown:
+            raise ValueError(f"layer_schedule (type 'callable'): unknown key(s) {unknown}; valid keys: 'type', 'name'.")
+        name = spec.get("name", "<callable>")
+        if not isinstance(name, str):
+            raise TypeError(f"layer_schedule (type 'callable'): 'name' must be a string, got {name!r}.")
+        super().__init__(None, name)
+
+
 # ------------------------------------------------------------------------------------ parsing
 
-_TYPED = {"gradual": GradualSchedule, "cyclic": CyclicSchedule, "sampled": SampledSchedule}
+_TYPED = {"gradual": GradualSpec, "cyclic": CyclicSpec, "sampled": SampledSpec}
 
 
-def parse_schedule(spec: Any) -> Schedule:
-    """Validate a ``layer_schedule`` value and return its (unbound) schedule object.
+def parse_schedule(spec: Any) -> ScheduleSpec:
+    """Validate a ``layer_schedule`` value and return its spec (:meth:`ScheduleSpec.bind` puts it on a model).
 
     ``spec``: a milestone dict ``{start: layers}``, a dict with a ``"type"`` key (``"gradual"``,
     ``"cyclic"``, ``"sampled"``; ``"callable"`` is what a saved callable schedule loads as), a callable
-    ``t -> layers``, or a :class:`Schedule`.  Raises ``TypeError``/``ValueError`` naming the field.
+    ``t -> layers``, a :class:`ScheduleSpec`, or a bound :class:`Schedule` (its spec as bound).  Raises
+    ``TypeError``/``ValueError`` naming the field.
     """
-    if isinstance(spec, Schedule):
+    if isinstance(spec, ScheduleSpec):
         return spec
+    if isinstance(spec, Schedule):
+        return spec.as_spec()
     if callable(spec) and not isinstance(spec, (dict, type)):
-        return CallableSchedule(spec)
+        return CallableSpec(spec)
     if isinstance(spec, dict) and "type" in spec:
         kind = spec["type"]
         if kind == "callable":
-            return UnsavedCallableSchedule(spec)
+            return UnsavedCallableSpec(spec)
         if not isinstance(kind, str) or kind not in _TYPED:
             raise ValueError(
                 f"layer_schedule: 'type' must be one of {list(SCHEDULE_TYPES)}, got {kind!r}; for milestones "
                 f"give a dict {{start: layers}} without 'type', e.g. {{0: [11], 3: [1, 11]}}."
             )
         return _TYPED[kind](spec)
-    return MilestoneSchedule(spec)
+    return MilestoneSpec(spec)
 
 
 def short_layer_list(layers: List[LayerId]) -> str:

@@ -325,18 +325,19 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                 found["matched"] = match_targets(model, target_modules(), index)
             return found["matched"]
 
-        schedule = config.schedule()
-        if schedule is not None:
+        spec = config.schedule()
+        schedule: Optional[Schedule] = None
+        if spec is not None:
             # On this model's canonical layers.  Gradual/cyclic/sampled/callable schedules draw from "every
             # layer" unless they list their own: the preallocated layers when preallocate_layers is set,
             # else every layer holding a target module.
             candidates: Optional[List[LayerId]] = None
-            if schedule.kind != "milestones":
+            if spec.kind != "milestones":
                 if config.preallocate_layers is not None:
                     candidates = requested()
                 else:
                     candidates = index.held_layers(matched().values())
-            schedule = schedule.bind(index.all_layers(), index.canonical, candidates)
+            schedule = spec.bind(index.all_layers(), index.canonical, candidates)
         scheduled = index.sort(schedule.all_layers()) if schedule is not None else []
         if config.preallocate_layers is not None:
             preallocated = requested()

@@ -22,8 +22,9 @@ from transformers import TrainerCallback
 
 import peft_layersched.schedule as schedule_module
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
+from peft_layersched._describe import describe_schedule, preview_span
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedule import CyclicSchedule, GradualSchedule, SampledSchedule, parse_schedule
+from peft_layersched.schedule import CyclicSchedule, CyclicSpec, GradualSchedule, SampledSchedule, parse_schedule
 
 from helpers import tiny_models
 from helpers.toy_training import train
@@ -87,7 +88,7 @@ def valid_specs(draw):
             "type": "cyclic",
             "block": draw(st.integers(min_value=1, max_value=count + 2)),
             "every": every,
-            "order": draw(st.sampled_from(CyclicSchedule.ORDERS)),
+            "order": draw(st.sampled_from(CyclicSpec.ORDERS)),
             "seed": draw(st.integers(min_value=-5, max_value=2**40)),
         }
     else:
@@ -249,6 +250,68 @@ def test_seeded_orders_are_the_same_on_every_python():
 
 GOLDEN_CYCLIC = [2, 1, 0, 3, 1, 3, 2, 0]
 GOLDEN_SAMPLED = [[9, 10], [0, 1], [4, 8], [1, 3]]
+
+
+# (layer_schedule, description of the spec in epochs, of the schedule bound to 8 layers in steps, preview span)
+DESCRIBED = [
+    (
+        {0: [-1], 3: [1, -1], 5: []},
+        "milestones: from epoch 0: [-1]; from epoch 3: [1, -1]; from epoch 5: none",
+        "milestones: from step 0: [7]; from step 3: [1, 7]; from step 5: none",
+        7,
+    ),
+    (
+        {"type": "gradual", "k": 1, "n": 2, "every": 3, "limit": 5},
+        "gradual: 1 layer(s) from the top, +2 every 3 epoch(s), up to 5 (candidates: every layer)",
+        "gradual: 1 layer(s) from the top, +2 every 3 step(s), up to 5 (candidates: every layer)",
+        12,
+    ),
+    (
+        {"type": "gradual", "k": 2, "n": 0, "from": "bottom", "layers": [0, 1, 2]},
+        "gradual: 2 layer(s) from the bottom, +0 every 1 epoch(s) (candidates: [0, 1, 2])",
+        "gradual: 2 layer(s) from the bottom, +0 every 1 step(s) (candidates: [0, 1, 2])",
+        2,
+    ),
+    (
+        {"type": "cyclic", "block": 2, "every": 4, "order": "random", "seed": 7},
+        "cyclic: blocks of 2 layer(s), each for 4 epoch(s), random order (seed 7) (candidates: every layer)",
+        "cyclic: blocks of 2 layer(s), each for 4 step(s), random order (seed 7) (candidates: every layer)",
+        32,
+    ),
+    (
+        {"type": "cyclic", "block": 3, "order": "descending", "layers": [-3, -2, -1]},
+        "cyclic: blocks of 3 layer(s), each for 1 epoch(s), descending order (candidates: [-3, -2, -1])",
+        "cyclic: blocks of 3 layer(s), each for 1 step(s), descending order (candidates: [-3, -2, -1])",
+        2,
+    ),
+    (
+        {"type": "sampled", "k": 2, "every": 5, "seed": 1, "always": [-1]},
+        "sampled: 2 layer(s) drawn every 5 epoch(s), seed 1, always [-1] (candidates: every layer)",
+        "sampled: 2 layer(s) drawn every 5 step(s), seed 1, always [-1] (candidates: every layer)",
+        40,
+    ),
+    ({"type": "callable", "name": "m.f"}, "callable (not saved): m.f", "callable (not saved): m.f", 10),
+]
+
+
+@pytest.mark.parametrize("spec, epochs, steps, span", DESCRIBED, ids=[str(case[0]) for case in DESCRIBED])
+def test_descriptions_and_preview_spans(spec, epochs, steps, span):
+    parsed = parse_schedule(spec)
+    schedule = parsed.bind(list(range(8)))
+    assert describe_schedule(parsed, "epoch") == epochs
+    assert describe_schedule(schedule, "step") == steps  # bound milestones: canonical ids
+    assert preview_span(schedule) == span
+    # A bound schedule given back as a layer_schedule is its spec as bound (milestones: canonical ids).
+    assert parse_schedule(schedule).bind(list(range(8))).all_layers() == schedule.all_layers()
+    assert describe_schedule(parse_schedule(schedule), "step") == steps
+
+
+def test_a_callable_is_described_by_its_name():
+    parsed = parse_schedule(_alternate)
+    name = f"{_alternate.__module__}._alternate"
+    assert describe_schedule(parsed, "epoch") == f"callable: {name}(epoch)"
+    assert describe_schedule(parsed.bind(list(range(4))), "step") == f"callable: {name}(step)"
+    assert preview_span(parsed.bind(list(range(4)))) == 10
 
 
 def test_the_schedule_core_imports_without_torch(monkeypatch):
