@@ -21,7 +21,6 @@ import random
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
@@ -97,24 +96,12 @@ def compile_counts(cfg, backend, batch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    lsb.add_run_options(parser)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=sorted(lsb.CLOCKS), default="wall",
-                        help="wall (default) or cpu: this process's CPU time, for a shared machine (with --threads 1)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    lsb.DEVICE = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     global CLOCK
-    CLOCK = lsb.CLOCKS[args.clock]
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.rounds:
-        cfg["rounds"] = args.rounds
-    warnings.filterwarnings("ignore")
+    cfg, CLOCK = lsb.apply_run_options(args, FULL, QUICK)
     info = lsb.machine()
     print("machine: {cpu} ({cpu_count} cores), GPU {gpu}, torch {torch}, transformers {transformers}, "
           "peft {peft}; load average {loadavg}".format(**info))

@@ -225,6 +225,30 @@ def _paired(a, b):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def add_run_options(parser):
+    """--quick, --rounds, --device, --threads, --clock: the options every benchmark here shares."""
+    parser.add_argument("--quick", action="store_true", help="small inputs, few rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, help="timed rounds")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: this process's CPU time, for a shared machine (with --threads 1)")
+
+
+def apply_run_options(args, full, quick):
+    """Set the device and threads from ``args``; return (the config to run, the clock to time it with)."""
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = dict(quick if args.quick else full)
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    return cfg, CLOCKS[args.clock]
+
+
 def time_variants(variants, cfg, log):
     batch = _batch(cfg)
     clock = CLOCKS[cfg["clock"]]

@@ -30,7 +30,7 @@ Otherwise (trainable embeddings, ``modules_to_save`` below the layers, adapters 
 encoder-decoder, nothing trainable) the model's hooks stay as they are: full depth, as in PEFT.  The
 hooks decide at forward time (training mode, grad mode, checkpointing flags and kind), so turning
 checkpointing on or off after the schedule was applied stays correct; they only ever make a tensor
-that did not require grad a leaf, so gradients are plain autograd's (``tests/test_performance.py``).
+that did not require grad a leaf, so gradients are plain autograd's (``tests/test_backward_stop.py``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._describe import describe_schedule, preview_span
+from ._describe import describe_schedule, format_layers, preview_span
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -121,6 +121,7 @@ def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
             raise ValueError(f"{path}: not valid JSON ({error}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of ScheduledLoraConfig fields, got {type(data).__name__}.")
+    data = ScheduledLoraConfig.upgrade_saved_keys(data)  # an earlier version's "layers_pattern" loads silently
     peft_type = data.pop("peft_type", None)
     if peft_type not in (None, "SCHEDULED_LORA", "LORA"):
         raise ValueError(f"{path}: peft_type {peft_type!r} is not a LoRA adapter (SCHEDULED_LORA or LORA).")
@@ -129,30 +130,11 @@ def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
     if unknown and peft_type is None:
         raise ValueError(
             f"{path}: unknown ScheduledLoraConfig field(s) {unknown}; fields include target_modules, r, "
-            f"lora_alpha, layer_schedule, schedule_unit, preallocate_layers, layers_pattern, task_type."
+            f"lora_alpha, layer_schedule, schedule_unit, preallocate_layers, layer_stacks, task_type."
         )
     if ignored is not None:
         ignored.extend(unknown)
     return ScheduledLoraConfig(**{key: value for key, value in data.items() if key in known})
-
-
-def _layers_text(layers: Sequence[Any]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``; ``["decoder.0", "decoder.1"]`` -> ``"decoder.0-1"``."""
-    if not layers:
-        return "none"
-    runs: List[List[Any]] = []  # [stack, first, last]
-    for layer in layers:
-        stack, _, index = str(layer).rpartition(".")
-        number = int(index)
-        if runs and runs[-1][0] == stack and runs[-1][2] == number - 1:
-            runs[-1][2] = number
-        else:
-            runs.append([stack, number, number])
-    parts = []
-    for stack, first, last in runs:
-        prefix = stack + "." if stack else ""
-        parts.append(f"{prefix}{first}" if first == last else f"{prefix}{first}-{last}")
-    return ", ".join(parts)
 
 
 def _count(n: int) -> str:
@@ -382,7 +364,7 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
         f"model     {model['class']} from {model['path']} (built on {model['device']}: no weights)",
         "stacks    " + "; ".join(_stack_text(stack, index.multi) for stack in index.stacks),
         f"schedule  {schedule['description']}",
-        f"adapters  {len(preallocated)} layer(s) preallocated: {_layers_text(preallocated)}; "
+        f"adapters  {len(preallocated)} layer(s) preallocated: {format_layers(preallocated)}; "
         f"{_count(plan['lora_params_total'])} LoRA parameters",
         "",
         "target modules per layer:",
@@ -396,7 +378,7 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
                 break
         else:
             groups.append((names, [layer["id"]]))
-    lines.extend(_table([[f"layers {_layers_text(members)}", ", ".join(names)] for names, members in groups]))
+    lines.extend(_table([[f"layers {format_layers(members)}", ", ".join(names)] for names, members in groups]))
     lines += ["", f"timeline, {unit}s 0..{plan['horizon'] - 1}:"]
     lines.extend(_grid(_plan_rows(plan), plan["timeline"], preallocated, unit))
     lines += ["", "phases:"]
@@ -405,7 +387,7 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
     for phase in shown:
         start, end = phase["start"], phase["end"]
         span = str(start) if start == end else f"{start}-{end}"
-        table.append([span, _layers_text(phase["active"]), _count(phase["trainable_lora_params"])])
+        table.append([span, format_layers(phase["active"]), _count(phase["trainable_lora_params"])])
     lines.extend(_table(table))
     if len(plan["phases"]) > len(shown):
         lines.append(f"  ... {len(plan['phases']) - len(shown)} more phases (--json lists them all)")
@@ -530,7 +512,7 @@ def _export_verdict(
     if not scheduled:
         kept_modules += len(layers.get(None, {}).get("modules", []))
     return True, (
-        f"export_lora(model, out_dir) writes {kept_modules} module(s) of layer(s) {_layers_text(kept)} "
+        f"export_lora(model, out_dir) writes {kept_modules} module(s) of layer(s) {format_layers(kept)} "
         f"as a plain LoRA adapter"
     )
 
@@ -580,12 +562,12 @@ def _compute_inspect(folder: str) -> Dict[str, Any]:
         stray = [layer for layer in trained if scheduled and layer not in ever]
         if stray:
             notes.append(
-                f"layer(s) {_layers_text(stray)} have trained weights but are not in ever_active_layers: "
+                f"layer(s) {format_layers(stray)} have trained weights but are not in ever_active_layers: "
                 f"export_lora would leave them out."
             )
         idle = [layer for layer in ever if layer in layers and not layers[layer]["trained"]]
         if idle:
-            notes.append(f"layer(s) {_layers_text(idle)} are in ever_active_layers but their lora_B is still zero.")
+            notes.append(f"layer(s) {format_layers(idle)} are in ever_active_layers but their lora_B is still zero.")
     exportable, export_note = _export_verdict(peft_type, scheduled, ever, layers, in_stacks)
     target = config.target_modules
     return {
@@ -652,16 +634,16 @@ def _render_inspect(report: Dict[str, Any]) -> List[str]:
     lines.extend(_table(table))
     trained, in_stacks = report["trained_layers"], report["preallocated_layers"]
     trained_text = (
-        f"{len(trained)} ({_layers_text(trained)}), {_count(report['trained_lora_params'])} LoRA parameters"
+        f"{len(trained)} ({format_layers(trained)}), {_count(report['trained_lora_params'])} LoRA parameters"
         if trained is not None
         else f"unknown: init_lora_weights={init!r} does not start lora_B at zero"
     )
     lines += [
         "",
-        f"preallocated      {len(in_stacks)} layer(s): {_layers_text(in_stacks)}; "
+        f"preallocated      {len(in_stacks)} layer(s): {format_layers(in_stacks)}; "
         f"{_count(report['lora_params_total'])} LoRA parameters",
         f"trained (weights) {trained_text}",
-        f"ever_active       {_layers_text(report['ever_active_layers'])} (adapter_config.json)",
+        f"ever_active       {format_layers(report['ever_active_layers'])} (adapter_config.json)",
         f"other parameters  {_count(report['other_params'])} (modules_to_save and other non-LoRA tensors)",
         f"exportable        {'yes' if report['exportable'] else 'no'}: {report['export']}",
     ]

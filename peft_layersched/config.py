@@ -172,7 +172,7 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         self.layer_stacks, self.layers_pattern = old, None
 
     @classmethod
-    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+    def upgrade_saved_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
         # An adapter_config.json written by an earlier version has our layer stacks under "layers_pattern".
         if loaded.get("layers_pattern") is not None and loaded.get("layers_to_transform") is None and (
             loaded.get("layer_stacks") is None

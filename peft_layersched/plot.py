@@ -1,18 +1,27 @@
-"""Pictures of a schedule (``peft-layersched plan --plot timeline.png``); matplotlib is an optional extra.
+"""Pictures: a schedule's timeline (``peft-layersched plan --plot timeline.png``) and the demo's test accuracy
+against training time (``accuracy.png``); matplotlib is an optional extra.
 
-``pip install "peft-layersched[plot]"`` brings matplotlib; without it, plotting raises a ``ValueError``
-saying so (the CLI turns that into exit code 1 and the message).
+``pip install "peft-layersched[plot]"`` brings matplotlib; without it, plotting raises
+:class:`MatplotlibMissing` (a ``ValueError``) saying so: ``plan`` turns that into exit code 1 and the
+message, the demo prints it as a note and goes on.
 """
 
 from __future__ import annotations
 
 import textwrap
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # Cell states of the timeline, bottom to top in the colour bar.
 NO_ADAPTER, WAITING, FROZEN, ACTIVE = 0, 1, 2, 3
 _COLOURS = ("#f2f2f2", "#c9d8ea", "#8c8c8c", "#d6432b")
 _LABELS = ("no adapter", "not active yet", "frozen (trained before)", "training")
+
+
+_RUN_COLOURS = ("#d6432b", "#4a6fa5", "#5b9a5b", "#8c8c8c")
+
+
+class MatplotlibMissing(ValueError):
+    """Plotting was asked for, and matplotlib cannot be imported."""
 
 
 def _pyplot() -> Any:
@@ -22,7 +31,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ValueError(
+        raise MatplotlibMissing(
             f"plotting needs matplotlib, which is not installed ({error}); install it with "
             f"pip install 'peft-layersched[plot]' (or pip install matplotlib)."
         ) from None
@@ -76,6 +85,48 @@ def plot_timeline(
     axes.set_title(textwrap.fill(title, width=int(width * 8)), fontsize=9, loc="left")
     axes.legend(handles=[Patch(color=c, label=label) for c, label in zip(_COLOURS, _LABELS)][::-1],
                 loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def accuracy_over_time(epochs: Sequence[Dict[str, Any]], start_accuracy: float) -> Tuple[List[float], List[float]]:
+    """``(seconds, accuracy)`` points of a run: ``(0, start_accuracy)``, then one per epoch record (its
+    ``"seconds"`` of training added up, and its ``"accuracy"`` after it)."""
+    seconds, accuracy = [0.0], [start_accuracy]
+    for record in epochs:
+        seconds.append(seconds[-1] + float(record["seconds"]))
+        accuracy.append(float(record["accuracy"]))
+    return seconds, accuracy
+
+
+def plot_accuracy(path: str, runs: Sequence[Dict[str, Any]], start_accuracy: float, title: str) -> str:
+    """Draw test accuracy against training time to ``path``: one line per run, a point per epoch.
+
+    Each run is ``{"label": str, "epochs": [{"seconds": s, "accuracy": a}, ...], "notes": [str, ...] or
+    None}``; ``notes`` label the run's epoch points (e.g. the layers that trained in that epoch).
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    for i, run in enumerate(runs):
+        seconds, accuracy = accuracy_over_time(run["epochs"], start_accuracy)
+        colour = _RUN_COLOURS[i % len(_RUN_COLOURS)]
+        axes.plot(seconds, [100 * a for a in accuracy], marker="o", color=colour, linewidth=1.8,
+                  label=f"{run['label']}: {100 * accuracy[-1]:.1f}% in {seconds[-1]:.1f} s")
+        notes: Optional[List[str]] = run.get("notes")
+        for x, y, note in zip(seconds[1:], accuracy[1:], notes or []):
+            if not note:
+                continue
+            axes.annotate(note, (x, 100 * y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7,
+                          color=colour, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    axes.set_xlabel("training time (s)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_xlim(left=0)
+    axes.set_ylim(top=min(axes.get_ylim()[1], 100.0) + 3)  # room above a run at 100 % for its label
+    axes.grid(color="#e0e0e0", linewidth=0.6)
+    axes.set_title(textwrap.fill(title, width=80), fontsize=9, loc="left")
+    axes.legend(loc="lower right", fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -110,7 +110,12 @@ PLAN_ERRORS = [
     ("unknown type", {"layer_schedule": {"type": "linear"}}, [], r"'type' must be one of \['gradual', 'cyclic'"),
     ("k too large", {"layer_schedule": {"type": "sampled", "k": 9}}, [], r"'k' is 9 but there are only 6 candidate"),
     ("no model", {"layer_schedule": {"0": [1]}}, ["--model", "nowhere"], r"--model nowhere: not a config.json file"),
-    ("invalid target regex", {"target_modules": ".*(query", "layer_schedule": {"0": [1]}}, [], r"not a valid regular"),
+    (
+        "invalid target regex",
+        {"target_modules": ".*(query", "layer_schedule": {"0": [1]}},
+        [],
+        r"not a valid regular expression",
+    ),
 ]
 
 

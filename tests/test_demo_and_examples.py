@@ -8,6 +8,7 @@ env), and says what to install where it is not.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from peft_layersched._demo_data import sentiment_splits
 from peft_layersched.demo import shipped_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def run(args, cwd, timeout=900):
@@ -86,6 +88,15 @@ def _check_outputs(code, text, err, out_dir, epochs):
     assert exported["peft_type"] == "LORA"
     saved = json.loads((out_dir / "scheduled-adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "SCHEDULED_LORA" and saved["ever_active_layers"] == [3, 4, 5][-min(epochs, 3) :]
+    # test accuracy against training time, both runs: drawn with matplotlib (the [plot] extra), else one note
+    plot = out_dir / "accuracy.png"
+    if HAS_MATPLOTLIB:
+        assert summary["accuracy_plot"] == str(plot) and plot.stat().st_size > 0
+        assert "{}  (test accuracy against training time, both runs)".format(plot) in text
+    else:
+        assert summary["accuracy_plot"] is None and not plot.exists()
+        notes = [line for line in text.splitlines() if "accuracy.png not drawn" in line]
+        assert len(notes) == 1 and "pip install 'peft-layersched[plot]'" in notes[0], text
     return summary
 
 

@@ -1,15 +1,25 @@
-"""``peft-layersched plan --plot``: the timeline picture (matplotlib, an optional extra)."""
+"""Pictures (matplotlib, an optional extra): ``plan --plot``'s timeline and the demo's accuracy against time."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
 
 from peft_layersched import cli
-from peft_layersched.plot import ACTIVE, FROZEN, NO_ADAPTER, WAITING, timeline_states
+from peft_layersched.plot import (
+    ACTIVE,
+    FROZEN,
+    NO_ADAPTER,
+    WAITING,
+    MatplotlibMissing,
+    accuracy_over_time,
+    plot_accuracy,
+    timeline_states,
+)
 
 pytestmark = pytest.mark.usefixtures("transformers_logging_restored")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -57,3 +67,41 @@ def test_plan_plot_without_matplotlib_says_how_to_install_it(tmp_path, plan_args
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
     assert cli.main(plan_args + ["--plot", str(tmp_path / "t.png")]) == 1
     assert "pip install 'peft-layersched[plot]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- the demo's accuracy plot
+
+SCHEDULED = [{"seconds": 1.5, "accuracy": 0.6}, {"seconds": 2.0, "accuracy": 0.75}, {"seconds": 2.5, "accuracy": 0.9}]
+PLAIN = [{"seconds": 4.0, "accuracy": 0.8}, {"seconds": 4.0, "accuracy": 1.0}, {"seconds": 4.5, "accuracy": 1.0}]
+RUNS = [
+    {"label": "scheduled LoRA", "epochs": SCHEDULED, "notes": ["layer 5", "", "layers 3-5"]},
+    {"label": "plain LoRA", "epochs": PLAIN, "notes": None},
+]
+
+
+def test_accuracy_over_time_starts_at_zero_and_adds_up_the_epochs():
+    assert accuracy_over_time(SCHEDULED, 0.5) == ([0.0, 1.5, 3.5, 6.0], [0.5, 0.6, 0.75, 0.9])
+    assert accuracy_over_time([], 0.5) == ([0.0], [0.5])
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed in this env (peft0212-tf5 has it)")
+def test_accuracy_plot_draws_both_runs(tmp_path):
+    import matplotlib.image
+
+    from peft_layersched.plot import _RUN_COLOURS
+
+    out = str(tmp_path / "accuracy.png")
+    assert plot_accuracy(out, RUNS, 0.5, "demo: test accuracy against training time") == out
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    pixels = {tuple(int(round(255 * c)) for c in px[:3]) for px in image.reshape(-1, image.shape[-1])}
+    for colour in _RUN_COLOURS[:2]:  # one line (and its epoch markers) per run
+        assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
+
+
+def test_accuracy_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
+    out = str(tmp_path / "accuracy.png")
+    with pytest.raises(MatplotlibMissing, match=r"pip install 'peft-layersched\[plot\]'"):
+        plot_accuracy(out, RUNS, 0.5, "title")
+    assert not os.path.exists(out)

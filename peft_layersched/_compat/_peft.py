@@ -114,7 +114,7 @@ class UniformLoraConfig(LoraConfig):
       fields afterwards, so ``__post_init__`` never saw them: ``_loaded()`` runs on the result.
     * ``from_json_file``: PEFT 0.6-0.13 build configs with ``cls(**json)`` and fail on keys a newer PEFT
       wrote; 0.14+ drops them with a warning.  Here every PEFT drops them with a warning (after
-      ``_renamed_keys(loaded)``, which may map old names of this package's own fields).
+      ``upgrade_saved_keys(loaded)``, which may map old names of this package's own fields).
     * ``_save_as(save_directory, on_disk, **kwargs)``: PEFT 0.3.0 writes ``asdict(self)``, not
       ``to_dict()``: the values meant for the file go onto a shallow copy, which PEFT then writes.
     """
@@ -145,7 +145,7 @@ class UniformLoraConfig(LoraConfig):
         """Check a config that PEFT filled in after construction (override)."""
 
     @classmethod
-    def _renamed_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
+    def upgrade_saved_keys(cls, loaded: Dict[str, Any]) -> Dict[str, Any]:
         """The keys of a loaded ``adapter_config.json`` under their current names (override)."""
         return loaded
 
@@ -158,7 +158,7 @@ class UniformLoraConfig(LoraConfig):
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> Dict[str, Any]:
-        loaded = cls._renamed_keys(super().from_json_file(path_json_file, **kwargs))
+        loaded = cls.upgrade_saved_keys(super().from_json_file(path_json_file, **kwargs))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(key for key in loaded if key not in known)
         if unknown:
