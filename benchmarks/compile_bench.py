@@ -103,8 +103,7 @@ def main(argv=None):
     global CLOCK
     cfg, CLOCK = lsb.apply_run_options(args, FULL, QUICK)
     info = lsb.machine()
-    print("machine: {cpu} ({cpu_count} cores), GPU {gpu}, torch {torch}, transformers {transformers}, "
-          "peft {peft}; load average {loadavg}".format(**info))
+    print(lsb.machine_line(info))
     batch = lsb._batch(cfg)
     counts = compile_counts(cfg, args.backend, batch)
     print("compile counts ({} backend): {}".format(args.backend, counts))

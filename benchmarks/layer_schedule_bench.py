@@ -549,6 +549,14 @@ def compute_targets(by, cfg, gc_kinds, no_rss, log):
     return targets, overhead, rss
 
 
+def machine_line(info):
+    """One line of what :func:`machine` found, for the head of a benchmark's output."""
+    return (
+        "machine: {cpu} ({cpu_count} cores, {torch_threads} torch threads), GPU {gpu}, Python {python}, "
+        "torch {torch}, transformers {transformers}, peft {peft}; load average {loadavg}".format(**info)
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, few rounds (a smoke run)")
@@ -598,10 +606,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     info = machine()
-    log(
-        "machine: {cpu} ({cpu_count} cores, {torch_threads} torch threads), GPU {gpu}, Python {python}, "
-        "torch {torch}, transformers {transformers}, peft {peft}; load average {loadavg}".format(**info)
-    )
+    log(machine_line(info))
     log("config: {}".format({k: v for k, v in cfg.items() if k != "big_ranks"}))
     if info["loadavg"] and info["loadavg"][0] > (os.cpu_count() or 1) * 0.5 and args.clock == "wall":
         log(

@@ -104,8 +104,7 @@ def main(argv=None):
     global CLOCK
     cfg, CLOCK = lsb.apply_run_options(args, FULL, QUICK)
     info = lsb.machine()
-    print("machine: {cpu} ({cpu_count} cores), GPU {gpu}, torch {torch}, transformers {transformers}, "
-          "peft {peft}; load average {loadavg}".format(**info))
+    print(lsb.machine_line(info))
     print("config: L{layers} h{hidden} seq {seq} batch {batch}, {steps} steps, switch every {every}, "
           "{rounds} rounds".format(**cfg))
     results = {p: [] for p in POLICIES}

@@ -458,14 +458,11 @@ class LayerScheduleCallback(TrainerCallback):
             _optim.drop_state(self._optimizer, frozen)
         elif self.frozen_optimizer_state == "offload":
             self._offloaded.update(_optim.offload_state(self._optimizer, frozen))
-        rejoined: List[Any] = []
-        if plan.schedule is not None and t > 0:
+        if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
             before = set(plan.schedule.active_at(t - 1))
             earlier = set(plan.schedule.layers_until(t - 1))
             rejoined = [layer for layer in active if layer not in before and layer in earlier]
-        for layer in rejoined:
-            if self.reactivated_state == "reset":
-                _optim.drop_state(self._optimizer, params.get(layer, []))
+            _optim.drop_state(self._optimizer, [p for layer in rejoined for p in params.get(layer, [])])
         joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
         _optim.reload_state(self._optimizer, self._offloaded, joined)
 

@@ -198,7 +198,7 @@ def install_trainer_hook() -> None:
     if original_load is not None:
 
         def _load_from_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not _hooks(self, _LOG_HOOK):
+            if not _hooks(self, _LOG_HOOK):  # no LayerScheduleCallback on this Trainer
                 return original_load(self, *args, **kwargs)
             with deferred_load_check():
                 return original_load(self, *args, **kwargs)
