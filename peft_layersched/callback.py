@@ -10,11 +10,15 @@ What it guarantees, and how:
   if not it adds them to the optimizer's existing groups, or refuses a user-built optimizer.
 * Frozen layers stay put: freezing sets ``requires_grad=False`` and ``grad=None``; torch optimizers
   skip ``grad is None`` (no momentum, no weight decay).
-* Switches happen at optimizer-step boundaries only: ``on_step_end`` for step schedules; epoch
-  switches are deferred to the next ``on_step_end`` when an accumulation window spans the epoch
-  boundary (transformers <= 4.46).
-* The schedule is a pure function of ``state.global_step`` / the epoch index, so resume and every DDP
-  rank compute the same active set with no callback state.
+* Switches happen at optimizer-step boundaries only, just before a step runs (``on_step_begin`` for
+  step schedules, ``on_epoch_begin`` for epoch ones; deferred to the next step's start when an
+  accumulation window spans the epoch boundary, transformers <= 4.46).  So the step after a run's last
+  one switches nothing in, and a log record or checkpoint made after step ``n`` describes the layers
+  step ``n`` trained.  ``schedule_position`` advances at every step (step unit: the steps done) or epoch.
+* The active set is a pure function of the schedule time (the Trainer's ``state.global_step`` or epoch
+  plus the run's offset), so every DDP rank computes the same one.  What a resume needs beyond that (the
+  offset, the step at which each schedule time was applied, the set the checkpoint was saved with) is
+  read back from the callback's entries in the checkpoint's log history (``trainer_state.json``).
 """
 
 from __future__ import annotations
@@ -134,7 +138,6 @@ class LayerScheduleCallback(TrainerCallback):
         self.warn_on_no_update = warn_on_no_update
         self.adapter_name = adapter_name
         self.schedule_start = schedule_start
-        self._offset: Optional[int] = None  # schedule time of the Trainer's t = 0, fixed at the first train()
         self._user_optimizer = False
         self._freezing = sharded.REQUIRES_GRAD
         self._zero3 = False
@@ -149,8 +152,11 @@ class LayerScheduleCallback(TrainerCallback):
         self._pending_epoch: Optional[int] = None
         self._micro_steps = 0
         self._current: Optional[List[LayerId]] = None
-        self._time: Optional[int] = None
-        self._steps_per_epoch = 1
+        self._time: Optional[int] = None  # the schedule time whose active set is applied
+        self._offset = 0  # schedule time of the Trainer's t = 0 (set at each train())
+        self._steps_per_epoch: Optional[int] = None  # None: the dataloader has no length
+        self._switch_steps: Dict[int, int] = {}  # schedule time -> global step at which it was applied
+        self._step_lrs: Dict[LayerId, float] = {}  # each layer's LR in the optimizer step about to run / just run
         self._optimizer: Any = None
         self._still = _optim.StillCheck()  # warn_on_no_update: an active layer that did not move in a phase
         self._scaler = _optim.UpdateScaler()  # new_layer_lr_scale / warm-up
@@ -182,18 +188,26 @@ class LayerScheduleCallback(TrainerCallback):
             self._check_layer_groups(optimizer)
         elif optimizer is not None:
             self._ensure_optimized(optimizer, args)
-        if self._offset is None:
-            self._offset = self._schedule_offset(state)
+        # A resumed run goes on from the record its checkpoint's log history holds (every rank reads the same
+        # trainer_state.json); a new train() takes its offset from the adapter's schedule_position.
+        record = _RunRecord.of(state)
+        self._offset = record.offset if record.offset is not None else self._schedule_offset(state)
+        self._switch_steps = dict(record.switch_steps)
         if self._unit == "epoch":
-            epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+            # The Trainer's own epoch count (on resume: global_step // its steps per epoch, whatever the
+            # checkpoint's batch size was); without a dataloader length, the checkpoint's epoch.
+            if self._steps_per_epoch is not None:
+                epoch = int(state.global_step) // self._steps_per_epoch
+            else:
+                epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
             self._next_epoch = epoch
             t = epoch
         else:
             t = int(state.global_step)
-        self._switch(t, state, initial=True)
+        self._refuse_idle_times(state, t)
+        self._switch(t, state, initial=True, applied=record.last_time)
         self._tuner.check_deferred_load()  # a resumed checkpoint's weights, against the schedule at its step
-        self._set_layer_lrs(state)
-        self._snapshot_before_step()
+        self._prepare_step(state)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None or self._unit != "epoch":
@@ -202,11 +216,25 @@ class LayerScheduleCallback(TrainerCallback):
         self._next_epoch += 1
         if self._micro_steps:
             # An accumulation window spans the epoch boundary (transformers <= 4.46): switching now
-            # would change the trainable set inside the window.  Switch after its optimizer step.
+            # would change the trainable set inside the window.  Switch before the next window.
             self._pending_epoch = epoch
         else:
             self._switch(epoch, state)
-            self._set_layer_lrs(state)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        # Switches happen here, before an optimizer step that will run, not after the one that ran: the
+        # last step of a run switches nothing in (no layer is marked ever-active without training), and
+        # what is logged and checkpointed after step n describes the layers that step n trained.
+        if self._tuner is None or self._micro_steps:
+            return  # (transformers <= 4.46 call it again inside a window that spans an epoch boundary)
+        if kwargs.get("lr_scheduler") is not None:
+            self._scheduler = kwargs["lr_scheduler"]
+        if self._unit == "step":
+            self._switch(int(state.global_step), state)
+        elif self._pending_epoch is not None:
+            epoch, self._pending_epoch = self._pending_epoch, None
+            self._switch(epoch, state)
+        self._prepare_step(state)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
@@ -221,12 +249,15 @@ class LayerScheduleCallback(TrainerCallback):
         if self._freezing != sharded.OPTIMIZER:
             self._scale_updates(state)
         if self._unit == "step":
-            self._switch(int(state.global_step), state)
-        elif self._pending_epoch is not None:
-            epoch, self._pending_epoch = self._pending_epoch, None
-            self._switch(epoch, state)
+            # global_step optimizer steps are done: the schedule stands at that step (saved with the adapter).
+            self._tuner.set_schedule_position(self._offset + int(state.global_step), self.adapter_name)
+
+    def _prepare_step(self, state: Any) -> None:
+        """Before an optimizer step: per-layer LRs (DeepSpeed), the update snapshot (LR factors), and the
+        per-layer LRs this step uses, which the tracker scalars of its log record report."""
         self._set_layer_lrs(state)
         self._snapshot_before_step()
+        self._step_lrs = self._layer_lrs(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None:
@@ -251,8 +282,11 @@ class LayerScheduleCallback(TrainerCallback):
         position = saved.get("schedule_position")
         if position is None:
             return
-        active = self._tuner.restore_layer_state(position, saved.get("ever_active_layers"), name)
-        self._time, self._current = position, active
+        # Step unit: position n = n steps done, by the layers of schedule step n - 1.
+        applied = position - 1 if self._unit == "step" and position > 0 else position
+        active = self._tuner.restore_layer_state(applied, saved.get("ever_active_layers"), name)
+        self._tuner.set_schedule_position(position, name)
+        self._time, self._current = applied, active
         logger.info(
             "layer schedule: restored the state of %s (%s %d, active layers %s)", checkpoint, self._unit, position,
             active or "[]",
@@ -418,53 +452,98 @@ class LayerScheduleCallback(TrainerCallback):
             stacklevel=2,
         )
 
-    def _switch(self, t: int, state: Any, initial: bool = False) -> None:
+    def _switch(self, t: int, state: Any, initial: bool = False, applied: Optional[int] = None) -> None:
+        """Apply the schedule at the Trainer's epoch/step ``t``.  ``initial``: the run's first switch;
+        ``applied``: then, the schedule time whose active set a resumed checkpoint's optimizer state was
+        left at (``None``: a new run)."""
         assert self._tuner is not None
-        t += self._offset or 0  # the Trainer's epoch/step -> schedule time
+        t += self._offset  # the Trainer's epoch/step -> schedule time
         tuner = self._tuner
         plan = tuner.scheduled_adapter(self.adapter_name)
         name = plan.name
         if plan.schedule is None and not initial:
             return
-        if plan.schedule is not None and not initial and self._time is not None:
-            if plan.schedule.active_at(t) == plan.schedule.active_at(self._time):
-                self._time = t
-                return
+        if plan.schedule is not None and not initial and plan.schedule.active_at(t) == self._current:
+            self._time = t
+            tuner.set_schedule_position(t, name)
+            return
         previous = self._current
+        if initial and applied is not None and plan.schedule is not None:
+            previous = plan.schedule.active_at(applied)
         if not initial:
             self._check_phase_updates(state)
         active = tuner.activate_layers(t, name)
         self._time = t
         self._current = active
-        self._move_optimizer_state(plan, t, previous, active)
+        if not active:
+            self._refuse_idle(t)
+        self._move_optimizer_state(plan, t, previous, active, initial)
         self._start_phase()
-        self._snapshot_before_step()
         if initial or previous != active:
             self._log_change(t, active, state)
 
     def _move_optimizer_state(
-        self, plan: Any, t: int, previous: Optional[List[LayerId]], active: List[LayerId]
+        self, plan: Any, t: int, previous: Optional[List[LayerId]], active: List[LayerId], initial: bool
     ) -> None:
         """Apply ``frozen_optimizer_state`` to the layers that froze and ``reactivated_state`` /
-        reloading to those that rejoined at schedule time ``t`` (``previous`` None: the run's first switch,
-        where every inactive layer counts as just frozen: state loaded from a checkpoint, for instance)."""
+        reloading to those that rejoined at schedule time ``t``, coming from the active set ``previous``
+        (``None``: a new run's optimizer, which holds no state).  At a run's first switch every inactive
+        layer counts as just frozen (a resumed checkpoint's state: ``optimizer.pt`` put it back on the
+        device), and a layer rejoins only if the checkpoint was saved before its switch."""
         if self._optimizer is None or self._tuner is None or self._freezing == sharded.OPTIMIZER:
             return
         params = self._tuner.layer_parameters(self.adapter_name)
-        was = set(params) if previous is None else set(previous)
+        was = set(params) if initial or previous is None else set(previous)
         now = set(active)
         frozen = [p for layer in params if layer in was and layer not in now for p in params[layer]]
         if self.frozen_optimizer_state == "drop":
             _optim.drop_state(self._optimizer, frozen)
         elif self.frozen_optimizer_state == "offload":
             self._offloaded.update(_optim.offload_state(self._optimizer, frozen))
-        if self.reactivated_state == "reset" and plan.schedule is not None and t > 0:
-            before = set(plan.schedule.active_at(t - 1))
+        if self.reactivated_state == "reset" and plan.schedule is not None and t > 0 and previous is not None:
+            before = set(previous)
             earlier = set(plan.schedule.layers_until(t - 1))
             rejoined = [layer for layer in active if layer not in before and layer in earlier]
             _optim.drop_state(self._optimizer, [p for layer in rejoined for p in params.get(layer, [])])
         joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
         _optim.reload_state(self._optimizer, self._offloaded, joined)
+
+    def _refuse_idle_times(self, state: Any, t: int) -> None:
+        """Refuse, before the first step, a run in which some epoch/step would train nothing at all."""
+        assert self._tuner is not None
+        plan = self._tuner.scheduled_adapter(self.adapter_name)
+        steps = int(getattr(state, "max_steps", 0) or 0)
+        if plan.schedule is None or not plan.schedule.runnable or steps <= 0 or self._others_train():
+            return
+        if self._unit == "step":
+            last = steps - 1
+        elif self._steps_per_epoch is not None:
+            last = -(-steps // self._steps_per_epoch) - 1
+        else:
+            last = t  # an epoch count the Trainer cannot know: each epoch is checked as it begins
+        idle = plan.schedule.first_idle(self._offset + t, self._offset + max(last, t))
+        if idle is not None:
+            self._refuse_idle(idle)
+
+    def _others_train(self) -> bool:
+        """Whether parameters other than the scheduled adapter's LoRA ones train (``modules_to_save``, ...)."""
+        assert self._tuner is not None
+        lora = {id(p) for ps in self._tuner.layer_parameters(self.adapter_name).values() for p in ps}
+        return any(p.requires_grad and id(p) not in lora for p in self._tuner.model.parameters())
+
+    def _refuse_idle(self, t: int) -> None:
+        if self._others_train():
+            return
+        unit = self._unit
+        run_t = t - self._offset
+        when = f"{unit} {t}" if not self._offset else f"schedule {unit} {t} (this run's {unit} {run_t})"
+        raise ValueError(
+            f"layer_schedule activates no layer at {when}, and the model has no other trainable parameters "
+            f"(no modules_to_save), so its optimizer steps would have nothing to train (autograd fails with "
+            f"'element 0 of tensors does not require grad'). Give every {unit} of the run at least one layer "
+            f"(no empty milestone phase, gradual 'k' >= 1), or add modules_to_save (e.g. the classifier head) "
+            f"that train throughout."
+        )
 
     def _trainable_count(self, active: List[LayerId]) -> int:
         assert self._tuner is not None
@@ -480,15 +559,17 @@ class LayerScheduleCallback(TrainerCallback):
 
     def tracker_scalars(self, state: Any) -> Dict[str, float]:
         """The schedule as numbers every experiment tracker plots (``report_to``: TensorBoard, W&B, MLflow,
-        ...), added to each Trainer log record before the integrations see it:
+        ...), added to each Trainer log record before the integrations see it.  A record logged after
+        optimizer step ``n`` describes step ``n``: the layers it trained and the learning rates it used
+        (the switch to the layers of step ``n + 1`` happens just before that step runs):
 
         * ``layer_schedule/active_layers``: how many layers train; ``layer_schedule/lowest_active`` and
           ``layer_schedule/highest_active``: their positions in the model's layer order (-1: none);
         * ``layer_schedule/trainable_params``; ``layer_schedule/optimizer_state_bytes``: bytes of optimizer
           state on the parameters' devices (step counters aside; offloaded state excluded);
         * ``layer_schedule/active/<layer>``: 1.0 while that layer trains, else 0.0, for every preallocated
-          layer; ``layer_schedule/lr/<layer>``: the learning rate its LoRA parameters get now (the
-          scheduled LR x ``new_layer_lr_scale`` / warm-up; 0 while frozen).
+          layer; ``layer_schedule/lr/<layer>``: the learning rate its LoRA parameters got in that step
+          (the scheduled LR x ``new_layer_lr_scale`` / warm-up; 0 while frozen).
         """
         if self._tuner is None or self._current is None:
             return {}
@@ -504,7 +585,7 @@ class LayerScheduleCallback(TrainerCallback):
         if self._optimizer is not None:
             out["layer_schedule/optimizer_state_bytes"] = float(_optim.state_bytes(self._optimizer))
         active = set(self._current)
-        lrs = self._layer_lrs(state)
+        lrs = self._step_lrs or self._layer_lrs(state)
         for layer in plan.preallocated_layers:
             out[f"layer_schedule/active/{layer}"] = 1.0 if layer in active else 0.0
             if layer in lrs:
@@ -537,9 +618,11 @@ class LayerScheduleCallback(TrainerCallback):
             "active_layers": format_layers(active, sep=",", ranges=0),
             "trainable_params": trainable,
             "schedule_time": t,
+            "schedule_offset": self._offset,
             "epoch": state.epoch,
             "step": state.global_step,
         }
+        self._switch_steps.setdefault(t, int(state.global_step))
         state.log_history.append(entry)
         unit = self._unit
         logger.info(
@@ -593,10 +676,15 @@ class LayerScheduleCallback(TrainerCallback):
         return factors
 
     def _join_step(self, layer: LayerId, plan: Any) -> int:
-        """Global step at which ``layer`` joined its current active run (a function of the schedule)."""
+        """Global step at which ``layer`` joined its current active run: the step at which that schedule
+        time was applied in this run (resumed runs read it from the checkpoint's log history); for a
+        join before this run began (``schedule_start="continue"``), counted back from the schedule."""
         t = self._time if self._time is not None else 0
-        joined = (plan.schedule.run_start(layer, t) or 0) - (self._offset or 0)
-        return joined * self._steps_per_epoch if self._unit == "epoch" else joined
+        start = plan.schedule.run_start(layer, t) or 0
+        if start in self._switch_steps:
+            return self._switch_steps[start]
+        joined = start - self._offset
+        return joined * (self._steps_per_epoch or 1) if self._unit == "epoch" else joined
 
     def _snapshot_before_step(self) -> None:
         if self._tuner is None or (self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0):
@@ -615,3 +703,29 @@ class LayerScheduleCallback(TrainerCallback):
 def _distributed(args: Any) -> bool:
     # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
     return int(getattr(args, "world_size", 1) or 1) > 1
+
+
+class _RunRecord(object):
+    """What a resumed run's Trainer state says of the schedule: the log-history entries the callback
+    appended at each switch (``schedule_time``, ``schedule_offset``, ``step``), saved in every checkpoint's
+    ``trainer_state.json`` (regular, just-in-time and DeepSpeed checkpoints alike).
+
+    ``offset``: the schedule time of the run's Trainer ``t = 0`` (``None``: a new run, or entries from a
+    version that did not record it); ``last_time``: the schedule time whose active set the checkpoint was
+    saved with; ``switch_steps``: schedule time -> the global step at which it was applied.
+    """
+
+    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int]) -> None:
+        self.offset, self.last_time, self.switch_steps = offset, last_time, switch_steps
+
+    @classmethod
+    def of(cls, state: Any) -> "_RunRecord":
+        if not int(getattr(state, "global_step", 0) or 0):
+            return cls(None, None, {})
+        entries = [e for e in getattr(state, "log_history", None) or [] if "schedule_time" in e]
+        if not entries or "schedule_offset" not in entries[-1]:
+            return cls(None, None, {})
+        steps: Dict[int, int] = {}
+        for entry in entries:
+            steps.setdefault(int(entry["schedule_time"]), int(entry["step"]))
+        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps)

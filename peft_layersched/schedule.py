@@ -334,6 +334,20 @@ class Schedule(object):
         self._until = (done, seen)
         return self._sorted(seen)
 
+    def first_idle(self, start: int, end: int, budget: int = 100000) -> Optional[int]:
+        """The first time in ``start..end`` at which no layer is active (``None``: there is none).  The
+        active set only changes at multiples of ``granule``, so one time per period is looked at, at most
+        ``budget`` of them (a longer range is checked that far)."""
+        g = self.granule
+        t = start
+        for _ in range(max(budget, 1)):
+            if t > end:
+                return None
+            if not self.active_at(t):
+                return t
+            t = (t // g + 1) * g
+        return None
+
     def run_start(self, layer: LayerId, t: int) -> Optional[int]:
         g = self.granule
         period = t // g
@@ -459,6 +473,12 @@ class MilestoneSchedule(Schedule):
 
     def boundaries(self) -> List[int]:
         return [start for start, _ in self.phases]
+
+    def first_idle(self, start: int, end: int, budget: int = 100000) -> Optional[int]:
+        for t in [start] + [b for b in self.boundaries() if start < b <= end]:
+            if not self.active_at(t):
+                return t
+        return None
 
     def as_spec(self) -> "MilestoneSpec":
         return MilestoneSpec(dict(self.phases))

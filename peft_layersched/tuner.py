@@ -409,6 +409,18 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         self._write_layer_state()
         return list(active)
 
+    def set_schedule_position(self, t: Any, adapter_name: Optional[str] = None) -> None:
+        """Record that the adapter's schedule has run up to ``t`` (what ``adapter_config.json`` saves as
+        ``schedule_position``) without changing which layers train: for the times at which the active set
+        stays as it is, and for the step after a run's last optimizer step (whose layers never trained,
+        so they are not made ever-active).  ``LayerScheduleCallback`` calls it after every optimizer step
+        (step unit) and at every epoch (epoch unit)."""
+        name, plan = self._adapter(adapter_name)
+        t = check_time(t)
+        config = self.peft_config[name]
+        if isinstance(config, ScheduledLoraConfig) and plan.schedule is not None:
+            config.schedule_position = t
+
     def check_deferred_load(self) -> None:
         """Run the check of loaded weights that :func:`deferred_load_check` put off, if it did (a warning
         naming layers whose LoRA weights show training although the schedule so far leaves them out)."""

@@ -521,9 +521,11 @@ def test_trainer_runs_the_schedule(tmp_path, spec, unit, epochs, options):
         expected = schedule.active_at(time_of(step))
         assert probe.trainable[step] == expected, "step {}".format(step)
         assert probe.moved[step] == expected, "step {}: layers {} moved".format(step, probe.moved[step])
-    # Step schedules switch once more after the last step (at global_step == max_steps).
-    seen = [time_of(step) for step in steps] + ([steps[-1]] if unit == "step" else [])
+    # Nothing switches in after the last step: ever-active = the layers that trained; the position says
+    # how far the schedule ran (step unit: the steps done; epoch unit: the last epoch).
+    seen = [time_of(step) for step in steps]
     assert model.ever_active_layers == sorted(set().union(*(schedule.active_at(t) for t in seen)))
+    assert model.peft_config["default"].schedule_position == (steps[-1] if unit == "step" else epochs - 1)
     switches = [(e["schedule_time"], e["active_layers"]) for e in trainer.state.log_history if "schedule_time" in e]
     changes = []
     for t in seen:

@@ -18,14 +18,15 @@ def _transformers_version() -> Any:
     return Version(Version(transformers.__version__).base_version)
 
 
-def update_steps_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int) -> int:
-    """Optimizer steps per epoch the way the installed Trainer counts them (floor <= 4.51, ceil >= 4.52)."""
+def update_steps_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int) -> Optional[int]:
+    """Optimizer steps per epoch the way the installed Trainer counts them (floor <= 4.51, ceil >= 4.52);
+    ``None`` for a dataloader without a length (an ``IterableDataset``)."""
     from packaging.version import Version
 
     try:
         batches = len(train_dataloader)
     except TypeError:
-        return 1
+        return None
     accumulation = max(int(gradient_accumulation_steps or 1), 1)
     if _transformers_version() >= Version("4.52"):
         return max(int(math.ceil(batches / float(accumulation))), 1)
