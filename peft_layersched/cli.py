@@ -177,7 +177,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     span.add_argument("--steps", type=int, metavar="N", help="optimizer steps to show (schedule_unit 'step')")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
-        "--plot", metavar="FILE", help="also draw the timeline (layers x time) to FILE, e.g. timeline.png (matplotlib)"
+        "--plot",
+        metavar="FILE",
+        help="also draw the timeline (layers x time) to FILE, e.g. timeline.png or .svg/.pdf (matplotlib; a name "
+        "without a suffix gets .png)",
     )
 
 
