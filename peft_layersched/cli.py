@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -176,7 +177,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     span.add_argument("--steps", type=int, metavar="N", help="optimizer steps to show (schedule_unit 'step')")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
-        "--plot", metavar="FILE", help="also draw the timeline (layers x time) to FILE, e.g. timeline.png (matplotlib)"
+        "--plot",
+        metavar="FILE",
+        help="also draw the timeline (layers x time) to FILE, e.g. timeline.png or .svg/.pdf (matplotlib; a name "
+        "without a suffix gets .png)",
     )
 
 
@@ -421,17 +425,36 @@ def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _unreadable(path: str, kind: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"{path}: cannot be read: it is truncated or not a {kind} file "
+        f"({type(error).__name__}: {str(error).strip().rstrip('.')}); "
+        f"save the adapter again with model.save_pretrained(...), or copy the whole file again if a copy or "
+        f"download was cut short."
+    )
+
+
 def _load_weights(folder: str) -> Tuple[str, Dict[str, Any]]:
     import torch
 
     safetensors_file = os.path.join(folder, "adapter_model.safetensors")
     bin_file = os.path.join(folder, "adapter_model.bin")
     if os.path.isfile(safetensors_file):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return os.path.basename(safetensors_file), load_file(safetensors_file)
+        # Every bad header or short file is a SafetensorError (safetensors 0.3.1 to 0.8.0).
+        try:
+            return os.path.basename(safetensors_file), load_file(safetensors_file)
+        except SafetensorError as error:
+            raise _unreadable(safetensors_file, "safetensors", error) from error
     if os.path.isfile(bin_file):
-        return os.path.basename(bin_file), torch.load(bin_file, map_location="cpu")
+        # A cut zip archive is a RuntimeError; a cut or foreign pickle an EOFError or UnpicklingError; a
+        # zero-filled file a KeyError under torch 1.13 (its legacy tar reader finds no 'storages').
+        try:
+            return os.path.basename(bin_file), torch.load(bin_file, map_location="cpu")
+        except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as error:
+            raise _unreadable(bin_file, "PyTorch (torch.save)", error) from error
     raise ValueError(f"{folder}: no adapter_model.safetensors or adapter_model.bin; is it an adapter folder?")
 
 

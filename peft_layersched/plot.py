@@ -8,6 +8,7 @@ message, the demo prints it as a note and goes on.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +39,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _image_path(path: str) -> str:
+    """The file a plot of ``path`` goes to: ``path`` itself, with ``.png`` added to a name without a suffix.
+
+    savefig alone would add ``rcParams["savefig.format"]`` to such a name without saying so, and the path
+    reported to the user would not exist.
+    """
+    if os.path.splitext(path)[1] in ("", "."):
+        return path.rstrip(".") + ".png"
+    return path
+
+
 def timeline_states(rows: Sequence[Any], timeline: List[List[Any]], preallocated: Sequence[Any]) -> List[List[int]]:
     """``states[row][t]`` for each layer in ``rows`` (top row first) and time ``t``."""
     allocated = set(preallocated)
@@ -60,8 +72,10 @@ def timeline_states(rows: Sequence[Any], timeline: List[List[Any]], preallocated
 def plot_timeline(
     path: str, rows: Sequence[Any], timeline: List[List[Any]], preallocated: Sequence[Any], unit: str, title: str
 ) -> str:
-    """Draw the layers x time grid (``rows`` top to bottom) to ``path`` (PNG, SVG, PDF: by its suffix)."""
+    """Draw the layers x time grid (``rows`` top to bottom) to ``path`` (PNG, SVG, PDF: by its suffix;
+    ``.png`` is added to a name without one); return the path of the file written."""
     plt = _pyplot()
+    path = _image_path(path)
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
@@ -102,12 +116,14 @@ def accuracy_over_time(epochs: Sequence[Dict[str, Any]], start_accuracy: float) 
 
 
 def plot_accuracy(path: str, runs: Sequence[Dict[str, Any]], start_accuracy: float, title: str) -> str:
-    """Draw test accuracy against training time to ``path``: one line per run, a point per epoch.
+    """Draw test accuracy against training time to ``path``: one line per run, a point per epoch; return
+    the path of the file written (``.png`` added to a name without a suffix, as in :func:`plot_timeline`).
 
     Each run is ``{"label": str, "epochs": [{"seconds": s, "accuracy": a}, ...], "notes": [str, ...] or
     None}``; ``notes`` label the run's epoch points (e.g. the layers that trained in that epoch).
     """
     plt = _pyplot()
+    path = _image_path(path)
     figure, axes = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     for i, run in enumerate(runs):
         seconds, accuracy = accuracy_over_time(run["epochs"], start_accuracy)

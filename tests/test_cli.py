@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -211,6 +212,59 @@ def test_inspect_a_callable_schedule_and_multi_stack_ids(tmp_path, capsys):
 
 def _top_two(t):
     return [-2, -1]
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """An adapter folder as save_pretrained writes it (one trained layer); copy it before changing it."""
+    folder = tmp_path_factory.mktemp("saved") / "adapter"
+    _train_and_save(folder, {0: [3]}, t=0, steps=1)
+    return folder
+
+
+def _weights_as(folder, name):
+    """Keep ``folder``'s saved LoRA weights in ``name`` only (adapter_model.safetensors or .bin), converted
+    if the installed PEFT wrote the other one; the path of that file."""
+    from safetensors.torch import load_file, save_file
+
+    written = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(str(folder / f))]
+    assert len(written) == 1, os.listdir(str(folder))
+    if written[0] != name:
+        source = str(folder / written[0])
+        state = load_file(source) if source.endswith(".safetensors") else torch.load(source, map_location="cpu")
+        if name.endswith(".safetensors"):
+            save_file(state, str(folder / name))
+        else:
+            torch.save(state, str(folder / name))
+        os.remove(source)
+    return str(folder / name)
+
+
+# (case id, weights file, how many of its bytes are kept): a copy or download cut short.
+CORRUPT_WEIGHTS = [
+    ("safetensors cut in half", "adapter_model.safetensors", lambda size: size // 2),
+    ("safetensors cut to 10 bytes", "adapter_model.safetensors", lambda size: 10),
+    ("bin cut in half", "adapter_model.bin", lambda size: size // 2),
+    ("bin cut to 10 bytes", "adapter_model.bin", lambda size: 10),
+]
+
+
+@pytest.mark.parametrize("name,kept", [c[1:] for c in CORRUPT_WEIGHTS], ids=[c[0] for c in CORRUPT_WEIGHTS])
+def test_inspect_truncated_weights_is_an_error_naming_the_file(tmp_path, capsys, saved_adapter, name, kept):
+    folder = tmp_path / "adapter"
+    shutil.copytree(str(saved_adapter), str(folder))
+    path = _weights_as(folder, name)
+    code, _, err = run_cli(capsys, "inspect", folder)
+    assert code == 0, err  # the whole file reads
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: kept(len(data))])
+    code, out, err = run_cli(capsys, "inspect", folder)
+    assert code == 1 and out == ""
+    assert err.startswith(f"peft-layersched inspect: error: {path}: cannot be read"), err
+    assert "truncated" in err and "save_pretrained" in err
+    assert "Traceback" not in err
 
 
 def test_help_version_and_subcommand_registry(capsys):

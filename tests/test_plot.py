@@ -63,6 +63,16 @@ def test_plan_plot_draws_every_state(tmp_path, plan_args, capsys):
         assert rgb in pixels, colour
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed in this env (peft0212-tf5 has it)")
+def test_plan_plot_to_a_name_without_a_suffix_reports_the_png_it_wrote(tmp_path, plan_args, capsys):
+    assert cli.main(plan_args + ["--plot", str(tmp_path / "timeline")]) == 0
+    written = str(tmp_path / "timeline.png")
+    assert f"timeline drawn to {written}\n" in capsys.readouterr().out
+    assert sorted(os.listdir(str(tmp_path))) == ["cfg.json", "timeline.png"]
+    assert cli.main(plan_args + ["--plot", str(tmp_path / "timeline"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == written
+
+
 def test_plan_plot_without_matplotlib_says_how_to_install_it(tmp_path, plan_args, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
     assert cli.main(plan_args + ["--plot", str(tmp_path / "t.png")]) == 1
@@ -97,6 +107,18 @@ def test_accuracy_plot_draws_both_runs(tmp_path):
     pixels = {tuple(int(round(255 * c)) for c in px[:3]) for px in image.reshape(-1, image.shape[-1])}
     for colour in _RUN_COLOURS[:2]:  # one line (and its epoch markers) per run
         assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
+
+
+# (name given, file written): savefig picks the format by the suffix, and adds ".png" to a name without one.
+PLOT_NAMES = [("accuracy", "accuracy.png"), ("accuracy.", "accuracy.png"), ("accuracy.svg", "accuracy.svg"),
+              ("run.1.pdf", "run.1.pdf")]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed in this env (peft0212-tf5 has it)")
+@pytest.mark.parametrize("name,written", PLOT_NAMES, ids=[c[0] for c in PLOT_NAMES])
+def test_accuracy_plot_returns_the_file_it_wrote(tmp_path, name, written):
+    assert plot_accuracy(str(tmp_path / name), RUNS, 0.5, "title") == str(tmp_path / written)
+    assert os.listdir(str(tmp_path)) == [written]
 
 
 def test_accuracy_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
