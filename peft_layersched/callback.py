@@ -10,11 +10,12 @@ What it guarantees, and how:
   if not it adds them to the optimizer's existing groups, or refuses a user-built optimizer.
 * Frozen layers stay put: freezing sets ``requires_grad=False`` and ``grad=None``; torch optimizers
   skip ``grad is None`` (no momentum, no weight decay).
-* Switches happen at optimizer-step boundaries only, just before a step runs (``on_step_begin`` for
-  step schedules, ``on_epoch_begin`` for epoch ones; deferred to the next step's start when an
-  accumulation window spans the epoch boundary, transformers <= 4.46).  So the step after a run's last
-  one switches nothing in, and a log record or checkpoint made after step ``n`` describes the layers
-  step ``n`` trained.  ``schedule_position`` advances at every step (step unit: the steps done) or epoch.
+* Switches happen at optimizer-step boundaries only: ``on_step_end`` for step schedules (not after a
+  run's last step: no layer is marked ever-active without training), ``on_epoch_begin`` for epoch ones,
+  deferred to the next ``on_step_end`` when an accumulation window spans the epoch boundary
+  (transformers <= 4.46).  The log record made after step ``n`` describes step ``n`` (the layers it
+  trained, the LRs it used), though the switch for step ``n + 1`` has happened.  ``schedule_position``
+  advances at every step (step unit: the steps done) or epoch.
 * The active set is a pure function of the schedule time (the Trainer's ``state.global_step`` or epoch
   plus the run's offset), so every DDP rank computes the same one.  What a resume needs beyond that (the
   offset, the step at which each schedule time was applied, the set the checkpoint was saved with) is
@@ -28,7 +29,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from transformers import TrainerCallback
 
@@ -156,7 +157,9 @@ class LayerScheduleCallback(TrainerCallback):
         self._offset = 0  # schedule time of the Trainer's t = 0 (set at each train())
         self._steps_per_epoch: Optional[int] = None  # None: the dataloader has no length
         self._switch_steps: Dict[int, int] = {}  # schedule time -> global step at which it was applied
-        self._step_lrs: Dict[LayerId, float] = {}  # each layer's LR in the optimizer step about to run / just run
+        self._next_lrs: Dict[LayerId, float] = {}  # each layer's LR in the next optimizer step
+        # (active layers, LRs, optimizer state bytes or None) of the step just done, for its log record
+        self._record: Optional[Tuple[List[LayerId], Dict[LayerId, float], Optional[int]]] = None
         self._optimizer: Any = None
         self._still = _optim.StillCheck()  # warn_on_no_update: an active layer that did not move in a phase
         self._scaler = _optim.UpdateScaler()  # new_layer_lr_scale / warm-up
@@ -216,28 +219,20 @@ class LayerScheduleCallback(TrainerCallback):
         self._next_epoch += 1
         if self._micro_steps:
             # An accumulation window spans the epoch boundary (transformers <= 4.46): switching now
-            # would change the trainable set inside the window.  Switch before the next window.
+            # would change the trainable set inside the window.  Switch after its optimizer step.
             self._pending_epoch = epoch
         else:
             self._switch(epoch, state)
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
-        # Switches happen here, before an optimizer step that will run, not after the one that ran: the
-        # last step of a run switches nothing in (no layer is marked ever-active without training), and
-        # what is logged and checkpointed after step n describes the layers that step n trained.
-        if self._tuner is None or self._micro_steps:
-            return  # (transformers <= 4.46 call it again inside a window that spans an epoch boundary)
-        if kwargs.get("lr_scheduler") is not None:
-            self._scheduler = kwargs["lr_scheduler"]
-        if self._unit == "step":
-            self._switch(int(state.global_step), state)
-        elif self._pending_epoch is not None:
-            epoch, self._pending_epoch = self._pending_epoch, None
-            self._switch(epoch, state)
-        self._prepare_step(state)
+            self._prepare_step(state)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        # (transformers >= 4.44) The step is done, though global_step counts it only before on_step_end:
+        # a just-in-time checkpoint taken at this step's end, before our on_step_end, records it already.
+        if self._tuner is not None and self._unit == "step":
+            self._tuner.set_schedule_position(self._offset + int(state.global_step) + 1, self.adapter_name)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None:
@@ -248,16 +243,26 @@ class LayerScheduleCallback(TrainerCallback):
             self._scheduler = kwargs["lr_scheduler"]
         if self._freezing != sharded.OPTIMIZER:
             self._scale_updates(state)
+        # What this step's log record reports: the layers it trained, the LRs it used (before any switch).
+        self._record = (list(self._current or []), dict(self._next_lrs), None)
+        step = int(state.global_step)
         if self._unit == "step":
-            # global_step optimizer steps are done: the schedule stands at that step (saved with the adapter).
-            self._tuner.set_schedule_position(self._offset + int(state.global_step), self.adapter_name)
+            if step < int(getattr(state, "max_steps", 0) or 0) or not getattr(state, "max_steps", 0):
+                self._switch(step, state)  # the layers of the next step
+            # step optimizer steps are done: the schedule stands there (what the adapter saves), and after
+            # the run's last step nothing switches in (no layer is marked ever-active without training).
+            self._tuner.set_schedule_position(self._offset + step, self.adapter_name)
+        elif self._pending_epoch is not None:
+            epoch, self._pending_epoch = self._pending_epoch, None
+            self._switch(epoch, state)
+        self._prepare_step(state)
 
     def _prepare_step(self, state: Any) -> None:
-        """Before an optimizer step: per-layer LRs (DeepSpeed), the update snapshot (LR factors), and the
-        per-layer LRs this step uses, which the tracker scalars of its log record report."""
+        """Before the next optimizer step: per-layer LRs (DeepSpeed), the update snapshot (LR factors), and
+        the per-layer LRs that step will use (its log record reports them)."""
         self._set_layer_lrs(state)
         self._snapshot_before_step()
-        self._step_lrs = self._layer_lrs(state)
+        self._next_lrs = self._layer_lrs(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self._tuner is None:
@@ -282,8 +287,15 @@ class LayerScheduleCallback(TrainerCallback):
         position = saved.get("schedule_position")
         if position is None:
             return
-        # Step unit: position n = n steps done, by the layers of schedule step n - 1.
-        applied = position - 1 if self._unit == "step" and position > 0 else position
+        # The set the checkpoint was saved with: the last switch its log history records (a checkpoint of
+        # the run's last step was saved without the switch to the next step's layers).
+        applied = position
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if os.path.isfile(state_file):
+            with open(state_file) as handle:
+                record = _RunRecord.of_history(json.load(handle).get("log_history") or [])
+            if record.last_time is not None:
+                applied = record.last_time
         active = self._tuner.restore_layer_state(applied, saved.get("ever_active_layers"), name)
         self._tuner.set_schedule_position(position, name)
         self._time, self._current = applied, active
@@ -322,7 +334,8 @@ class LayerScheduleCallback(TrainerCallback):
         if self._tuner is None or logs is None or self._current is None:
             return
         # Callbacks that run after this one (and the log history entry) see the schedule too.
-        logs["active_layers"] = format_layers(self._current, sep=",", ranges=0)
+        active = self._record[0] if self._record is not None else self._current
+        logs["active_layers"] = format_layers(active, sep=",", ranges=0)
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -477,6 +490,9 @@ class LayerScheduleCallback(TrainerCallback):
         self._current = active
         if not active:
             self._refuse_idle(t)
+        if self._record is not None and self._record[2] is None and self._optimizer is not None:
+            # the step just done left this optimizer state; the policies below change it for the next one
+            self._record = (self._record[0], self._record[1], _optim.state_bytes(self._optimizer))
         self._move_optimizer_state(plan, t, previous, active, initial)
         self._start_phase()
         if initial or previous != active:
@@ -546,16 +562,16 @@ class LayerScheduleCallback(TrainerCallback):
         )
 
     def _trainable_count(self, active: List[LayerId]) -> int:
+        """Parameters that train while ``active`` are the active layers: their LoRA parameters, and every
+        other parameter that requires grad (``modules_to_save``, ...)."""
         assert self._tuner is not None
-        frozen = set()
-        if self._freezing == sharded.OPTIMIZER:  # requires_grad stays True; the LR freezes these
-            for layer, params in self._tuner.layer_parameters(self.adapter_name).items():
-                if layer not in active:
-                    frozen.update(id(p) for p in params)
-        return sum(
+        layers = self._tuner.layer_parameters(self.adapter_name)
+        lora = {id(p) for params in layers.values() for p in params}
+        count = sum(
             int(getattr(p, "ds_numel", p.numel())) for p in self._tuner.model.parameters()
-            if p.requires_grad and id(p) not in frozen
+            if p.requires_grad and id(p) not in lora
         )
+        return count + sum(int(getattr(p, "ds_numel", p.numel())) for layer in active for p in layers.get(layer, []))
 
     def tracker_scalars(self, state: Any) -> Dict[str, float]:
         """The schedule as numbers every experiment tracker plots (``report_to``: TensorBoard, W&B, MLflow,
@@ -573,19 +589,24 @@ class LayerScheduleCallback(TrainerCallback):
         """
         if self._tuner is None or self._current is None:
             return {}
+        if self._record is not None:
+            current, lrs, state_bytes = self._record
+        else:
+            current, lrs, state_bytes = self._current, self._layer_lrs(state), None
         plan = self._tuner.scheduled_adapter(self.adapter_name)
         order = plan.index.all_layers()
-        positions = sorted(order.index(layer) for layer in self._current if layer in order)
+        positions = sorted(order.index(layer) for layer in current if layer in order)
         out: Dict[str, float] = {
-            "layer_schedule/active_layers": float(len(self._current)),
+            "layer_schedule/active_layers": float(len(current)),
             "layer_schedule/lowest_active": float(positions[0] if positions else -1),
             "layer_schedule/highest_active": float(positions[-1] if positions else -1),
-            "layer_schedule/trainable_params": float(self._trainable_count(self._current)),
+            "layer_schedule/trainable_params": float(self._trainable_count(current)),
         }
         if self._optimizer is not None:
-            out["layer_schedule/optimizer_state_bytes"] = float(_optim.state_bytes(self._optimizer))
-        active = set(self._current)
-        lrs = self._step_lrs or self._layer_lrs(state)
+            if state_bytes is None:
+                state_bytes = _optim.state_bytes(self._optimizer)
+            out["layer_schedule/optimizer_state_bytes"] = float(state_bytes)
+        active = set(current)
         for layer in plan.preallocated_layers:
             out[f"layer_schedule/active/{layer}"] = 1.0 if layer in active else 0.0
             if layer in lrs:
@@ -722,7 +743,11 @@ class _RunRecord(object):
     def of(cls, state: Any) -> "_RunRecord":
         if not int(getattr(state, "global_step", 0) or 0):
             return cls(None, None, {})
-        entries = [e for e in getattr(state, "log_history", None) or [] if "schedule_time" in e]
+        return cls.of_history(getattr(state, "log_history", None) or [])
+
+    @classmethod
+    def of_history(cls, log_history: List[Dict[str, Any]]) -> "_RunRecord":
+        entries = [e for e in log_history if "schedule_time" in e]
         if not entries or "schedule_offset" not in entries[-1]:
             return cls(None, None, {})
         steps: Dict[int, int] = {}

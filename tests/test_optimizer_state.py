@@ -35,7 +35,7 @@ def _same(a, b):
 
 
 class StateProbe(TrainerCallback):
-    """After each optimizer step (and our switch): the layers whose LoRA parameters have optimizer state."""
+    """After each optimizer step (before our switch): the layers whose LoRA parameters have optimizer state."""
 
     def __init__(self, model):
         self.layer_of = {
@@ -62,7 +62,9 @@ class StateProbe(TrainerCallback):
 def _run(out, policy, resume=None, **callback):
     model = _model()
     probe = StateProbe(model)
-    callbacks = [LayerScheduleCallback(frozen_optimizer_state=policy, **callback), probe]
+    # the probe runs first: it sees each step's state before the switch to the next step's layers, as the
+    # step's log record reports it
+    callbacks = [probe, LayerScheduleCallback(frozen_optimizer_state=policy, **callback)]
     trainer = train(
         model, out, callbacks=callbacks, resume=resume, num_train_epochs=3, save_strategy="epoch",
         report_to="none",

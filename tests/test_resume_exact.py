@@ -287,33 +287,42 @@ ROTATION = {0: [0], 2: [1], 4: [2], 6: [0, 3]}  # step unit, 4 layers: layer 0 r
 
 
 class SigtermAt(TrainerCallback):
-    """Sends this process SIGTERM after optimizer step ``step`` and waits until the Trainer's just-in-time
-    checkpoint handler has taken it (its grace period), so the checkpoint lands at the next step's start."""
+    """Sends this process SIGTERM during optimizer step ``step`` and waits until the Trainer's just-in-time
+    checkpoint handler has taken it (its grace period).  ``when="before-switch"``: right after the optimizer
+    step, so the checkpoint is saved at that step's end, before LayerScheduleCallback's switch;
+    ``"after-switch"``: at the step's end, so it is saved as the next step begins, after the switch."""
 
-    def __init__(self, trainer_holder, step):
-        self.holder, self.step = trainer_holder, step
+    def __init__(self, trainer_holder, step, when):
+        self.holder, self.step, self.when = trainer_holder, step, when
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.when == "before-switch" and state.global_step == self.step - 1:
+            self._sigterm()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step != self.step:
-            return
+        if self.when == "after-switch" and state.global_step == self.step:
+            self._sigterm()
+
+    def _sigterm(self):
         jit = [cb for cb in self.holder[0].callback_handler.callbacks if type(cb).__name__ == "JITCheckpointCallback"]
         manager = jit[0].jit_manager
-        done = threading.Event()
+        waited = threading.Event()
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(200):
-            if manager.is_checkpoint_requested or done.wait(0.05):
+            if manager.is_checkpoint_requested or waited.wait(0.05):
                 break
         assert manager.is_checkpoint_requested
 
 
 @needs_jit
-def test_just_in_time_checkpoint_carries_the_schedule(tmp_path):
+@pytest.mark.parametrize("when", ["before-switch", "after-switch"])
+def test_just_in_time_checkpoint_carries_the_schedule(tmp_path, when):
     def run(out, resume=None, sigterm=None):
         model = scheduled_bert(ROTATION, unit="step", num_layers=4)
         holder = []
         callbacks = [LayerScheduleCallback(reactivated_state="reset", new_layer_warmup_steps=2)]
         if sigterm is not None:
-            callbacks.append(SigtermAt(holder, sigterm))
+            callbacks.append(SigtermAt(holder, sigterm, when))
         trainer = Trainer(model=model, args=training_args(out, max_steps=10, enable_jit_checkpoint=sigterm is not None),
                           train_dataset=ToyClassification(), callbacks=callbacks)
         holder.append(trainer)
@@ -323,7 +332,7 @@ def test_just_in_time_checkpoint_carries_the_schedule(tmp_path):
     straight = run(tmp_path / "straight")
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        run(tmp_path / "first", sigterm=6)  # checkpoint at step 6, before layer 0 rejoins (reset)
+        run(tmp_path / "first", sigterm=6)  # checkpoint at step 6, where layer 0 rejoins (reset)
     finally:
         signal.signal(signal.SIGTERM, previous)
     checkpoint = os.path.join(str(tmp_path / "first"), "checkpoint-6")
