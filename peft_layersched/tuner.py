@@ -684,6 +684,35 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
 
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        # A layer that runs none of the model's active adapters (the schedule bypasses them there) is not
+        # merged after merge_adapter(): PEFT >= 0.6 merges a layer's own active adapters; 0.3-0.5 merge it, but
+        # its disable flag makes its next forward unmerge it.  PEFT's unmerge then warns "Already unmerged" on
+        # each such layer, which a plain LoRA model never does: those layers are skipped.
+        idle = self._unmerged_idle_layers()
+        if not idle:
+            return super().unmerge_adapter(*args, **kwargs)
+        for module in self.model.modules():
+            if _compat.is_tuner_layer(module) and id(module) not in idle:
+                _compat.unmerge_layer(module)
+        return None
+
+    def _unmerged_idle_layers(self) -> Set[int]:
+        """ids of the LoRA layers that are not merged and run none of the model's active adapters because the
+        schedule bypasses them there."""
+        model_active = _compat.tuner_active_adapters(self)
+        left_out: Set[str] = set()
+        for name, plan in self._plans.items():
+            if name in model_active:
+                left_out.update(self._bypassed_modules(name, plan))
+        idle = set()
+        for module_name in left_out:
+            module = self.model.get_submodule(module_name)
+            runs = any(_compat.layer_runs(module, name) for name in model_active)
+            if not runs and not bool(getattr(module, "merged", False)):
+                idle.add(id(module))
+        return idle
+
     def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
         checkpointing.remove(model)
 
