@@ -136,7 +136,57 @@ def deferred_load_check() -> Iterator[None]:
         _DEFERRED_LOAD_CHECKS[0] -= 1
 
 
+def _unloaded_lora_modules(state_dict: Dict[str, Any], head: str, unexpected_keys: List[str]) -> List[str]:
+    """The modules (names relative to the tuner's model) whose saved LoRA weights nothing in the model took
+    (keys under ``head``, the model's own prefix, among torch's unexpected keys), leaving out those whose
+    part that is zero at init (``lora_B``; ``lora_embedding_A`` for embeddings) is still zero."""
+    parts: Dict[str, Dict[str, Any]] = {}
+    for key in unexpected_keys:
+        if not key.startswith(head) or key not in state_dict:
+            continue
+        # "<module>.lora_A[.<adapter>].weight": the saved key (PEFT 0.21 passes a key it has no place for on
+        # as it is) or the key with the adapter name put in (PEFT 0.3 - 0.20).
+        module_name, found, rest = key[len(head):].partition(".lora_")
+        if found:
+            parts.setdefault(module_name, {})["lora_" + rest.split(".", 1)[0]] = state_dict[key]
+    unloaded = []
+    for module_name, saved in parts.items():
+        zero_at_init = saved.get("lora_B", saved.get("lora_embedding_A"))
+        if zero_at_init is not None and bool(zero_at_init.detach().ne(0).any()):
+            unloaded.append(module_name)
+    return unloaded
+
+
+def _warn_unloaded_weights(tuner: nn.Module, incompatible_keys: Any) -> None:
+    prefix, state_dict = tuner.__dict__.pop("_loading_state", ("", None))
+    if state_dict is None or incompatible_keys is None:
+        return
+    unloaded = _unloaded_lora_modules(state_dict, prefix + "model.", list(incompatible_keys.unexpected_keys))
+    if not unloaded:
+        return
+    plans = tuner._plans
+    index = plans[tuner._current_adapter()].index if tuner._current_adapter() in plans else LayerIndex([])
+    layer_of = {name: index.layer_of(name) for name in unloaded}
+    layers = index.held_layers(layer_of.values())
+    outside = sorted(name for name, layer in layer_of.items() if layer is None)
+    where = f"layer(s) {layers}" if layers else ""
+    if outside:
+        where += (" and " if where else "") + f"module(s) {outside}"
+    # The loaded adapter's config is one of peft_config's by now (PEFT injects it before loading).
+    zero_b = all(weights_show_training(config.init_lora_weights, torch.zeros(1)) is not None
+                 for config in tuner.peft_config.values())
+    what = "trained LoRA weights (lora_B is not zero)" if zero_b else "LoRA weights whose lora_B is not zero"
+    warnings.warn(
+        f"the loaded adapter weights carry {what} for {where}, but the model has no LoRA adapter there (the "
+        f"adapter_config.json loaded does not preallocate them), so they were not loaded. To load them, "
+        f"preallocate them again in adapter_config.json (layer_schedule / preallocate_layers; 'peft-layersched "
+        f"inspect' shows the layers the saved weights hold).",
+        stacklevel=2,
+    )
+
+
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
+    _warn_unloaded_weights(tuner, incompatible_keys)
     if _DEFERRED_LOAD_CHECKS[0]:
         tuner.__dict__["_load_check_pending"] = True
         return
@@ -251,8 +301,15 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             config = _own_copy(config)
         super().__init__(model, config, adapter_name, *args, **kwargs)
         # After PEFT loads adapter weights (from_pretrained, load_adapter, a Trainer resume), check them
-        # against the schedule state the config carries.
+        # against the schedule state the config carries, and that every saved LoRA weight found its module.
         self.register_load_state_dict_post_hook(_check_loaded_weights)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # PEFT loads adapter weights with load_state_dict(strict=False) on every version, so a saved LoRA weight
+        # whose module carries no adapter here (not preallocated) is dropped without a word.  The post-load hook
+        # gets only the names of such keys (torch's unexpected_keys); their values are kept for it here.
+        self.__dict__["_loading_state"] = (prefix, state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------- injection
 
@@ -638,6 +695,35 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         merged = super().merge_and_unload(*args, **kwargs)
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         return merged
+
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        # A layer that runs none of the model's active adapters (the schedule bypasses them there) is not
+        # merged after merge_adapter(): PEFT >= 0.6 merges a layer's own active adapters; 0.3-0.5 merge it, but
+        # its disable flag makes its next forward unmerge it.  PEFT's unmerge then warns "Already unmerged" on
+        # each such layer, which a plain LoRA model never does: those layers are skipped.
+        idle = self._unmerged_idle_layers()
+        if not idle:
+            return super().unmerge_adapter(*args, **kwargs)
+        for module in self.model.modules():
+            if _compat.is_tuner_layer(module) and id(module) not in idle:
+                _compat.unmerge_layer(module)
+        return None
+
+    def _unmerged_idle_layers(self) -> Set[int]:
+        """ids of the LoRA layers that are not merged and run none of the model's active adapters because the
+        schedule bypasses them there."""
+        model_active = _compat.tuner_active_adapters(self)
+        left_out: Set[str] = set()
+        for name, plan in self._plans.items():
+            if name in model_active:
+                left_out.update(self._bypassed_modules(name, plan))
+        idle = set()
+        for module_name in left_out:
+            module = self.model.get_submodule(module_name)
+            runs = any(_compat.layer_runs(module, name) for name in model_active)
+            if not runs and not bool(getattr(module, "merged", False)):
+                idle.add(id(module))
+        return idle
 
     def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
         checkpointing.remove(model)

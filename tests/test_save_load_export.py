@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
+import peft
 import pytest
 import torch
-from peft import PeftModel
+from packaging.version import Version
+from peft import PeftModel, get_peft_model
 
 from peft_layersched import _compat, export_lora
 from peft_layersched.tuner import ScheduledLoraModel
 
 from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
+
+PEFT = Version(Version(peft.__version__).base_version)
 
 
 def _read_json(folder, name="adapter_config.json"):
@@ -101,6 +107,59 @@ def test_inference_load_matches_and_trains_nothing(case, tmp_path):
     assert trainable(loaded) == []
     assert loaded.activate_layers(2) == case.later
     assert trainable(loaded) == []
+
+
+def _not_loaded_warnings(caught):
+    return [str(w.message) for w in caught if "no LoRA adapter there" in str(w.message)]
+
+
+def _from_pretrained(case, folder):
+    return PeftModel.from_pretrained(case.base(), folder), "default"
+
+
+def _load_as_second_adapter(case, folder):
+    model = get_peft_model(case.base(), case.config(layer_schedule={0: [case.raw_spare]}))
+    model.load_adapter(folder, adapter_name="second")
+    return model, "second"
+
+
+LOADERS = [
+    pytest.param(_from_pretrained, id="from_pretrained"),
+    # PEFT 0.5 / 0.6's PeftModel.add_adapter hands the PeftModel itself to inject_adapter, which a scheduled
+    # second adapter does not survive (module names taken relative to the PeftModel); LoraConfig does.
+    pytest.param(_load_as_second_adapter, id="load_adapter", marks=pytest.mark.skipif(
+        Version("0.5") <= PEFT < Version("0.7"),
+        reason=f"PEFT {peft.__version__}: PeftModel.add_adapter injects into the PeftModel (0.5 / 0.6)")),
+]
+
+
+@pytest.mark.parametrize("load", LOADERS)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_saved_weights_of_layers_the_config_no_longer_preallocates_warn_on_load(case, load, tmp_path):
+    # low and top train; the spare stays at its init (lora_B zero), so only low is worth a warning.
+    model = case.build(preallocate_layers=_spare_prealloc(case))
+    model.activate_layers(2)
+    perturb(model)
+    weights = snapshot(model)
+    model.save_pretrained(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(case, str(tmp_path))
+    assert _not_loaded_warnings(caught) == []  # as saved, every weight finds its module
+
+    written = _read_json(str(tmp_path))
+    written.update(layer_schedule={"0": [case.raw_top]}, preallocate_layers=None, ever_active_layers=[case.top])
+    with open(os.path.join(str(tmp_path), "adapter_config.json"), "w") as handle:
+        json.dump(written, handle)
+    match = r"trained LoRA weights \(lora_B is not zero\) for layer\(s\) {}, but the model has no LoRA adapter".format(
+        re.escape(str([case.low]))
+    )
+    with pytest.warns(UserWarning, match=match):
+        loaded, name = load(case, str(tmp_path))
+    assert loaded.base_model.scheduled_adapter(name).preallocated_layers == [case.top]
+    own = ".{}.".format(name)
+    kept = {key.replace(own, ".default."): value for key, value in snapshot(loaded).items() if own in key}
+    assert kept and all(torch.equal(value, weights[key]) for key, value in kept.items())
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -4,6 +4,8 @@ until their phase and frozen layers that stay bitwise still."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -148,6 +150,28 @@ def test_merge_and_unload_equals_the_scheduled_output(case):
         raise
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, case), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduled", [True, False], ids=["scheduled", "plain LoRA"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_merge_then_unmerge_adapter_is_silent_and_gives_the_output_back(case, scheduled):
+    # The spare never runs (bypassed); B != 0 from init, so a merge of it would change the output.
+    fields = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=case.targets, init_lora_weights=False)
+    if scheduled:
+        model = case.build(preallocate_layers=[case.raw_spare, case.raw_low, case.raw_top], **fields)
+    else:
+        model = get_peft_model(case.base(), LoraConfig(**fields))
+    before = logits(model, case)
+    with warnings.catch_warnings(record=True) as merging:
+        warnings.simplefilter("always")
+        model.merge_adapter()
+    merged = logits(model, case)  # (PEFT 0.3-0.5: a bypassed layer unmerges itself in this forward)
+    with warnings.catch_warnings(record=True) as unmerging:
+        warnings.simplefilter("always")
+        model.unmerge_adapter()
+    assert [str(w.message) for w in merging + unmerging] == []
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(model, case), before, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)

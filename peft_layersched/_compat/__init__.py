@@ -28,6 +28,7 @@ from ._peft import (
     register,
     route_layer,
     tuner_active_adapters,
+    unmerge_layer,
 )
 from ._torch import empty_weights, fork_rng, put_forward_hook, take_forward_hook
 from ._transformers import (
@@ -75,6 +76,7 @@ __all__ = [
     "take_forward_hook",
     "trainer_resumes_adapter_checkpoints",
     "tuner_active_adapters",
+    "unmerge_layer",
     "update_steps_per_epoch",
     "write_legacy_resume_weights",
 ]

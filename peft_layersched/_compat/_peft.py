@@ -242,6 +242,22 @@ def route_layer(layer: nn.Module, model_active: List[str], bypassed: Any) -> Non
         setattr(layer, _DISABLE_ATTR, any(name in bypassed for name in model_active))
 
 
+try:  # PEFT >= 0.8: merge / unmerge first load a layer's weights that accelerate offloaded
+    from peft.tuners.tuners_utils import onload_layer as _onload_layer
+except ImportError:  # PEFT 0.3 - 0.7
+    _onload_layer = None
+
+
+def unmerge_layer(layer: nn.Module) -> None:
+    """``layer.unmerge()`` as PEFT's ``unmerge_adapter()`` calls it on each tuner layer (inside
+    ``onload_layer`` on PEFT >= 0.8)."""
+    if _onload_layer is None:
+        layer.unmerge()
+        return
+    with _onload_layer(layer):
+        layer.unmerge()
+
+
 def layer_runs(layer: nn.Module, adapter_name: str) -> bool:
     """Whether ``adapter_name`` is in ``layer``'s forward now."""
     if bool(getattr(layer, _DISABLE_ATTR, False)):
