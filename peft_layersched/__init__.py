@@ -8,9 +8,18 @@ from .callback import LayerScheduleCallback
 from .config import ScheduledLoraConfig
 from .export import export_lora
 from .registration import register
+from .scheduler import LayerScheduler
+from .trainer import LayerScheduleTrainerMixin
 
 __version__ = "0.2.0"
 
 register()
 
-__all__ = ["ScheduledLoraConfig", "LayerScheduleCallback", "export_lora", "__version__"]
+__all__ = [
+    "ScheduledLoraConfig",
+    "LayerScheduler",
+    "LayerScheduleCallback",
+    "LayerScheduleTrainerMixin",
+    "export_lora",
+    "__version__",
+]

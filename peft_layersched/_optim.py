@@ -1,4 +1,4 @@
-"""Optimizer helpers of the Trainer callback: one verb each, on plain torch optimizers.
+"""Optimizer helpers of the layer scheduler: one verb each, on plain torch optimizers.
 
 * :func:`inner`: the optimizer that holds the state (accelerate wraps the Trainer's).
 * :func:`missing` / :func:`add_to_group`: parameters an optimizer lacks, and putting them into one of its
@@ -9,6 +9,8 @@
   ``Optimizer.load_state_dict`` puts it back on the parameters' device on resume, and the callback
   offloads it again as training starts.
 * :func:`state_bytes`: bytes of optimizer state on the parameters' devices (offloaded state excluded).
+* :class:`LayerLRs`: per-layer LR factors on per-layer param groups; :class:`StillCheck`: which layers did
+  not move over a phase.
 
 Example::
 
@@ -19,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
 
@@ -44,11 +46,17 @@ def missing(optimizer: Any, params_by_key: Dict[Any, List[torch.nn.Parameter]]) 
     return out
 
 
-def add_to_group(optimizer: Any, params: Iterable[torch.nn.Parameter], weight_decay: float) -> None:
-    """Put ``params`` into the first existing group whose weight decay is ``weight_decay`` (else group 0)."""
-    groups = optimizer.param_groups
-    index = next((i for i, g in enumerate(groups) if g.get("weight_decay", 0.0) == weight_decay), 0)
-    groups[index]["params"].extend(params)
+def add_to_group(
+    optimizer: Any, params: Iterable[torch.nn.Parameter], weight_decay: float, avoid_key: Optional[str] = None
+) -> bool:
+    """Put ``params`` into the first existing group whose weight decay is ``weight_decay`` (else the first),
+    among the groups without ``avoid_key`` (a layer's own groups); ``False`` if there is none."""
+    groups = [g for g in optimizer.param_groups if avoid_key is None or avoid_key not in g]
+    if not groups:
+        return False
+    group = next((g for g in groups if g.get("weight_decay", 0.0) == weight_decay), groups[0])
+    group["params"].extend(params)
+    return True
 
 
 def drop_state(optimizer: Any, params: Iterable[torch.nn.Parameter]) -> None:
@@ -105,27 +113,57 @@ def state_bytes(optimizer: Any) -> int:
     return total
 
 
-class UpdateScaler(object):
-    """Scales the update the last optimizer step made to chosen parameters: ``p = before + f * (p - before)``
-    (an exact LR multiplier for SGD / Adam / AdamW, whose updates are proportional to the LR).
+UNSCALED_KEY = "peft_layersched_unscaled_lr"  # a layer group's LR before the layer's factor
+SCALED_KEY = "peft_layersched_lr"  # the LR this package set in that group (the factor applied)
 
-    >>> scaler = UpdateScaler()
-    >>> scaler.snapshot(params)          # before optimizer.step()
-    >>> scaler.scale({p: 0.5 for p in params})
+
+class LayerLRs(object):
+    """Each per-layer param group's LR = the LR the LR scheduler gives it x the layer's factor.
+
+    :meth:`apply` runs after every LR-scheduler step (and before the first optimizer step); an optimizer
+    post-step hook puts the unscaled LRs back, so the LR scheduler always steps from its own values, also
+    a chainable one (``StepLR``, ``CosineAnnealingLR``, ``ReduceLROnPlateau``, which compute from the
+    group's LR).  Both LRs are kept in the group dict (``optimizer.state_dict()`` saves them), so a resumed
+    optimizer is read back right.
+
+    >>> lrs = LayerLRs(optimizer)        # the optimizer's groups with LAYER_KEY
+    >>> lrs.apply({3: 0.0, 1: 0.5})      # layer 3 frozen, layer 1 at half the LR; others x 1
     """
 
-    def __init__(self) -> None:
-        self._before: Dict[Any, torch.Tensor] = {}
+    def __init__(self, optimizer: Any, layer_key: str) -> None:
+        self.optimizer = optimizer
+        self.layer_key = layer_key
+        self._hook = None
+        if any(layer_key in group for group in optimizer.param_groups):
+            from . import _compat
 
-    def snapshot(self, params: Iterable[torch.nn.Parameter]) -> None:
-        self._before = {param: param.detach().clone() for param in params}
+            self._hook = _compat.register_step_post_hook(inner(optimizer), self._restore)
 
-    def scale(self, factors: Dict[Any, float]) -> None:
-        with torch.no_grad():
-            for param, factor in factors.items():
-                before = self._before.get(param)
-                if before is not None:
-                    param.copy_(before + factor * (param - before))
+    def apply(self, factors: Dict[Any, float]) -> Dict[Any, float]:
+        """Set each layer group's LR; returns ``{layer: LR}``."""
+        out: Dict[Any, float] = {}
+        for group in self.optimizer.param_groups:
+            if self.layer_key not in group:
+                continue
+            lr = group["lr"]
+            # An LR we set and nobody changed since: the unscaled one is the one we kept; else it is the
+            # LR scheduler's (or the post-step hook put the unscaled one back).
+            unscaled = group[UNSCALED_KEY] if SCALED_KEY in group and lr == group[SCALED_KEY] else lr
+            scaled = unscaled * factors.get(group[self.layer_key], 1.0)
+            group[UNSCALED_KEY], group[SCALED_KEY], group["lr"] = unscaled, scaled, scaled
+            out[group[self.layer_key]] = float(scaled)
+        return out
+
+    def _restore(self, *args: Any) -> None:
+        for group in self.optimizer.param_groups:
+            if UNSCALED_KEY in group and group["lr"] == group.get(SCALED_KEY):
+                group["lr"] = group[SCALED_KEY] = group[UNSCALED_KEY]
+
+    def remove(self) -> None:
+        """Stop restoring after optimizer steps (the groups keep their LRs)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 class StillCheck(object):

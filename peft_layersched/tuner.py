@@ -24,7 +24,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import _compat, checkpointing, sharded
+from . import _compat, checkpointing, engines
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule, stable_int
@@ -527,13 +527,13 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         ``grad=None``) or ``"optimizer"`` (every preallocated parameter keeps ``requires_grad=True``; the
         optimizer's per-layer LR freezes it, for engines such as DeepSpeed ZeRO that fix the trainable
         set when they initialize).  Never-active adapters are left out of the forward either way."""
-        return self.__dict__.get("_freezing", sharded.REQUIRES_GRAD)
+        return self.__dict__.get("_freezing", engines.REQUIRES_GRAD)
 
     def set_freezing(self, mode: str) -> None:
-        if mode not in (sharded.REQUIRES_GRAD, sharded.OPTIMIZER):
+        if mode not in (engines.REQUIRES_GRAD, engines.OPTIMIZER):
             raise ValueError(
-                f"freezing={mode!r} is not supported; use {sharded.REQUIRES_GRAD!r} (frozen layers get "
-                f"requires_grad=False) or {sharded.OPTIMIZER!r} (the optimizer's per-layer LR freezes them)."
+                f"freezing={mode!r} is not supported; use {engines.REQUIRES_GRAD!r} (frozen layers get "
+                f"requires_grad=False) or {engines.OPTIMIZER!r} (the optimizer's per-layer LR freezes them)."
             )
         self.__dict__["_freezing"] = mode
         self._reapply()
@@ -558,7 +558,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         own state.
         """
         model_active = _compat.tuner_active_adapters(self)
-        by_optimizer = self.freezing == sharded.OPTIMIZER
+        by_optimizer = self.freezing == engines.OPTIMIZER
         bypassed: Dict[str, Set[str]] = {}
         scheduled = False
         for name, plan in self._plans.items():

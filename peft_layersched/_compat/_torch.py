@@ -41,3 +41,34 @@ def take_forward_hook(module: nn.Module, key: Any) -> None:
 def put_forward_hook(module: nn.Module, key: Any, hook: Any) -> None:
     """Register ``hook`` again under its old key, so the owner's handle still removes it."""
     module._forward_hooks[key] = hook
+
+
+class _StepWrapper(object):
+    """torch 1.13 has no optimizer step hooks: ``optimizer.step`` is wrapped on the instance instead."""
+
+    def __init__(self, optimizer: Any, hook: Any) -> None:
+        self.optimizer, self.hook = optimizer, hook
+        self.original = optimizer.__dict__.get("step")
+        bound = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            result = bound(*args, **kwargs)
+            hook(optimizer, args, kwargs)
+            return result
+
+        optimizer.step = step
+
+    def remove(self) -> None:
+        if self.original is None:
+            self.optimizer.__dict__.pop("step", None)
+        else:
+            self.optimizer.step = self.original
+
+
+def register_step_post_hook(optimizer: Any, hook: Any) -> Any:
+    """``hook(optimizer, args, kwargs)`` after each ``optimizer.step()``; returns a handle with ``remove()``.
+    torch >= 2.0: ``Optimizer.register_step_post_hook``; 1.13: a wrapper around the instance's ``step``."""
+    register = getattr(optimizer, "register_step_post_hook", None)
+    if register is not None:
+        return register(hook)
+    return _StepWrapper(optimizer, hook)

@@ -1,0 +1,548 @@
+"""``LayerScheduler``: the one core every training loop drives (the Trainer callback, Lightning, a plain loop).
+
+Like ``torch.optim.lr_scheduler``, it holds a model and an optimizer and is told when an optimizer step (or
+an epoch) is done.  It owns everything the package guarantees during training:
+
+* **switching**: the layers of the schedule time that comes next train, the others are frozen (through
+  the run's :mod:`~peft_layersched.engines` engine); the active set is a pure function of the schedule
+  time, so every rank computes the same one;
+* **LR factors**: every scheduled layer has its own optimizer param group (:meth:`LayerScheduler.param_groups`
+  builds them for a new optimizer); a group's LR is the scheduled LR x 0 (frozen), ``new_layer_lr_scale`` and
+  the linear warm-up (a layer that joined after the first phase), else 1: exact for every optimizer;
+* **optimizer-state policies** for frozen and rejoining layers (``frozen_optimizer_state``,
+  ``reactivated_state``);
+* **the no-update check**: a warning when an active layer did not move at all over a phase;
+* **the numbers trackers plot** (:meth:`metrics`) and **resume** (:meth:`state_dict` / ``state_dict=``: with
+  the optimizer's and LR scheduler's own state dicts, a resumed loop continues bitwise).
+
+Example (a plain loop)::
+
+    >>> model = get_peft_model(base, ScheduledLoraConfig(..., layer_schedule={0: [-1], 100: [-2, -1]},
+    ...                                                  schedule_unit="step"))
+    >>> optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-3)
+    >>> lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    >>> sched = LayerScheduler(model, optimizer, new_layer_warmup_steps=20)
+    >>> for batch in loader:
+    ...     model(**batch).loss.backward()
+    ...     optimizer.step(); lr_scheduler.step(); sched.step()
+    ...     optimizer.zero_grad(set_to_none=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import _optim, engines
+from ._describe import format_layers
+from .schedule import LayerId, check_time
+from .tuner import ScheduledLoraModel, find_scheduled_tuner
+
+logger = logging.getLogger(__name__)
+
+_REACTIVATED_STATE = ("keep", "reset")
+SCHEDULE_STARTS = ("restart", "continue")
+
+
+def check_options(
+    new_layer_lr_scale: Any, new_layer_warmup_steps: Any, reactivated_state: Any, warn_on_no_update: Any,
+    schedule_start: Any, frozen_optimizer_state: Any,
+) -> str:
+    """Validate the scheduler's options (the callback's are the same); returns the ``reactivated_state``
+    in force (``"reset"`` by default with ``frozen_optimizer_state="drop"``)."""
+    if isinstance(new_layer_lr_scale, bool) or not isinstance(new_layer_lr_scale, (int, float)):
+        raise TypeError(f"new_layer_lr_scale must be a number, got {new_layer_lr_scale!r}.")
+    if not (new_layer_lr_scale >= 0 and math.isfinite(new_layer_lr_scale)):
+        raise ValueError(
+            f"new_layer_lr_scale must be a finite number >= 0 (1.0 = the scheduled LR), got {new_layer_lr_scale}."
+        )
+    if not isinstance(warn_on_no_update, bool):
+        raise TypeError(f"warn_on_no_update must be True or False, got {warn_on_no_update!r}.")
+    if schedule_start not in SCHEDULE_STARTS:
+        raise ValueError(
+            f"schedule_start={schedule_start!r} is not supported; use one of {list(SCHEDULE_STARTS)} "
+            f"('restart': the schedule begins at t=0; 'continue': where the loaded adapter's schedule stood)."
+        )
+    if isinstance(new_layer_warmup_steps, bool) or not isinstance(new_layer_warmup_steps, int):
+        raise TypeError(f"new_layer_warmup_steps must be an int, got {new_layer_warmup_steps!r}.")
+    if new_layer_warmup_steps < 0:
+        raise ValueError(f"new_layer_warmup_steps must be >= 0, got {new_layer_warmup_steps}.")
+    if reactivated_state is not None and reactivated_state not in _REACTIVATED_STATE:
+        raise ValueError(
+            f"reactivated_state={reactivated_state!r} is not supported; use one of {list(_REACTIVATED_STATE)}."
+        )
+    if frozen_optimizer_state not in _optim.FROZEN_STATES:
+        raise ValueError(
+            f"frozen_optimizer_state={frozen_optimizer_state!r} is not supported; use one of "
+            f"{list(_optim.FROZEN_STATES)} ('keep': frozen layers keep their optimizer state; 'drop': it is "
+            f"freed and starts afresh when the layer rejoins; 'offload': it waits on the CPU)."
+        )
+    if frozen_optimizer_state == "drop" and reactivated_state == "keep":
+        raise ValueError(
+            "frozen_optimizer_state='drop' frees a frozen layer's optimizer state, so it cannot be kept for "
+            "when the layer rejoins (reactivated_state='keep'). Use frozen_optimizer_state='offload' to keep "
+            "it off the accelerator, or leave reactivated_state unset."
+        )
+    return reactivated_state or ("reset" if frozen_optimizer_state == "drop" else "keep")
+
+
+class LayerScheduler(object):
+    """Drives the layer schedule of a scheduled ``PeftModel`` in any training loop.
+
+    Args:
+        model: a ``PeftModel`` built from a ``ScheduledLoraConfig`` (or a wrapper around one: DDP, FSDP, a
+            DeepSpeed engine, ``torch.compile``).
+        optimizer: the optimizer that trains it (``None``: switching only).  Build it over
+            :meth:`param_groups` for LR factors (required with ``new_layer_lr_scale`` / warm-up and under
+            ``engine="lr-zero"``); else it must hold every preallocated LoRA parameter.
+        unit (`str`, *optional*): ``"step"`` or ``"epoch"``; default the config's ``schedule_unit``.
+        new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
+        warn_on_no_update, adapter_name, schedule_start: as for ``LayerScheduleCallback``.
+        engine: ``"requires_grad"`` (default; one process, DDP, FSDP), ``"lr-zero"`` (DeepSpeed ZeRO), or an
+            :class:`~peft_layersched.engines.Engine`.
+        total_steps / total_epochs (`int`, *optional*): the run's length; then nothing switches in after
+            its last step/epoch (no layer is marked ever-active without training), and a time in the run
+            at which nothing would train is refused up front.
+        steps_per_epoch (`int`, *optional*): optimizer steps per epoch (epoch unit: warm-up of layers that
+            joined before this run, and the length check).
+        start_step / start_epoch (`int`): where this run starts (a Trainer resumed without our state).
+        state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start).
+        on_switch (`callable`, *optional*): called with a dict for each switch (``schedule_time``,
+            ``schedule_offset``, ``step``, ``active_layers``, ``trainable_params``).
+
+    Call :meth:`step` after each optimizer step (after ``lr_scheduler.step()``), :meth:`epoch_end` after each
+    epoch (epoch unit) or :meth:`set_time` to jump, and :meth:`finish` at the end.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any = None,
+        unit: Optional[str] = None,
+        new_layer_lr_scale: float = 1.0,
+        new_layer_warmup_steps: int = 0,
+        frozen_optimizer_state: str = "keep",
+        reactivated_state: Optional[str] = None,
+        warn_on_no_update: bool = True,
+        adapter_name: Optional[str] = None,
+        schedule_start: str = "restart",
+        engine: Any = None,
+        total_steps: Optional[int] = None,
+        total_epochs: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        start_step: int = 0,
+        start_epoch: int = 0,
+        state_dict: Optional[Dict[str, Any]] = None,
+        on_switch: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> None:
+        self.reactivated_state = check_options(
+            new_layer_lr_scale, new_layer_warmup_steps, reactivated_state, warn_on_no_update, schedule_start,
+            frozen_optimizer_state,
+        )
+        self.new_layer_lr_scale = float(new_layer_lr_scale)
+        self.new_layer_warmup_steps = new_layer_warmup_steps
+        self.frozen_optimizer_state = frozen_optimizer_state
+        self.warn_on_no_update = warn_on_no_update
+        self.schedule_start = schedule_start
+        self.engine = engine if isinstance(engine, engines.Engine) else engines.engine_named(engine)
+        self.engine.check_options(frozen_optimizer_state, self.reactivated_state, user_optimizer=False)
+        self.tuner: ScheduledLoraModel = find_scheduled_tuner(model, "LayerScheduler")
+        plan = self.tuner.scheduled_adapter(adapter_name)
+        self.adapter_name = plan.name
+        self.unit = unit or getattr(self.tuner.peft_config[plan.name], "schedule_unit", "epoch")
+        if self.unit not in ("epoch", "step"):
+            raise ValueError(f"unit={self.unit!r} is not supported; use 'epoch' or 'step'.")
+        self.tuner.set_freezing(self.engine.freezing)
+        self.optimizer = optimizer
+        self.total_steps, self.total_epochs = total_steps, total_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.on_switch = on_switch
+        self._params = self.tuner.layer_parameters(self.adapter_name)
+        self._lrs = self._prepare_optimizer(optimizer)
+        self._still = _optim.StillCheck()
+        self._offloaded: Dict[Any, Any] = {}
+        self._record: Optional[Tuple[List[LayerId], Dict[LayerId, float], Optional[int]]] = None
+        self._next_lrs: Dict[LayerId, float] = {}
+        self.current: Optional[List[LayerId]] = None
+        self.time: Optional[int] = None  # the schedule time whose active set is applied
+        self.switch_steps: Dict[int, int] = {}  # schedule time -> the optimizer step count when it was applied
+        if state_dict is not None:
+            self.offset = int(state_dict["offset"])
+            self.steps, self.epoch = int(state_dict["steps"]), int(state_dict["epoch"])
+            self.switch_steps = {int(t): int(s) for t, s in state_dict.get("switch_steps", [])}
+            applied = state_dict.get("time")
+        else:
+            self.steps, self.epoch = int(start_step), int(start_epoch)
+            self.offset = self._offset_from_config()
+            applied = None
+        t = self.run_time
+        self._refuse_idle_times(t)
+        self._switch(t, initial=True, applied=None if applied is None else int(applied))
+        self._prepare_next()
+
+    # ------------------------------------------------------------------------------- public API
+
+    @staticmethod
+    def param_groups(model: Any, base_groups: Any = None, adapter_name: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Param groups for a new optimizer with one group per scheduled layer: ``base_groups`` (a list of
+        group dicts or of parameters; default every parameter that requires grad now, i.e. right after
+        ``get_peft_model`` every preallocated LoRA parameter and ``modules_to_save``) split by layer, each
+        split group keeping its options.  The given dicts are not changed."""
+        tuner = find_scheduled_tuner(model, "LayerScheduler.param_groups()")
+        layer_of = {id(p): layer for layer, ps in tuner.layer_parameters(adapter_name).items() for p in ps}
+        if base_groups is None:
+            base_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        base_groups = list(base_groups)
+        if base_groups and not isinstance(base_groups[0], dict):
+            base_groups = [{"params": base_groups}]
+        return engines.split_groups(base_groups, layer_of)
+
+    @property
+    def run_time(self) -> int:
+        """This run's epoch (epoch unit) or optimizer step count (step unit)."""
+        return self.epoch if self.unit == "epoch" else self.steps
+
+    @property
+    def active_layers(self) -> List[LayerId]:
+        return list(self.current or [])
+
+    def step(self) -> None:
+        """One optimizer step is done (call it after ``optimizer.step()`` and ``lr_scheduler.step()``):
+        the step unit switches to the next step's layers (not after ``total_steps``), the position the
+        adapter saves advances, and the LR factors of the next step are set."""
+        self._still.steps += 1
+        self.steps += 1
+        # What this step's metrics report: the layers it trained, the LRs it used (before any switch).
+        self._record = (self.active_layers, dict(self._next_lrs), None)
+        if self.unit == "step":
+            if self.total_steps is None or self.steps < self.total_steps:
+                self._switch(self.steps)
+            self.tuner.set_schedule_position(self.offset + self.steps, self.adapter_name)
+        self._prepare_next()
+
+    def epoch_end(self) -> None:
+        """One epoch is done (epoch unit): the next epoch's layers apply now (not after ``total_epochs``)."""
+        self.epoch += 1
+        if self.unit == "epoch" and (self.total_epochs is None or self.epoch < self.total_epochs):
+            self._switch(self.epoch)
+            self._prepare_next()
+
+    def set_time(self, t: int) -> None:
+        """Apply the schedule at this run's epoch/step ``t`` now (the epoch unit's epoch begins: the Trainer
+        calls it at each epoch's start)."""
+        t = check_time(t, "set_time(t): t")
+        if self.unit == "epoch":
+            self.epoch = t
+        self._switch(t)
+        self._prepare_next()
+
+    def finish(self) -> None:
+        """The run is over: the no-update check of the last phase."""
+        self._check_phase_updates()
+
+    def metrics(self) -> Dict[str, float]:
+        """The schedule as numbers every experiment tracker plots, for the optimizer step just done (before
+        the first step: for the first one).  ``layer_schedule/active_layers`` (how many train),
+        ``layer_schedule/lowest_active`` / ``highest_active`` (positions in the model's layer order, -1: none),
+        ``layer_schedule/trainable_params``, ``layer_schedule/optimizer_state_bytes`` (state on the parameters'
+        devices; offloaded state excluded), and per preallocated layer ``layer_schedule/active/<layer>``
+        (1/0) and ``layer_schedule/lr/<layer>`` (the LR its LoRA parameters got: the scheduled LR x
+        ``new_layer_lr_scale`` / warm-up, 0 while frozen)."""
+        if self.current is None:
+            return {}
+        if self._record is not None:
+            current, lrs, state_bytes = self._record
+        else:
+            current, lrs, state_bytes = self.active_layers, dict(self._next_lrs), None
+        plan = self.tuner.scheduled_adapter(self.adapter_name)
+        order = plan.index.all_layers()
+        positions = sorted(order.index(layer) for layer in current if layer in order)
+        out: Dict[str, float] = {
+            "layer_schedule/active_layers": float(len(current)),
+            "layer_schedule/lowest_active": float(positions[0] if positions else -1),
+            "layer_schedule/highest_active": float(positions[-1] if positions else -1),
+            "layer_schedule/trainable_params": float(self.trainable_count(current)),
+        }
+        if self.optimizer is not None:
+            if state_bytes is None:
+                state_bytes = _optim.state_bytes(self.optimizer)
+            out["layer_schedule/optimizer_state_bytes"] = float(state_bytes)
+        active = set(current)
+        for layer in plan.preallocated_layers:
+            out[f"layer_schedule/active/{layer}"] = 1.0 if layer in active else 0.0
+            if layer in lrs:
+                out[f"layer_schedule/lr/{layer}"] = lrs[layer]
+        return out
+
+    def reported_layers(self) -> List[LayerId]:
+        """The layers :meth:`metrics` reports (those of the step just done)."""
+        return list(self._record[0]) if self._record is not None else self.active_layers
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resume needs besides the model's, optimizer's and LR scheduler's own state (JSON-able)."""
+        return {
+            "unit": self.unit,
+            "offset": self.offset,
+            "steps": self.steps,
+            "epoch": self.epoch,
+            "time": self.time,
+            "switch_steps": sorted(self.switch_steps.items()),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``)."""
+        self.offset = int(state["offset"])
+        self.steps, self.epoch = int(state["steps"]), int(state["epoch"])
+        self.switch_steps = {int(t): int(s) for t, s in state.get("switch_steps", [])}
+        applied = state.get("time")
+        self._switch(self.run_time, initial=True, applied=None if applied is None else int(applied))
+        self._prepare_next()
+
+    def restore(self, position: int, applied: int, ever_active_layers: Any = None) -> None:
+        """Put the schedule back where a checkpoint had it: the active set of schedule time ``applied`` (with
+        ``ever_active_layers`` as saved) and ``schedule_position`` ``position`` (``load_best_model_at_end``)."""
+        active = self.tuner.restore_layer_state(applied, ever_active_layers, self.adapter_name)
+        self.tuner.set_schedule_position(position, self.adapter_name)
+        self.time, self.current = applied, active
+        logger.info("layer schedule: restored %s %d (active layers %s)", self.unit, position, active or "[]")
+
+    def trainable_count(self, active: List[LayerId]) -> int:
+        """Parameters that train while ``active`` are the active layers: their LoRA parameters, and every
+        other parameter that requires grad (``modules_to_save``, ...)."""
+        lora = {id(p) for params in self._params.values() for p in params}
+        count = sum(
+            int(getattr(p, "ds_numel", p.numel())) for p in self.tuner.model.parameters()
+            if p.requires_grad and id(p) not in lora
+        )
+        return count + sum(int(getattr(p, "ds_numel", p.numel())) for layer in active for p in self._params.get(layer, []))
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _offset_from_config(self) -> int:
+        position = getattr(self.tuner.peft_config[self.adapter_name], "schedule_position", None)
+        if position is None:
+            return 0
+        unit = self.unit
+        if self.schedule_start == "continue":
+            offset = position + 1 if unit == "epoch" else position
+            logger.warning(
+                "layer schedule: schedule_start='continue': the adapter's schedule stood at %s %d; this run's "
+                "%s 0 is schedule %s %d.", unit, position, unit, unit, offset,
+            )
+            return offset
+        if position > 0 and not self.steps:
+            logger.warning(
+                "layer schedule: the adapter's schedule had reached %s %d; this run starts it again at %s 0 "
+                "(schedule_start='restart'). Pass LayerScheduleCallback(schedule_start='continue') to go on "
+                "from there.", unit, position, unit,
+            )
+        return 0
+
+    def _prepare_optimizer(self, optimizer: Any) -> Optional[_optim.LayerLRs]:
+        if optimizer is None:
+            return None
+        # (Under ZeRO the param groups hold flat partitions: there the per-layer groups are the check.)
+        missing = {} if self.engine.needs_layer_groups else _optim.missing(optimizer, self._params)
+        if missing:
+            count = sum(p.numel() for ps in missing.values() for p in ps)
+            raise ValueError(
+                f"the optimizer does not hold the LoRA parameters of layer(s) {list(missing)} ({count} "
+                f"parameters); they would never train when their phase comes. Build the optimizer over "
+                f"LayerScheduler.param_groups(model) (or [p for p in model.parameters() if p.requires_grad]) "
+                f"right after get_peft_model / PeftModel.from_pretrained (before activate_layers), or let the "
+                f"Trainer build it with LayerScheduleCallback passed to Trainer(callbacks=[...])."
+            )
+        found = engines.layer_groups(optimizer)
+        lacking = [layer for layer in self._params if layer not in found]
+        needs_factors = self.new_layer_lr_scale != 1.0 or self.new_layer_warmup_steps > 0
+        if lacking and (self.engine.needs_layer_groups or needs_factors):
+            why = ("under DeepSpeed (engine 'lr-zero') a frozen layer's own group runs at LR 0"
+                   if self.engine.needs_layer_groups else "new_layer_lr_scale / new_layer_warmup_steps set each "
+                   "layer's LR in its own group")
+            raise ValueError(
+                f"the optimizer has no param group of their own for layer(s) {lacking}, and {why}. Build it over "
+                f"LayerScheduler.param_groups(model, base_groups) (e.g. torch.optim.AdamW("
+                f"LayerScheduler.param_groups(model), lr=...)) right after get_peft_model, or let the Trainer "
+                f"build it."
+            )
+        return _optim.LayerLRs(optimizer, engines.LAYER_KEY) if found else None
+
+    @property
+    def _schedule(self) -> Any:
+        return self.tuner.scheduled_adapter(self.adapter_name).schedule
+
+    def _switch(self, t: int, initial: bool = False, applied: Optional[int] = None) -> None:
+        """Apply the schedule at this run's time ``t``.  ``initial``: the run's first switch; ``applied``:
+        then, the schedule time whose active set a resumed optimizer's state was left at (``None``: a new
+        run, whose optimizer holds no state of frozen layers)."""
+        t += self.offset  # this run's epoch/step -> schedule time
+        schedule = self._schedule
+        if schedule is None and not initial:
+            return
+        if schedule is not None and not initial and schedule.active_at(t) == self.current:
+            self.time = t
+            self.tuner.set_schedule_position(t, self.adapter_name)
+            return
+        previous = self.current
+        if initial and applied is not None and schedule is not None:
+            previous = schedule.active_at(applied)
+        if not initial:
+            self._check_phase_updates()
+        active = self.tuner.activate_layers(t, self.adapter_name)
+        self.time, self.current = t, active
+        if not active:
+            self._refuse_idle(t)
+        if self._record is not None and self._record[2] is None and self.optimizer is not None:
+            # the step just done left this optimizer state; the policies below change it for the next one
+            self._record = (self._record[0], self._record[1], _optim.state_bytes(self.optimizer))
+        self._move_optimizer_state(t, previous, active, initial)
+        self._start_phase()
+        if initial or previous != active:
+            self._log_change(t, active)
+
+    def _move_optimizer_state(
+        self, t: int, previous: Optional[List[LayerId]], active: List[LayerId], initial: bool
+    ) -> None:
+        """Apply ``frozen_optimizer_state`` to the layers that froze and ``reactivated_state`` / reloading to
+        those that rejoined at schedule time ``t``, coming from the active set ``previous`` (``None``: a new
+        run's optimizer, which holds no state).  At a run's first switch every inactive layer counts as just
+        frozen (a resumed optimizer's state: torch's ``load_state_dict`` put it back on the device), and a
+        layer rejoins only if the state was saved before its switch."""
+        if self.optimizer is None or not self.engine.moves_layer_state:
+            return
+        params = self._params
+        was = set(params) if initial or previous is None else set(previous)
+        now = set(active)
+        frozen = [p for layer in params if layer in was and layer not in now for p in params[layer]]
+        if self.frozen_optimizer_state == "drop":
+            _optim.drop_state(self.optimizer, frozen)
+        elif self.frozen_optimizer_state == "offload":
+            self._offloaded.update(_optim.offload_state(self.optimizer, frozen))
+        schedule = self._schedule
+        if self.reactivated_state == "reset" and schedule is not None and t > 0 and previous is not None:
+            before = set(previous)
+            earlier = set(schedule.layers_until(t - 1))
+            rejoined = [layer for layer in active if layer not in before and layer in earlier]
+            _optim.drop_state(self.optimizer, [p for layer in rejoined for p in params.get(layer, [])])
+        joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
+        _optim.reload_state(self.optimizer, self._offloaded, joined)
+
+    def _refuse_idle_times(self, t: int) -> None:
+        """Refuse, before the first step, a run in which some epoch/step would train nothing at all."""
+        schedule = self._schedule
+        if schedule is None or not schedule.runnable or self._others_train():
+            return
+        if self.unit == "step":
+            last = None if self.total_steps is None else self.total_steps - 1
+        elif self.total_epochs is not None:
+            last = self.total_epochs - 1
+        else:
+            last = None
+        if last is None:
+            last = t  # a length nobody told: each time is checked as it comes
+        idle = schedule.first_idle(self.offset + t, self.offset + max(last, t))
+        if idle is not None:
+            self._refuse_idle(idle)
+
+    def _others_train(self) -> bool:
+        """Whether parameters other than the scheduled adapter's LoRA ones train (``modules_to_save``, ...)."""
+        lora = {id(p) for ps in self._params.values() for p in ps}
+        return any(p.requires_grad and id(p) not in lora for p in self.tuner.model.parameters())
+
+    def _refuse_idle(self, t: int) -> None:
+        if self._others_train():
+            return
+        unit = self.unit
+        when = f"{unit} {t}" if not self.offset else f"schedule {unit} {t} (this run's {unit} {t - self.offset})"
+        raise ValueError(
+            f"layer_schedule activates no layer at {when}, and the model has no other trainable parameters "
+            f"(no modules_to_save), so its optimizer steps would have nothing to train (autograd fails with "
+            f"'element 0 of tensors does not require grad'). Give every {unit} of the run at least one layer "
+            f"(no empty milestone phase, gradual 'k' >= 1), or add modules_to_save (e.g. the classifier head) "
+            f"that train throughout."
+        )
+
+    def _log_change(self, t: int, active: List[LayerId]) -> None:
+        trainable = self.trainable_count(active)
+        self.switch_steps.setdefault(t, self.steps)
+        logger.info(
+            "layer schedule: %s %d: active layers %s, %d trainable parameters", self.unit, t, active or "[]",
+            trainable,
+        )
+        if self.on_switch is not None:
+            self.on_switch({
+                "active_layers": format_layers(active, sep=",", ranges=0),
+                "trainable_params": trainable,
+                "schedule_time": t,
+                "schedule_offset": self.offset,
+                "step": self.steps,
+            })
+
+    def _start_phase(self) -> None:
+        watch = self.warn_on_no_update and self.current is not None and self.engine.whole_parameters
+        self._still.start({layer: self._params[layer] for layer in self.current or []} if watch else {})
+
+    def _check_phase_updates(self) -> None:
+        still = self._still.still(self._params)
+        if still:
+            warnings.warn(
+                f"LayerScheduleCallback: the LoRA weights of active layer(s) {still} did not change at all "
+                f"over the phase that ended at step {self.steps} ({self._still.steps} optimizer steps). "
+                f"Check that the optimizer holds them and that their learning rate is not 0.",
+                stacklevel=3,
+            )
+
+    def _prepare_next(self) -> None:
+        """Before the next optimizer step: each layer group's LR (the factors), and the LRs that step uses."""
+        if self.optimizer is None:
+            return
+        factors = self._factors(self.steps + 1)
+        grouped = self._lrs.apply(factors) if self._lrs is not None else {}
+        held = self._held_lrs(factors)  # layers without a group of their own
+        held.update(grouped)
+        self._next_lrs = held
+
+    def _held_lrs(self, factors: Dict[LayerId, float]) -> Dict[LayerId, float]:
+        """Each layer's LR in an optimizer without per-layer groups (its group's; 0 while frozen)."""
+        held: Dict[int, float] = {}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                held[id(param)] = float(group["lr"])
+        active = set(self.current or [])
+        return {
+            layer: (held[id(params[0])] * factors.get(layer, 1.0) if layer in active else 0.0)
+            for layer, params in self._params.items() if params and id(params[0]) in held
+        }
+
+    def _factors(self, step: int) -> Dict[LayerId, float]:
+        """Each layer's LR factor for optimizer step number ``step`` (1-based): 0 frozen, the new-layer
+        scale and warm-up for a layer that joined after the first phase; layers at 1 are left out."""
+        active = set(self.current or [])
+        factors: Dict[LayerId, float] = {layer: 0.0 for layer in self._params if layer not in active}
+        schedule = self._schedule
+        if schedule is None or (self.new_layer_lr_scale == 1.0 and self.new_layer_warmup_steps == 0):
+            return factors
+        first = set(schedule.initial_layers())
+        for layer in self.current or []:
+            if layer in first:
+                continue
+            factor = self.new_layer_lr_scale
+            if self.new_layer_warmup_steps:
+                done = max(step - self._join_step(layer), 0)
+                factor *= min(1.0, done / float(self.new_layer_warmup_steps))
+            if factor != 1.0:
+                factors[layer] = factor
+        return factors
+
+    def _join_step(self, layer: LayerId) -> int:
+        """The optimizer step count at which ``layer`` joined its current active run: when that schedule
+        time was applied in this run (resumed runs read it from the state); for a join before this run
+        began (``schedule_start="continue"``), counted back from the schedule."""
+        t = self.time if self.time is not None else 0
+        start = self._schedule.run_start(layer, t) or 0
+        if start in self.switch_steps:
+            return self.switch_steps[start]
+        joined = start - self.offset
+        return joined * (self.steps_per_epoch or 1) if self.unit == "epoch" else joined
