@@ -20,11 +20,9 @@ plain loops and Lightning drive too), plus what only a Trainer run has:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
@@ -120,13 +118,14 @@ class LayerScheduleCallback(TrainerCallback):
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and not engine.needs_layer_groups:
             self._ensure_optimized(optimizer, args, tuner)
-        steps_per_epoch = _compat.update_steps_per_epoch(kwargs.get("train_dataloader"), args.gradient_accumulation_steps)
+        loader = kwargs.get("train_dataloader")
+        steps_per_epoch = _compat.update_steps_per_epoch(loader, args.gradient_accumulation_steps)
         step, max_steps = int(state.global_step), int(getattr(state, "max_steps", 0) or 0)
         # The Trainer's own epoch count (on resume: global_step // its steps per epoch, whatever the
         # checkpoint's batch size was); without a dataloader length, the checkpoint's epoch.
         epoch = step // steps_per_epoch if steps_per_epoch else int(math.floor((state.epoch or 0.0) + 1e-6))
         self._next_epoch, self._pending_epoch, self._micro_steps = epoch, None, 0
-        record = _RunRecord.of(state)
+        record = trainer.RunRecord.of(state)
         resumed = None if record.offset is None else {
             "offset": record.offset, "steps": step, "epoch": epoch, "time": record.last_time,
             "switch_steps": sorted(record.switch_steps.items()),
@@ -214,27 +213,27 @@ class LayerScheduleCallback(TrainerCallback):
     def _engine(self, args: Any) -> engines.Engine:
         engine = trainer.engine_for(args)
         engine.check_options(self.frozen_optimizer_state, self.reactivated_state, self._user_optimizer)
-        _check_ddp(args)
+        trainer.check_ddp(args)
         return engine
 
     def _restore_checkpoint_state(self, checkpoint: str) -> None:
         """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule."""
         assert self.scheduler is not None
-        saved = _read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
+        saved = trainer.read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
         position = saved.get("schedule_position")
         if position is None:
             return
         # The set the checkpoint was saved with: the last switch its log history records (a checkpoint of
         # the run's last step was saved without the switch to the next step's layers).
-        history = _read_json(checkpoint, None, "trainer_state.json").get("log_history") or []
-        applied = _RunRecord.of_history(history).last_time
+        history = trainer.read_json(checkpoint, None, "trainer_state.json").get("log_history") or []
+        applied = trainer.RunRecord.of_history(history).last_time
         self.scheduler.restore(position, position if applied is None else applied, saved.get("ever_active_layers"))
 
     def _ensure_optimized(self, optimizer: Any, args: Any, tuner: Any) -> None:
         missing = _optim.missing(optimizer, tuner.layer_parameters(self.adapter_name))
         if not missing:
             return
-        if _distributed(args):
+        if trainer.distributed(args):
             raise ValueError(
                 f"the LoRA parameters of layer(s) {list(missing)} did not require grad when DDP wrapped the "
                 f"model, so DDP would never all-reduce them and the ranks would silently diverge once they "
@@ -255,65 +254,3 @@ class LayerScheduleCallback(TrainerCallback):
             f"so the optimizer is built with them (needed for resume_from_checkpoint to match).",
             stacklevel=2,
         )
-
-
-def _read_json(checkpoint: str, subfolder: Optional[str], name: str) -> Dict[str, Any]:
-    for folder in ([os.path.join(checkpoint, subfolder)] if subfolder else []) + [checkpoint]:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path) as handle:
-                return json.load(handle)
-    return {}
-
-
-def _check_ddp(args: Any) -> None:
-    if not _distributed(args) or trainer.engine_kind(args) is not None:
-        return
-    if getattr(args, "ddp_static_graph", None):
-        raise ValueError(
-            "LayerScheduleCallback under DDP cannot use ddp_static_graph=True: the set of parameters that "
-            "get gradients changes with the schedule. Set TrainingArguments(ddp_static_graph=False)."
-        )
-    if getattr(args, "ddp_find_unused_parameters", None) is False:
-        raise ValueError(
-            "LayerScheduleCallback under DDP needs ddp_find_unused_parameters=True: frozen and not-yet-"
-            "active layers get no gradient, and DDP without it fails at the next forward. Set "
-            "TrainingArguments(ddp_find_unused_parameters=True) (or leave it None)."
-        )
-    if getattr(args, "ddp_find_unused_parameters", None) is None:
-        args.ddp_find_unused_parameters = True
-
-
-def _distributed(args: Any) -> bool:
-    # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
-    return int(getattr(args, "world_size", 1) or 1) > 1
-
-
-class _RunRecord(object):
-    """What a resumed run's Trainer state says of the schedule: the log-history entries the callback
-    appended at each switch (``schedule_time``, ``schedule_offset``, ``step``), saved in every checkpoint's
-    ``trainer_state.json``.
-
-    ``offset``: the schedule time of the run's Trainer ``t = 0`` (``None``: a new run, or entries from a
-    version that did not record it); ``last_time``: the schedule time whose active set the checkpoint was
-    saved with; ``switch_steps``: schedule time -> the global step at which it was applied.
-    """
-
-    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int]) -> None:
-        self.offset, self.last_time, self.switch_steps = offset, last_time, switch_steps
-
-    @classmethod
-    def of(cls, state: Any) -> "_RunRecord":
-        if not int(getattr(state, "global_step", 0) or 0):
-            return cls(None, None, {})
-        return cls.of_history(getattr(state, "log_history", None) or [])
-
-    @classmethod
-    def of_history(cls, log_history: List[Dict[str, Any]]) -> "_RunRecord":
-        entries = [e for e in log_history if "schedule_time" in e]
-        if not entries or "schedule_offset" not in entries[-1]:
-            return cls(None, None, {})
-        steps: Dict[int, int] = {}
-        for entry in entries:
-            steps.setdefault(int(entry["schedule_time"]), int(entry["step"]))
-        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps)

@@ -316,7 +316,8 @@ class LayerScheduler(object):
             int(getattr(p, "ds_numel", p.numel())) for p in self.tuner.model.parameters()
             if p.requires_grad and id(p) not in lora
         )
-        return count + sum(int(getattr(p, "ds_numel", p.numel())) for layer in active for p in self._params.get(layer, []))
+        layers = (p for layer in active for p in self._params.get(layer, []))
+        return count + sum(int(getattr(p, "ds_numel", p.numel())) for p in layers)
 
     # -------------------------------------------------------------------------------- internals
 

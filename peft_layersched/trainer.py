@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from . import _optim, engines
 from .tuner import deferred_load_check
@@ -189,3 +189,67 @@ def split_trainer_optimizer(trainer: Any, layer_params: Dict[Any, List[Any]]) ->
     LoRA parameters)."""
     layer_of = {id(p): layer for layer, ps in layer_params.items() for p in ps}
     engines.split_by_layer(_optim.inner(trainer.optimizer), layer_of)
+
+
+def read_json(checkpoint: str, subfolder: Optional[str], name: str) -> Dict[str, Any]:
+    """A JSON file of a checkpoint folder (in the adapter's subfolder if there), ``{}`` if none."""
+    for folder in ([os.path.join(checkpoint, subfolder)] if subfolder else []) + [checkpoint]:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                return json.load(handle)
+    return {}
+
+
+def check_ddp(args: Any) -> None:
+    """Refuse the DDP settings a changing trainable set breaks; find unused parameters by default."""
+    if not distributed(args) or engine_kind(args) is not None:
+        return
+    if getattr(args, "ddp_static_graph", None):
+        raise ValueError(
+            "LayerScheduleCallback under DDP cannot use ddp_static_graph=True: the set of parameters that "
+            "get gradients changes with the schedule. Set TrainingArguments(ddp_static_graph=False)."
+        )
+    if getattr(args, "ddp_find_unused_parameters", None) is False:
+        raise ValueError(
+            "LayerScheduleCallback under DDP needs ddp_find_unused_parameters=True: frozen and not-yet-"
+            "active layers get no gradient, and DDP without it fails at the next forward. Set "
+            "TrainingArguments(ddp_find_unused_parameters=True) (or leave it None)."
+        )
+    if getattr(args, "ddp_find_unused_parameters", None) is None:
+        args.ddp_find_unused_parameters = True
+
+
+def distributed(args: Any) -> bool:
+    # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
+    return int(getattr(args, "world_size", 1) or 1) > 1
+
+
+class RunRecord(object):
+    """What a resumed run's Trainer state says of the schedule: the log-history entries the callback
+    appended at each switch (``schedule_time``, ``schedule_offset``, ``step``), saved in every checkpoint's
+    ``trainer_state.json``.
+
+    ``offset``: the schedule time of the run's Trainer ``t = 0`` (``None``: a new run, or entries from a
+    version that did not record it); ``last_time``: the schedule time whose active set the checkpoint was
+    saved with; ``switch_steps``: schedule time -> the global step at which it was applied.
+    """
+
+    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int]) -> None:
+        self.offset, self.last_time, self.switch_steps = offset, last_time, switch_steps
+
+    @classmethod
+    def of(cls, state: Any) -> "RunRecord":
+        if not int(getattr(state, "global_step", 0) or 0):
+            return cls(None, None, {})
+        return cls.of_history(getattr(state, "log_history", None) or [])
+
+    @classmethod
+    def of_history(cls, log_history: List[Dict[str, Any]]) -> "RunRecord":
+        entries = [e for e in log_history if "schedule_time" in e]
+        if not entries or "schedule_offset" not in entries[-1]:
+            return cls(None, None, {})
+        steps: Dict[int, int] = {}
+        for entry in entries:
+            steps.setdefault(int(entry["schedule_time"]), int(entry["step"]))
+        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps)
