@@ -25,7 +25,8 @@ Variants (r = LoRA rank, L = layers; LoRA on query/value, lora_dropout 0.1, SEQ_
 Targets: P1 sched-top / vanilla-top <= 1.02 (r 8 and 64); P2 the same with L = 48; P3 sched-top /
 vanilla-all <= floor * 1.02 (floor = vanilla-top / vanilla-all); P4 sched-top-gc / vanilla-all-gc <= 0.6,
 and gradients of phases whose lowest active layer is L-1, then 0, equal plain autograd without
-checkpointing; P5 LayerScheduleCallback work per optimizer step <= 0.5 % of a sched-top step; P6 the
+checkpointing; P5 LayerScheduler.step() (and LayerScheduleCallback's events) per optimizer step <= 0.5 % of a
+sched-top step; P6 the
 optimizer holds state only for ever-active parameters, and peak RSS of sched-top <= vanilla-top + 2 %.
 ``--depths 24,48`` adds P3 and P4 rows (r8) for models of those depths: how the costs grow with depth.
 
@@ -62,7 +63,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import peft_layersched  # noqa: E402
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig, _compat  # noqa: E402
+from peft_layersched import LayerScheduleCallback, LayerScheduler, ScheduledLoraConfig, _compat  # noqa: E402
 
 FULL = dict(
     layers=12,
@@ -313,7 +314,7 @@ def callback_overhead(cfg, steps, switch_every):
     state, control = TrainerState(), TrainerControl()
     callback = LayerScheduleCallback()
     callback.on_init_end(args, state, control, model=model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-4)  # as the Trainer builds it now
     loader = [None] * steps
     spent = 0.0
     switches = []
@@ -341,6 +342,31 @@ def callback_overhead(cfg, steps, switch_every):
         "switch_every": switch_every,
         "steps": steps,
     }
+
+
+def scheduler_overhead(cfg, steps, switch_every):
+    """Time spent in ``LayerScheduler.step()`` per optimizer step (a plain loop's whole per-step cost of the
+    package), on a step schedule switching every ``switch_every`` steps, with a per-layer-group optimizer."""
+    clock = CLOCKS[cfg["clock"]]
+    L = cfg["layers"]
+    schedule = {}
+    for k, start in enumerate(range(0, steps, switch_every)):
+        schedule[start] = [L - 1] if k % 2 == 0 else [L - 2, L - 1]
+    model = get_peft_model(_base(cfg, L), _scheduled_config(schedule, schedule_unit="step"))
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-4)
+    spent, switches = 0.0, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "did not change over the phase": nothing trains here
+        sched = LayerScheduler(model, optimizer, new_layer_warmup_steps=5)
+        for _ in range(steps):
+            start = clock()
+            sched.step()
+            took = clock() - start
+            spent += took
+            if sched.steps % switch_every == 0:
+                switches.append(took)
+    return {"per_step_s": spent / steps, "per_switch_s": statistics.median(switches) if switches else 0.0,
+            "switch_every": switch_every, "steps": steps}
 
 
 def optimizer_state_check(variant):
@@ -497,6 +523,15 @@ def compute_targets(by, cfg, gc_kinds, no_rss, log):
 
     sched_top = by.get("sched-top r8 L{}".format(L))
     step_s = statistics.median(sched_top.times) if sched_top else None
+    core = scheduler_overhead(cfg, steps=200, switch_every=10)
+    target(
+        "P5",
+        "LayerScheduler.step() per optimizer step / sched-top step (switch every {} steps)".format(
+            core["switch_every"]),
+        core["per_step_s"] / step_s if step_s else None,
+        0.005,
+        "{:.3f} ms per step, {:.2f} ms per switch".format(1e3 * core["per_step_s"], 1e3 * core["per_switch_s"]),
+    )
     overhead = callback_overhead(cfg, steps=200, switch_every=10)
     target(
         "P5",
