@@ -10,8 +10,9 @@ with LoRA on the top layer first, then the top two, then a lower layer instead (
 3. zero grads with ``set_to_none=True``: frozen layers keep ``grad=None``, so AdamW skips them.
 
 Layers that join later warm up over ``new_layer_warmup_steps`` steps; a layer that is frozen loses its
-optimizer state (``frozen_optimizer_state="drop"``).  Halfway, the run is saved (adapter, optimizer,
-LR scheduler, layer scheduler, RNG) and resumed by a model, optimizer and schedulers built from scratch.
+optimizer state (``frozen_optimizer_state="drop"``).  The run is done twice: straight through, and saved
+at step ``--resume-at`` (adapter, optimizer, LR scheduler, layer scheduler, RNG) and resumed by a model,
+optimizer and schedulers built from scratch.
 
     python examples/plain_torch_loop.py [--epochs 4] [--resume-at 20] [--output-dir DIR]
 
@@ -74,7 +75,8 @@ def build(total_steps: int, adapter_dir: str = None):
         model = get_peft_model(build_model(), config)
     else:
         model = PeftModel.from_pretrained(build_model(), adapter_dir, is_trainable=True)
-    # Now, while every preallocated LoRA parameter requires grad: one param group per layer.
+    # Now, while every preallocated LoRA parameter requires grad (also after from_pretrained): one param
+    # group per layer, in the same order each time, so the saved optimizer state maps back onto them.
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2, weight_decay=0.1)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
     return model, optimizer, lr_scheduler
