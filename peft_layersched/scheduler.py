@@ -149,6 +149,7 @@ class LayerScheduler(object):
         self.engine = engine if isinstance(engine, engines.Engine) else engines.engine_named(engine)
         self.engine.check_options(frozen_optimizer_state, self.reactivated_state, user_optimizer=False)
         self.tuner: ScheduledLoraModel = find_scheduled_tuner(model, "LayerScheduler")
+        _refuse_static_ddp(model)
         plan = self.tuner.scheduled_adapter(adapter_name)
         self.adapter_name = plan.name
         self.unit = unit or getattr(self.tuner.peft_config[plan.name], "schedule_unit", "epoch")
@@ -336,8 +337,8 @@ class LayerScheduler(object):
         if position > 0 and not self.steps:
             logger.warning(
                 "layer schedule: the adapter's schedule had reached %s %d; this run starts it again at %s 0 "
-                "(schedule_start='restart'). Pass LayerScheduleCallback(schedule_start='continue') to go on "
-                "from there.", unit, position, unit,
+                "(schedule_start='restart'). Pass schedule_start='continue' (to LayerScheduleCallback or "
+                "LayerScheduler) to go on from there.", unit, position, unit,
             )
         return 0
 
@@ -489,7 +490,7 @@ class LayerScheduler(object):
         still = self._still.still(self._params)
         if still:
             warnings.warn(
-                f"LayerScheduleCallback: the LoRA weights of active layer(s) {still} did not change at all "
+                f"layer schedule: the LoRA weights of active layer(s) {still} did not change at all "
                 f"over the phase that ended at step {self.steps} ({self._still.steps} optimizer steps). "
                 f"Check that the optimizer holds them and that their learning rate is not 0.",
                 stacklevel=3,
@@ -547,3 +548,16 @@ class LayerScheduler(object):
             return self.switch_steps[start]
         joined = start - self.offset
         return joined * (self.steps_per_epoch or 1) if self.unit == "epoch" else joined
+
+
+def _refuse_static_ddp(model: Any) -> None:
+    """DDP must look for unused parameters: frozen and not-yet-active layers get no gradient."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not getattr(model, "find_unused_parameters", True):
+        raise ValueError(
+            "LayerScheduler under DDP needs find_unused_parameters=True: frozen and not-yet-active layers get no "
+            "gradient, and DDP without it fails at the next backward. Wrap with DistributedDataParallel(..., "
+            "find_unused_parameters=True) (accelerate: Accelerator(kwargs_handlers=[DistributedDataParallelKwargs("
+            "find_unused_parameters=True)]))."
+        )
