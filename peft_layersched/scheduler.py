@@ -243,6 +243,19 @@ class LayerScheduler(object):
         """The run is over: the no-update check of the last phase."""
         self._check_phase_updates()
 
+    def unscale_lrs(self) -> None:
+        """Put the LR scheduler's own LRs back into the layer groups until :meth:`scale_lrs` (or the next
+        :meth:`step`): for an LR scheduler that steps after :meth:`step` and computes from the group's LR
+        (``ReduceLROnPlateau`` after validation), whose new LR would otherwise start from a layer's factor
+        (a frozen layer's 0 would never be reduced)."""
+        if self._lrs is not None:
+            self._lrs._restore()
+
+    def scale_lrs(self) -> None:
+        """Set each layer group's LR to the LR scheduler's x the layer's factor again, for the next optimizer
+        step (right before ``optimizer.step()``, after :meth:`unscale_lrs`)."""
+        self._prepare_next()
+
     def metrics(self) -> Dict[str, float]:
         """The schedule as numbers every experiment tracker plots, for the optimizer step just done (before
         the first step: for the first one).  ``layer_schedule/active_layers`` (how many train),

@@ -18,6 +18,7 @@ MODULES = {
     "EXPECT_TRANSFORMERS": "transformers",
     "EXPECT_ACCELERATE": "accelerate",
     "EXPECT_PEFT": "peft",
+    "EXPECT_LIGHTNING": "lightning",  # the lightning env only
 }
 # an env that declares any of these must declare all of them
 REQUIRED = ("EXPECT_PYTHON", "EXPECT_TORCH", "EXPECT_TRANSFORMERS", "EXPECT_PEFT")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def bert(num_layers=12, seed=0, num_labels=2):
+def bert(num_layers=12, seed=0, num_labels=2, **config_fields):
+    """``config_fields``: more BertConfig fields (e.g. ``hidden_dropout_prob=0.0``)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -17,6 +18,7 @@ def bert(num_layers=12, seed=0, num_labels=2):
         vocab_size=99,
         max_position_embeddings=64,
         num_labels=num_labels,
+        **config_fields,
     )
     return BertForSequenceClassification(config)
 
