@@ -137,7 +137,7 @@ class LayerLRs(object):
         if any(layer_key in group for group in optimizer.param_groups):
             from . import _compat
 
-            self._hook = _compat.register_step_post_hook(inner(optimizer), self._restore)
+            self._hook = _compat.register_step_post_hook(inner(optimizer), self.restore)
 
     def apply(self, factors: Dict[Any, float]) -> Dict[Any, float]:
         """Set each layer group's LR; returns ``{layer: LR}``."""
@@ -154,7 +154,9 @@ class LayerLRs(object):
             out[group[self.layer_key]] = float(scaled)
         return out
 
-    def _restore(self, *args: Any) -> None:
+    def restore(self, *args: Any) -> None:
+        """Put the unscaled LRs back (the optimizer post-step hook; also for an LR scheduler that steps from
+        the group's LR at another moment)."""
         for group in self.optimizer.param_groups:
             if UNSCALED_KEY in group and group["lr"] == group.get(SCALED_KEY):
                 group["lr"] = group[SCALED_KEY] = group[UNSCALED_KEY]

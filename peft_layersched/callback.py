@@ -101,6 +101,7 @@ class LayerScheduleCallback(TrainerCallback):
         self._next_epoch = 0
         self._pending_epoch: Optional[int] = None
         self._micro_steps = 0
+        self._unscaled = False  # the layer groups hold the LR scheduler's own LRs since an evaluation
         trainer.install_trainer_hooks()
 
     # ------------------------------------------------------------------------------------ events
@@ -159,6 +160,17 @@ class LayerScheduleCallback(TrainerCallback):
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        # The Trainer steps ReduceLROnPlateau after evaluating, from the groups' LRs: give it its own.
+        if self.scheduler is not None:
+            self.scheduler.unscale_lrs()
+            self._unscaled = True
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.scheduler is not None and self._unscaled:
+            self.scheduler.scale_lrs()
+            self._unscaled = False
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
         # (transformers >= 4.44) The step is done, though global_step counts it only before on_step_end:

@@ -249,7 +249,7 @@ class LayerScheduler(object):
         (``ReduceLROnPlateau`` after validation), whose new LR would otherwise start from a layer's factor
         (a frozen layer's 0 would never be reduced)."""
         if self._lrs is not None:
-            self._lrs._restore()
+            self._lrs.restore()
 
     def scale_lrs(self) -> None:
         """Set each layer group's LR to the LR scheduler's x the layer's factor again, for the next optimizer
