@@ -21,12 +21,11 @@ plain loops and Lightning drive too), plus what only a Trainer run has:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
-from . import _compat, _optim, engines, trainer
+from . import _compat, engines, trainer
 from ._describe import format_layers
 from .scheduler import LayerScheduler, check_options
 from .tuner import find_scheduled_tuner
@@ -118,7 +117,7 @@ class LayerScheduleCallback(TrainerCallback):
         engine = self._engine(args)
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and not engine.needs_layer_groups:
-            self._ensure_optimized(optimizer, args, tuner)
+            trainer.ensure_optimized(optimizer, args, tuner.layer_parameters(self.adapter_name), self._user_optimizer)
         loader = kwargs.get("train_dataloader")
         steps_per_epoch = _compat.update_steps_per_epoch(loader, args.gradient_accumulation_steps)
         step, max_steps = int(state.global_step), int(getattr(state, "max_steps", 0) or 0)
@@ -240,29 +239,3 @@ class LayerScheduleCallback(TrainerCallback):
         history = trainer.read_json(checkpoint, None, "trainer_state.json").get("log_history") or []
         applied = trainer.RunRecord.of_history(history).last_time
         self.scheduler.restore(position, position if applied is None else applied, saved.get("ever_active_layers"))
-
-    def _ensure_optimized(self, optimizer: Any, args: Any, tuner: Any) -> None:
-        missing = _optim.missing(optimizer, tuner.layer_parameters(self.adapter_name))
-        if not missing:
-            return
-        if trainer.distributed(args):
-            raise ValueError(
-                f"the LoRA parameters of layer(s) {list(missing)} did not require grad when DDP wrapped the "
-                f"model, so DDP would never all-reduce them and the ranks would silently diverge once they "
-                f"train. Pass LayerScheduleCallback to Trainer(callbacks=[...]) (it prepares the model before "
-                f"the optimizer and DDP are built), and do not call activate_layers() before trainer.train()."
-            )
-        if self._user_optimizer or not optimizer.param_groups:
-            return  # LayerScheduler refuses it, saying how to build it
-        # The Trainer built its optimizer while some layers were frozen (activate_layers() ran before
-        # train() and the callback was added after Trainer.__init__).  Put them into the Trainer's
-        # existing groups, so the LR scheduler covers them; no group is added.
-        params = [p for ps in missing.values() for p in ps]
-        if not _optim.add_to_group(optimizer, params, getattr(args, "weight_decay", 0.0), engines.LAYER_KEY):
-            return  # every group is a layer's own: LayerScheduler refuses it, saying how to build it
-        warnings.warn(
-            f"LayerScheduleCallback: the optimizer lacked the LoRA parameters of layer(s) {list(missing)}; "
-            f"they were added to its existing param groups. Pass the callback to Trainer(callbacks=[...]) "
-            f"so the optimizer is built with them (needed for resume_from_checkpoint to match).",
-            stacklevel=2,
-        )

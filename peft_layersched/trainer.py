@@ -191,6 +191,36 @@ def split_trainer_optimizer(trainer: Any, layer_params: Dict[Any, List[Any]]) ->
     engines.split_by_layer(_optim.inner(trainer.optimizer), layer_of)
 
 
+def ensure_optimized(optimizer: Any, args: Any, layer_params: Dict[Any, List[Any]], user_optimizer: bool) -> None:
+    """A Trainer optimizer that lacks some scheduled layers' LoRA parameters (``activate_layers()`` ran before
+    ``train()`` and the callback came after ``Trainer.__init__``): refused under DDP; else, when the Trainer
+    built it, they are put into its existing non-layer groups (the LR scheduler covers them; no group is
+    added), with a warning.  A user-built optimizer is left to ``LayerScheduler``, which refuses it."""
+    import warnings
+
+    missing = _optim.missing(optimizer, layer_params)
+    if not missing:
+        return
+    if distributed(args):
+        raise ValueError(
+            f"the LoRA parameters of layer(s) {list(missing)} did not require grad when DDP wrapped the "
+            f"model, so DDP would never all-reduce them and the ranks would silently diverge once they "
+            f"train. Pass LayerScheduleCallback to Trainer(callbacks=[...]) (it prepares the model before "
+            f"the optimizer and DDP are built), and do not call activate_layers() before trainer.train()."
+        )
+    if user_optimizer or not optimizer.param_groups:
+        return
+    params = [p for ps in missing.values() for p in ps]
+    if not _optim.add_to_group(optimizer, params, getattr(args, "weight_decay", 0.0), engines.LAYER_KEY):
+        return  # every group is a layer's own: LayerScheduler refuses it, saying how to build it
+    warnings.warn(
+        f"LayerScheduleCallback: the optimizer lacked the LoRA parameters of layer(s) {list(missing)}; "
+        f"they were added to its existing param groups. Pass the callback to Trainer(callbacks=[...]) "
+        f"so the optimizer is built with them (needed for resume_from_checkpoint to match).",
+        stacklevel=3,
+    )
+
+
 def read_json(checkpoint: str, subfolder: Optional[str], name: str) -> Dict[str, Any]:
     """A JSON file of a checkpoint folder (in the adapter's subfolder if there), ``{}`` if none."""
     for folder in ([os.path.join(checkpoint, subfolder)] if subfolder else []) + [checkpoint]:
