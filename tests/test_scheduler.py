@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
 import peft_layersched
 from peft_layersched import LayerScheduleCallback, LayerScheduler, LayerScheduleTrainerMixin
@@ -294,3 +294,31 @@ def test_the_package_modules_import_one_another_without_a_circle():
 
     cycles = [c for c in (cycle_from(m) for m in sorted(graph)) if c]
     assert not cycles, cycles
+
+
+class GroupLRs(TrainerCallback):
+    """After each optimizer step (and LayerScheduleCallback's): each layer group's LR for the next step."""
+
+    def __init__(self):
+        self.at = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.at[state.global_step] = {g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}
+
+
+@pytest.mark.skipif("reduce_lr_on_plateau" not in {t.value for t in SchedulerType},
+                    reason="this transformers has no reduce_lr_on_plateau schedule")
+def test_reduce_lr_on_plateau_in_the_trainer_reduces_frozen_layers_too(tmp_path):
+    # A constant metric: the plateau scheduler halves the LR after every evaluation but the first. Layer 11 is
+    # frozen (factor 0) in epoch 1; when it rejoins it must run at the reduced LR, like layer 1.
+    fields = TrainingArguments.__dataclass_fields__
+    strategy = {"eval_strategy" if "eval_strategy" in fields else "evaluation_strategy": "epoch"}
+    model = scheduled_bert({0: [11], 1: [1], 2: [1, 11]})
+    probe = GroupLRs()
+    args = training_args(tmp_path, num_train_epochs=3, lr_scheduler_type="reduce_lr_on_plateau",
+                         lr_scheduler_kwargs={"patience": 0, "factor": 0.5}, metric_for_best_model="score",
+                         greater_is_better=False, **strategy)
+    Trainer(model=model, args=args, train_dataset=ToyClassification(), eval_dataset=ToyClassification(n=4),
+            compute_metrics=lambda _: {"score": 1.0}, callbacks=[LayerScheduleCallback(), probe]).train()
+    assert probe.at[9] == {1: pytest.approx(5e-3), 11: pytest.approx(5e-3)}, probe.at
+    assert probe.at[5] == {1: pytest.approx(1e-2), 11: 0.0}, probe.at

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
+from peft_layersched import LayerScheduleCallback, LayerScheduleTrainerMixin, ScheduledLoraConfig
+from peft_layersched.engines import LAYER_KEY
 
 from helpers import tiny_models
 
@@ -28,7 +29,12 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def test_sft_trainer_runs_the_schedule(tmp_path):
+class ScheduledSFTTrainer(LayerScheduleTrainerMixin, trl.SFTTrainer):
+    pass
+
+
+@pytest.mark.parametrize("mixin", [False, True], ids=["class-wrappers", "mixin"])
+def test_sft_trainer_runs_the_schedule(tmp_path, mixin):
     texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(6)) for i in range(16)]
     config = ScheduledLoraConfig(
         r=4,
@@ -50,7 +56,7 @@ def test_sft_trainer_runs_the_schedule(tmp_path):
         disable_tqdm=True,
         bf16=False,
     )
-    trainer = trl.SFTTrainer(
+    trainer = (ScheduledSFTTrainer if mixin else trl.SFTTrainer)(
         model=tiny_models.llama(),
         args=args,
         train_dataset=datasets.Dataset.from_dict({"text": texts}),
@@ -69,3 +75,6 @@ def test_sft_trainer_runs_the_schedule(tmp_path):
         if "lora_B" in n and not torch.equal(p, before[n])
     }
     assert changed == {"0", "3"}, "the layer that joined at step 2 never trained under SFTTrainer"
+    layers = sorted(g[LAYER_KEY] for g in trainer.optimizer.param_groups if LAYER_KEY in g)
+    assert layers == [0, 3]  # a param group per scheduled layer, through either mechanism
+    assert any("layer_schedule/lr/0" in r for r in trainer.state.log_history)
