@@ -27,11 +27,11 @@ from transformers import TrainerCallback
 
 from . import _compat, engines, trainer
 from ._describe import format_layers
-from .scheduler import LayerScheduler, check_options
+from .scheduler import LayerScheduler, ScheduleOptions
 from .tuner import find_scheduled_tuner
 
 
-class LayerScheduleCallback(TrainerCallback):
+class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
     """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during ``Trainer.train()``.
 
     Args:
@@ -85,16 +85,8 @@ class LayerScheduleCallback(TrainerCallback):
         schedule_start: str = "restart",
         frozen_optimizer_state: str = "keep",
     ) -> None:
-        self.reactivated_state = check_options(
-            new_layer_lr_scale, new_layer_warmup_steps, reactivated_state, warn_on_no_update, schedule_start,
-            frozen_optimizer_state,
-        )
-        self.new_layer_lr_scale = float(new_layer_lr_scale)
-        self.new_layer_warmup_steps = new_layer_warmup_steps
-        self.frozen_optimizer_state = frozen_optimizer_state
-        self.warn_on_no_update = warn_on_no_update
-        self.adapter_name = adapter_name
-        self.schedule_start = schedule_start
+        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
+                          warn_on_no_update, adapter_name, schedule_start)
         self.scheduler: Optional[LayerScheduler] = None  # the run's core, from on_train_begin on
         self._user_optimizer = False
         self._next_epoch = 0
@@ -135,10 +127,7 @@ class LayerScheduleCallback(TrainerCallback):
             state.log_history.append(dict(entry, epoch=state.epoch, step=state.global_step))
 
         self.scheduler = LayerScheduler(
-            model, optimizer, new_layer_lr_scale=self.new_layer_lr_scale,
-            new_layer_warmup_steps=self.new_layer_warmup_steps, frozen_optimizer_state=self.frozen_optimizer_state,
-            reactivated_state=self.reactivated_state, warn_on_no_update=self.warn_on_no_update,
-            adapter_name=self.adapter_name, schedule_start=self.schedule_start, engine=engine,
+            model, optimizer, engine=engine, **self.options(),
             total_steps=max_steps or None,
             total_epochs=-(-max_steps // steps_per_epoch) if steps_per_epoch and max_steps > 0 else None,
             steps_per_epoch=steps_per_epoch, start_step=step, start_epoch=epoch, state_dict=resumed,

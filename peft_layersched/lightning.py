@@ -45,7 +45,7 @@ except ImportError:  # the standalone package (pytorch_lightning) is the same co
         ) from None
 
 from . import engines
-from .scheduler import LayerScheduler, check_options
+from .scheduler import LayerScheduler, ScheduleOptions
 from .tuner import deferred_load_check, find_scheduled_tuner
 
 # Lightning strategies whose sharding the requires_grad engine cannot reach (their optimizer state or
@@ -53,7 +53,7 @@ from .tuner import deferred_load_check, find_scheduled_tuner
 _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
 
 
-class LayerScheduleFinetuning(pl.Callback):
+class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
     """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during Lightning's ``Trainer.fit()``.
 
     The ``LightningModule`` holds the scheduled ``PeftModel`` (as an attribute, or anywhere among its
@@ -119,18 +119,10 @@ class LayerScheduleFinetuning(pl.Callback):
         schedule_start: str = "restart",
         log_metrics: bool = True,
     ) -> None:
-        self.reactivated_state = check_options(
-            new_layer_lr_scale, new_layer_warmup_steps, reactivated_state, warn_on_no_update, schedule_start,
-            frozen_optimizer_state,
-        )
+        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
+                          warn_on_no_update, adapter_name, schedule_start)
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be True or False, got {log_metrics!r}.")
-        self.new_layer_lr_scale = float(new_layer_lr_scale)
-        self.new_layer_warmup_steps = new_layer_warmup_steps
-        self.frozen_optimizer_state = frozen_optimizer_state
-        self.warn_on_no_update = warn_on_no_update
-        self.adapter_name = adapter_name
-        self.schedule_start = schedule_start
         self.log_metrics = log_metrics
         self.scheduler: Optional[LayerScheduler] = None  # the run's core, from on_train_start on
         self._saved: Optional[Dict[str, Any]] = None  # the scheduler state of the checkpoint resumed from
@@ -180,10 +172,7 @@ class LayerScheduleFinetuning(pl.Callback):
         total_steps, total_epochs, steps_per_epoch = _run_length(trainer)
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.scheduler = LayerScheduler(
-            pl_module, optimizers[0] if optimizers else None, new_layer_lr_scale=self.new_layer_lr_scale,
-            new_layer_warmup_steps=self.new_layer_warmup_steps, frozen_optimizer_state=self.frozen_optimizer_state,
-            reactivated_state=self.reactivated_state, warn_on_no_update=self.warn_on_no_update,
-            adapter_name=self.adapter_name, schedule_start=self.schedule_start, engine=self._engine(trainer),
+            pl_module, optimizers[0] if optimizers else None, engine=self._engine(trainer), **self.options(),
             total_steps=total_steps, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch,
             start_step=step, start_epoch=epoch, state_dict=saved,
         )

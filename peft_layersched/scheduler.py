@@ -88,7 +88,35 @@ def check_options(
     return reactivated_state or ("reset" if frozen_optimizer_state == "drop" else "keep")
 
 
-class LayerScheduler(object):
+_OPTION_NAMES = ("new_layer_lr_scale", "new_layer_warmup_steps", "frozen_optimizer_state", "reactivated_state",
+                 "warn_on_no_update", "adapter_name", "schedule_start")
+
+
+class ScheduleOptions(object):
+    """The options every driver of a schedule takes (``LayerScheduler``, ``LayerScheduleCallback``,
+    ``LayerScheduleFinetuning``): validated once, kept as attributes, handed on with :meth:`options`."""
+
+    def _set_options(
+        self, new_layer_lr_scale: Any, new_layer_warmup_steps: Any, frozen_optimizer_state: Any,
+        reactivated_state: Any, warn_on_no_update: Any, adapter_name: Any, schedule_start: Any,
+    ) -> None:
+        self.reactivated_state = check_options(
+            new_layer_lr_scale, new_layer_warmup_steps, reactivated_state, warn_on_no_update, schedule_start,
+            frozen_optimizer_state,
+        )
+        self.new_layer_lr_scale = float(new_layer_lr_scale)
+        self.new_layer_warmup_steps = new_layer_warmup_steps
+        self.frozen_optimizer_state = frozen_optimizer_state
+        self.warn_on_no_update = warn_on_no_update
+        self.adapter_name = adapter_name
+        self.schedule_start = schedule_start
+
+    def options(self) -> Dict[str, Any]:
+        """The validated options, as ``LayerScheduler`` keyword arguments."""
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
+
+
+class LayerScheduler(ScheduleOptions):
     """Drives the layer schedule of a scheduled ``PeftModel`` in any training loop.
 
     Args:
@@ -137,15 +165,8 @@ class LayerScheduler(object):
         state_dict: Optional[Dict[str, Any]] = None,
         on_switch: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None:
-        self.reactivated_state = check_options(
-            new_layer_lr_scale, new_layer_warmup_steps, reactivated_state, warn_on_no_update, schedule_start,
-            frozen_optimizer_state,
-        )
-        self.new_layer_lr_scale = float(new_layer_lr_scale)
-        self.new_layer_warmup_steps = new_layer_warmup_steps
-        self.frozen_optimizer_state = frozen_optimizer_state
-        self.warn_on_no_update = warn_on_no_update
-        self.schedule_start = schedule_start
+        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
+                          warn_on_no_update, adapter_name, schedule_start)
         self.engine = engine if isinstance(engine, engines.Engine) else engines.engine_named(engine)
         self.engine.check_options(frozen_optimizer_state, self.reactivated_state, user_optimizer=False)
         self.tuner: ScheduledLoraModel = find_scheduled_tuner(model, "LayerScheduler")
