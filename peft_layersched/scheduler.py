@@ -536,9 +536,11 @@ class LayerScheduler(ScheduleOptions):
             return
         factors = self._factors(self.steps + 1)
         grouped = self._lrs.apply(factors) if self._lrs is not None else {}
-        held = self._held_lrs(factors)  # layers without a group of their own
-        held.update(grouped)
-        self._next_lrs = held
+        if len(grouped) < len(self._params):
+            held = self._held_lrs(factors)  # layers without a group of their own
+            held.update(grouped)
+            grouped = held
+        self._next_lrs = grouped
 
     def _held_lrs(self, factors: Dict[LayerId, float]) -> Dict[LayerId, float]:
         """Each layer's LR in an optimizer without per-layer groups (its group's; 0 while frozen)."""
