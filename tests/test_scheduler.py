@@ -306,8 +306,9 @@ class GroupLRs(TrainerCallback):
         self.at[state.global_step] = {g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}
 
 
-@pytest.mark.skipif("reduce_lr_on_plateau" not in {t.value for t in SchedulerType},
-                    reason="this transformers has no reduce_lr_on_plateau schedule")
+@pytest.mark.skipif("reduce_lr_on_plateau" not in {t.value for t in SchedulerType}
+                    or "lr_scheduler_kwargs" not in TrainingArguments.__dataclass_fields__,
+                    reason="this transformers has no reduce_lr_on_plateau schedule with lr_scheduler_kwargs")
 def test_reduce_lr_on_plateau_in_the_trainer_reduces_frozen_layers_too(tmp_path):
     # A constant metric: the plateau scheduler halves the LR after every evaluation but the first. Layer 11 is
     # frozen (factor 0) in epoch 1; when it rejoins it must run at the reduced LR, like layer 1.
