@@ -191,17 +191,14 @@ class LayerScheduler(ScheduleOptions):
         self.time: Optional[int] = None  # the schedule time whose active set is applied
         self.switch_steps: Dict[int, int] = {}  # schedule time -> the optimizer step count when it was applied
         if state_dict is not None:
-            self.offset = int(state_dict["offset"])
-            self.steps, self.epoch = int(state_dict["steps"]), int(state_dict["epoch"])
-            self.switch_steps = {int(t): int(s) for t, s in state_dict.get("switch_steps", [])}
-            applied = state_dict.get("time")
+            applied = self._read_state(state_dict)
         else:
             self.steps, self.epoch = int(start_step), int(start_epoch)
             self.offset = self._offset_from_config()
             applied = None
         t = self.run_time
         self._refuse_idle_times(t)
-        self._switch(t, initial=True, applied=None if applied is None else int(applied))
+        self._switch(t, initial=True, applied=applied)
         self._prepare_next()
 
     # ------------------------------------------------------------------------------- public API
@@ -328,12 +325,21 @@ class LayerScheduler(ScheduleOptions):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``)."""
+        applied = self._read_state(state)
+        self._switch(self.run_time, initial=True, applied=applied)
+        self._prepare_next()
+
+    def _read_state(self, state: Dict[str, Any]) -> Optional[int]:
+        """Take a :meth:`state_dict`'s counters; returns the schedule time its active set was applied at."""
+        if state.get("unit", self.unit) != self.unit:
+            raise ValueError(
+                f"the saved layer-scheduler state counts {state['unit']}s, but this scheduler's unit is "
+                f"{self.unit!r}: resume with the schedule_unit the run was saved with."
+            )
         self.offset = int(state["offset"])
         self.steps, self.epoch = int(state["steps"]), int(state["epoch"])
         self.switch_steps = {int(t): int(s) for t, s in state.get("switch_steps", [])}
-        applied = state.get("time")
-        self._switch(self.run_time, initial=True, applied=None if applied is None else int(applied))
-        self._prepare_next()
+        return None if state.get("time") is None else int(state["time"])
 
     def restore(self, position: int, applied: int, ever_active_layers: Any = None) -> None:
         """Put the schedule back where a checkpoint had it: the active set of schedule time ``applied`` (with
