@@ -124,7 +124,10 @@ class LayerScheduler(ScheduleOptions):
             DeepSpeed engine, ``torch.compile``).
         optimizer: the optimizer that trains it (``None``: switching only).  Build it over
             :meth:`param_groups` for LR factors (required with ``new_layer_lr_scale`` / warm-up and under
-            ``engine="lr-zero"``); else it must hold every preallocated LoRA parameter.
+            ``engine="lr-zero"``); else it must hold every preallocated LoRA parameter.  The scheduler
+            changes it in these ways only: the LR of each per-layer group (and two keys it keeps there,
+            saved by ``optimizer.state_dict()``), a post-step hook that puts the unscaled LRs back, and the
+            optimizer state that ``frozen_optimizer_state`` / ``reactivated_state`` move or drop.
         unit (`str`, *optional*): ``"step"`` or ``"epoch"``; default the config's ``schedule_unit``.
         new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
         warn_on_no_update, adapter_name, schedule_start: as for ``LayerScheduleCallback``.
