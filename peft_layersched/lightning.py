@@ -161,14 +161,7 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
                 f"{len(optimizers)}; Lightning's global_step counts the steps of them all. Train the scheduled "
                 f"PeftModel with one optimizer (other modules may be param groups of the same one)."
             )
-        saved = self._saved
-        if saved is not None and saved.get("unit") not in (None, self._config_unit(pl_module)):
-            raise ValueError(
-                f"the checkpoint resumed from was saved by a run whose layer schedule counted in "
-                f"{saved.get('unit')}s, and this model's ScheduledLoraConfig(schedule_unit="
-                f"{self._config_unit(pl_module)!r}) counts in {self._config_unit(pl_module)}s. Resume with the "
-                f"config the checkpoint was trained with."
-            )
+        saved = self._saved  # (LayerScheduler refuses a state saved with another schedule unit)
         total_steps, total_epochs, steps_per_epoch = _run_length(trainer)
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.scheduler = LayerScheduler(
@@ -231,11 +224,6 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
         self._saved = dict(state_dict)
 
     # ---------------------------------------------------------------------------------- internals
-
-    def _config_unit(self, pl_module: Any) -> str:
-        tuner = find_scheduled_tuner(pl_module, "LayerScheduleFinetuning")
-        name = tuner.scheduled_adapter(self.adapter_name).name
-        return getattr(tuner.peft_config[name], "schedule_unit", "epoch")
 
     def _engine(self, trainer: Any) -> engines.Engine:
         names = [cls.__name__ for cls in type(trainer.strategy).__mro__]

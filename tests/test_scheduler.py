@@ -108,6 +108,15 @@ def test_plain_loop_resume_from_state_dict_is_bitwise(tmp_path, policy):
     assert same(straight, lora(plain_loop(model, optimizer, lr_scheduler, sched, 12, start=7)))
 
 
+def test_a_state_saved_with_another_unit_is_refused():
+    model, optimizer, lr_scheduler, sched = built()
+    saved = dict(sched.state_dict(), unit="epoch")
+    with pytest.raises(ValueError, match=r"counts epochs, but this scheduler's unit is 'step'"):
+        LayerScheduler(model, optimizer, state_dict=saved)
+    with pytest.raises(ValueError, match=r"counts epochs, but this scheduler's unit is 'step'"):
+        sched.load_state_dict(saved)
+
+
 # ---------------------------------------------------------------------------------- LR factors
 
 def _first_update_of_layer_1(optimizer_cls, scale, **kwargs):
