@@ -470,8 +470,8 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         """Record that the adapter's schedule has run up to ``t`` (what ``adapter_config.json`` saves as
         ``schedule_position``) without changing which layers train: for the times at which the active set
         stays as it is, and for the step after a run's last optimizer step (whose layers never trained,
-        so they are not made ever-active).  ``LayerScheduleCallback`` calls it after every optimizer step
-        (step unit) and at every epoch (epoch unit)."""
+        so they are not made ever-active).  ``LayerScheduler`` calls it after every optimizer step (step
+        unit) and at every epoch (epoch unit)."""
         name, plan = self._adapter(adapter_name)
         t = check_time(t)
         config = self.peft_config[name]
