@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
+from .adaptive import AdaptiveSchedule, AdaptiveSpec, AutofreezeSpec
 from .schedule import (
     CallableSpec,
     CyclicSchedule,
@@ -77,11 +78,30 @@ def describe_schedule(schedule: Union[ScheduleSpec, Schedule], unit: str = "epoc
         return "sampled: {} layer(s) drawn every {} {}(s), seed {}{} ({})".format(
             spec.k, spec.every, unit, spec.seed, always, _candidates(spec.layers)
         )
+    if isinstance(spec, (AdaptiveSpec, AutofreezeSpec)):
+        return _describe_adaptive(schedule, spec, unit)
     if isinstance(spec, UnsavedCallableSpec):
         return "callable (not saved): {}".format(spec.name)
     if isinstance(spec, CallableSpec):
         return "callable: {}({})".format(spec.name, unit)
     return spec.kind
+
+
+def _describe_adaptive(schedule: Any, spec: Any, unit: str) -> str:
+    always = ", always {}".format(spec.always) if spec.always else ""
+    if isinstance(spec, AdaptiveSpec):
+        head = "adaptive: {} layer(s) by {} ({}, explore {}), every {} {}(s){}".format(
+            spec.k, spec.signal, spec.policy, spec.explore, spec.every, unit, always)
+    else:
+        head = "autofreeze: layers leave bottom-up when their {} changes less than the {}th percentile, " \
+               "checked every {} {}(s){}".format(spec.signal, spec.percentile, spec.every, unit, always)
+    decisions = schedule.decisions if isinstance(schedule, AdaptiveSchedule) else spec.decisions
+    if not decisions:
+        prior = "; before training: what the prior scores alone choose" if isinstance(spec, AdaptiveSpec) else ""
+        return head + " ({}; decided during training{})".format(_candidates(spec.layers), prior)
+    last = decisions[-1]
+    return head + " ({} decision(s) made, the last at {} {}: {})".format(
+        len(decisions), unit, last["t"], list(last["layers"]))
 
 
 def preview_span(schedule: Schedule) -> int:
@@ -97,4 +117,7 @@ def preview_span(schedule: Schedule) -> int:
         return 2 * schedule.block_count * schedule.every
     if isinstance(schedule, SampledSchedule):
         return 8 * schedule.every
+    if isinstance(schedule, AdaptiveSchedule):
+        last = schedule.decisions[-1]["t"] if schedule.decisions else 0
+        return last + 2 * schedule.every
     return 10

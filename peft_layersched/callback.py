@@ -93,6 +93,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         self._pending_epoch: Optional[int] = None
         self._micro_steps = 0
         self._unscaled = False  # the layer groups hold the LR scheduler's own LRs since an evaluation
+        self._decision_due = False  # an adaptive decision not logged yet
         trainer.install_trainer_hooks()
 
     # ------------------------------------------------------------------------------------ events
@@ -120,7 +121,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         record = trainer.RunRecord.of(state)
         resumed = None if record.offset is None else {
             "offset": record.offset, "steps": step, "epoch": epoch, "time": record.last_time,
-            "switch_steps": sorted(record.switch_steps.items()),
+            "switch_steps": sorted(record.switch_steps.items()), "adaptive": record.adaptive,
         }
 
         def log_switch(entry: Dict[str, Any]) -> None:
@@ -131,7 +132,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
             total_steps=max_steps or None,
             total_epochs=-(-max_steps // steps_per_epoch) if steps_per_epoch and max_steps > 0 else None,
             steps_per_epoch=steps_per_epoch, start_step=step, start_epoch=epoch, state_dict=resumed,
-            on_switch=log_switch,
+            on_switch=log_switch, calibration_data=loader, on_decision=self._decided,
         )
         tuner.check_deferred_load()  # a resumed checkpoint's weights, against the schedule at its step
 
@@ -145,6 +146,10 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
             self._pending_epoch = epoch
         else:
             self.scheduler.set_time(epoch)
+        return self._report(state, control)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        return self._report(state, control)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
@@ -175,11 +180,15 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         if self._pending_epoch is not None:
             epoch, self._pending_epoch = self._pending_epoch, None
             self.scheduler.set_time(epoch)
+        return self._report(state, control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
             return
         self.scheduler.finish()
+        adaptive = self.scheduler.adaptive_state()
+        if adaptive is not None:
+            trainer.keep_adaptive_state(state, adaptive)
         best = getattr(state, "best_model_checkpoint", None)
         if getattr(args, "load_best_model_at_end", False) and best:
             self._restore_checkpoint_state(best)
@@ -209,6 +218,20 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
             logs.update(self.tracker_scalars())
 
     # ---------------------------------------------------------------------------------- internals
+
+    def _decided(self, decision: Dict[str, Any]) -> None:
+        self._decision_due = True
+
+    def _report(self, state: Any, control: Any) -> Any:
+        """An adaptive schedule's decision is logged at once (its scores reach every tracker), and its
+        state rides in the log history of the checkpoint about to be saved."""
+        if self.scheduler is None or self.scheduler.meter is None:
+            return None
+        if self._decision_due:
+            control.should_log, self._decision_due = True, False
+        if control.should_save:
+            trainer.keep_adaptive_state(state, self.scheduler.adaptive_state())
+        return control
 
     def _engine(self, args: Any) -> engines.Engine:
         engine = trainer.engine_for(args)

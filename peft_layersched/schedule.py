@@ -1,13 +1,16 @@
 """The schedule core: ``t -> layer ids``, pure Python, no torch.
 
 Every schedule is a pure, deterministic function of the time ``t`` (an epoch or an optimizer step) and
-its own spec (seeds included), so every DDP rank and every resumed run computes the same active set
-with no extra state.  Kinds (the ``layer_schedule`` value of ``ScheduledLoraConfig``):
+its own spec (seeds included; the adaptive kinds: their decision log), so every DDP rank and every
+resumed run computes the same active set with no extra state.  Kinds (the ``layer_schedule`` value of
+``ScheduledLoraConfig``):
 
 * milestones ``{start: layers}`` (:class:`MilestoneSpec`);
 * ``{"type": "gradual", ...}``: ULMFiT-style gradual unfreezing (:class:`GradualSpec`);
 * ``{"type": "cyclic", ...}``: BAdam-style blocks taking turns (:class:`CyclicSpec`);
 * ``{"type": "sampled", ...}``: LISA-style seeded draws of ``k`` layers (:class:`SampledSpec`);
+* ``{"type": "adaptive", ...}`` / ``{"type": "autofreeze", ...}``: chosen from measured signals, with the
+  decisions logged in the spec (:mod:`peft_layersched.adaptive`);
 * a Python callable ``t -> layers`` (:class:`CallableSpec`; not serialized, see its docstring).
 
 A *raw* layer id is what a user writes: an ``int`` (negative counts from the top) or a string
@@ -31,7 +34,7 @@ LayerId = Union[int, str]
 Canonicalizer = Callable[[Any, str], LayerId]
 
 SCHEDULE_UNITS = ("epoch", "step")
-SCHEDULE_TYPES = ("gradual", "cyclic", "sampled")
+SCHEDULE_TYPES = ("gradual", "cyclic", "sampled", "adaptive", "autofreeze")
 
 _STR_ID = re.compile(r"^(?:(?P<stack>[A-Za-z_][\w.]*?)\.)?(?P<index>-?\d+)$")
 
@@ -945,14 +948,21 @@ class UnsavedCallableSpec(CallableSpec):
 
 # ------------------------------------------------------------------------------------ parsing
 
-_TYPED = {"gradual": GradualSpec, "cyclic": CyclicSpec, "sampled": SampledSpec}
+_TYPED: Dict[str, Any] = {"gradual": GradualSpec, "cyclic": CyclicSpec, "sampled": SampledSpec}
+
+
+def register_kind(spec_class: Any) -> None:
+    """Make ``{"type": spec_class.kind, ...}`` parse to ``spec_class`` (:mod:`peft_layersched.adaptive`
+    registers its kinds when the package is imported)."""
+    _TYPED[spec_class.kind] = spec_class
 
 
 def parse_schedule(spec: Any) -> ScheduleSpec:
     """Validate a ``layer_schedule`` value and return its spec (:meth:`ScheduleSpec.bind` puts it on a model).
 
     ``spec``: a milestone dict ``{start: layers}``, a dict with a ``"type"`` key (``"gradual"``,
-    ``"cyclic"``, ``"sampled"``; ``"callable"`` is what a saved callable schedule loads as), a callable
+    ``"cyclic"``, ``"sampled"``, ``"adaptive"``, ``"autofreeze"``; ``"callable"`` is what a saved callable
+    schedule loads as), a callable
     ``t -> layers``, a :class:`ScheduleSpec`, or a bound :class:`Schedule` (its spec as bound).  Raises
     ``TypeError``/``ValueError`` naming the field.
     """
@@ -966,12 +976,13 @@ def parse_schedule(spec: Any) -> ScheduleSpec:
         kind = spec["type"]
         if kind == "callable":
             return UnsavedCallableSpec(spec)
-        if not isinstance(kind, str) or kind not in _TYPED:
+        typed = _TYPED
+        if not isinstance(kind, str) or kind not in typed:
             raise ValueError(
                 f"layer_schedule: 'type' must be one of {list(SCHEDULE_TYPES)}, got {kind!r}; for milestones "
                 f"give a dict {{start: layers}} without 'type', e.g. {{0: [11], 3: [1, 11]}}."
             )
-        return _TYPED[kind](spec)
+        return typed[kind](spec)
     return MilestoneSpec(spec)
 
 

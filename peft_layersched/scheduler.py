@@ -37,7 +37,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _optim, engines
 from ._describe import format_layers
+from .adaptive import AdaptiveSchedule
 from .schedule import LayerId, check_time
+from .signals import SignalMeter
 from .tuner import ScheduledLoraModel, find_scheduled_tuner
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,16 @@ class LayerScheduler(ScheduleOptions):
         state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start).
         on_switch (`callable`, *optional*): called with a dict for each switch (``schedule_time``,
             ``schedule_offset``, ``step``, ``active_layers``, ``trainable_params``).
+        calibration_data (`iterable`, *optional*): batches (dicts of tensors, or tuples) for the
+            ``outlier`` signal of an adaptive schedule, measured once before its first decision (the
+            global RNG states are restored afterwards).
+        on_decision (`callable`, *optional*): called with each decision of an adaptive schedule (``t``,
+            ``layers``, ``scores``; autofreeze also ``rates``, ``threshold``).
+
+    Adaptive schedules (``{"type": "adaptive"}`` / ``{"type": "autofreeze"}``): the scheduler measures
+    their signal (:class:`~peft_layersched.signals.SignalMeter`; summed over ranks, in float64), makes each
+    decision when its time comes (the same on every rank) and keeps the decision log in the adapter's
+    config and in :meth:`state_dict`.
 
     Call :meth:`step` after each optimizer step (after ``lr_scheduler.step()``), :meth:`epoch_end` after each
     epoch (epoch unit) or :meth:`set_time` to jump, and :meth:`finish` at the end.
@@ -167,6 +179,8 @@ class LayerScheduler(ScheduleOptions):
         start_epoch: int = 0,
         state_dict: Optional[Dict[str, Any]] = None,
         on_switch: Optional[Callable[[Dict[str, Any]], None]] = None,
+        calibration_data: Any = None,
+        on_decision: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None:
         self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
                           warn_on_no_update, adapter_name, schedule_start)
@@ -184,7 +198,11 @@ class LayerScheduler(ScheduleOptions):
         self.total_steps, self.total_epochs = total_steps, total_epochs
         self.steps_per_epoch = steps_per_epoch
         self.on_switch = on_switch
+        self.on_decision = on_decision
+        self.calibration_data = calibration_data
         self._params = self.tuner.layer_parameters(self.adapter_name)
+        self.meter = self._make_meter()
+        self.last_decision: Optional[Dict[str, Any]] = None
         self._lrs = self._prepare_optimizer(optimizer)
         self._still = _optim.StillCheck()
         self._offloaded: Dict[Any, Any] = {}
@@ -236,6 +254,8 @@ class LayerScheduler(ScheduleOptions):
         adapter saves advances, and the LR factors of the next step are set."""
         self._still.steps += 1
         self.steps += 1
+        if self.meter is not None:
+            self.meter.end_step(self.current or [])
         # What this step's metrics report: the layers it trained, the LRs it used (before any switch).
         self._record = (self.active_layers, dict(self._next_lrs), None)
         if self.unit == "step":
@@ -261,8 +281,10 @@ class LayerScheduler(ScheduleOptions):
         self._prepare_next()
 
     def finish(self) -> None:
-        """The run is over: the no-update check of the last phase."""
+        """The run is over: the no-update check of the last phase (and an adaptive schedule's state goes
+        into the adapter's config)."""
         self._check_phase_updates()
+        self.adaptive_state()
 
     def unscale_lrs(self) -> None:
         """Put the LR scheduler's own LRs back into the layer groups until :meth:`scale_lrs` (or the next
@@ -309,6 +331,14 @@ class LayerScheduler(ScheduleOptions):
             out[f"layer_schedule/active/{layer}"] = 1.0 if layer in active else 0.0
             if layer in lrs:
                 out[f"layer_schedule/lr/{layer}"] = lrs[layer]
+        decision = self.last_decision
+        if decision is not None:
+            out["layer_schedule/decision_time"] = float(decision["t"])
+            chosen = set(decision["layers"])
+            for layer, score in decision["scores"].items():
+                out[f"layer_schedule/score/{layer}"] = float(score)
+            for layer in self._schedule.pool:
+                out[f"layer_schedule/chosen/{layer}"] = 1.0 if layer in chosen else 0.0
         return out
 
     def reported_layers(self) -> List[LayerId]:
@@ -316,8 +346,10 @@ class LayerScheduler(ScheduleOptions):
         return list(self._record[0]) if self._record is not None else self.active_layers
 
     def state_dict(self) -> Dict[str, Any]:
-        """What a resume needs besides the model's, optimizer's and LR scheduler's own state (JSON-able)."""
-        return {
+        """What a resume needs besides the model's, optimizer's and LR scheduler's own state (JSON-able;
+        an adaptive schedule's decision log and signal state under ``"adaptive"``, also written into the
+        adapter's config)."""
+        state: Dict[str, Any] = {
             "unit": self.unit,
             "offset": self.offset,
             "steps": self.steps,
@@ -325,6 +357,20 @@ class LayerScheduler(ScheduleOptions):
             "time": self.time,
             "switch_steps": sorted(self.switch_steps.items()),
         }
+        adaptive = self.adaptive_state()
+        if adaptive is not None:
+            state["adaptive"] = adaptive
+        return state
+
+    def adaptive_state(self) -> Optional[Dict[str, Any]]:
+        """An adaptive schedule's decision log and signal state (``None`` for other schedules); written
+        into the adapter's config too, so a ``save_pretrained`` that follows saves them."""
+        if self.meter is None:
+            return None
+        schedule = self._schedule
+        schedule.state = self.meter.state_dict()
+        self.tuner.save_schedule_state(self.adapter_name)
+        return {"decisions": schedule.decisions_json(), "meter": schedule.state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``)."""
@@ -342,7 +388,21 @@ class LayerScheduler(ScheduleOptions):
         self.offset = int(state["offset"])
         self.steps, self.epoch = int(state["steps"]), int(state["epoch"])
         self.switch_steps = {int(t): int(s) for t, s in state.get("switch_steps", [])}
+        adaptive = state.get("adaptive")
+        if adaptive is not None:
+            self._load_adaptive(adaptive)
         return None if state.get("time") is None else int(state["time"])
+
+    def _load_adaptive(self, adaptive: Dict[str, Any]) -> None:
+        if self.meter is None:
+            raise ValueError(
+                "the saved layer-scheduler state holds an adaptive schedule's decisions, but this model's "
+                "layer_schedule is not adaptive: resume with the layer_schedule the run was saved with."
+            )
+        self._schedule.load_decisions(adaptive.get("decisions") or [])
+        if adaptive.get("meter") is not None:
+            self.meter.load_state_dict(adaptive["meter"])
+        self.tuner.save_schedule_state(self.adapter_name)
 
     def restore(self, position: int, applied: int, ever_active_layers: Any = None) -> None:
         """Put the schedule back where a checkpoint had it: the active set of schedule time ``applied`` (with
@@ -426,6 +486,8 @@ class LayerScheduler(ScheduleOptions):
         schedule = self._schedule
         if schedule is None and not initial:
             return
+        if self.meter is not None:
+            self._decide(t)
         if schedule is not None and not initial and schedule.active_at(t) == self.current:
             self.time = t
             self.tuner.set_schedule_position(t, self.adapter_name)
@@ -443,6 +505,8 @@ class LayerScheduler(ScheduleOptions):
             # the step just done left this optimizer state; the policies below change it for the next one
             self._record = (self._record[0], self._record[1], _optim.state_bytes(self.optimizer))
         self._move_optimizer_state(t, previous, active, initial)
+        if self.meter is not None:
+            self.meter.track(active)
         self._start_phase()
         if initial or previous != active:
             self._log_change(t, active)
@@ -473,6 +537,44 @@ class LayerScheduler(ScheduleOptions):
             _optim.drop_state(self.optimizer, [p for layer in rejoined for p in params.get(layer, [])])
         joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
         _optim.reload_state(self.optimizer, self._offloaded, joined)
+
+    def _make_meter(self) -> Optional[SignalMeter]:
+        schedule = self._schedule
+        if not isinstance(schedule, AdaptiveSchedule):
+            return None
+        spec = schedule.spec
+        named = dict(self.tuner.model.named_modules())
+        modules: Dict[LayerId, List[Any]] = {}
+        for name, layer in self.tuner.scheduled_modules(self.adapter_name).items():
+            modules.setdefault(layer, []).append(named[name])
+        meter = SignalMeter(
+            spec.signal, schedule.pool, self._params, modules, ema=spec.ema,
+            sharded=not self.engine.whole_parameters, calibration_batches=spec.calibration_batches,
+            outlier_m=spec.outlier_m,
+        )
+        if schedule.state is not None and schedule.state.get("signal") == spec.signal:
+            meter.load_state_dict(schedule.state)  # a reloaded adapter's: its measurements go on
+        return meter
+
+    def _decide(self, t: int) -> None:
+        """Make the decision schedule time ``t`` is due for, if any (every rank: the same one)."""
+        schedule, meter = self._schedule, self.meter
+        due = schedule.due(t)
+        if due is None:
+            return
+        if schedule.spec.needs_calibration and not meter.calibrated:
+            meter.calibrate(self.tuner.model, self.calibration_data)
+        measured = meter.interval_measured() if schedule.kind == "autofreeze" else meter.measured()
+        decision = schedule.decide(due, measured)
+        meter.start_interval()
+        self.last_decision = decision
+        self.tuner.save_schedule_state(self.adapter_name)
+        logger.info(
+            "layer schedule: %s %d: adaptive decision %s (scores %s)", self.unit, due,
+            decision["layers"], {k: round(v, 6) for k, v in decision["scores"].items()},
+        )
+        if self.on_decision is not None:
+            self.on_decision(dict(decision))
 
     def _refuse_idle_times(self, t: int) -> None:
         """Refuse, before the first step, a run in which some epoch/step would train nothing at all."""

@@ -262,11 +262,15 @@ class RunRecord(object):
 
     ``offset``: the schedule time of the run's Trainer ``t = 0`` (``None``: a new run, or entries from a
     version that did not record it); ``last_time``: the schedule time whose active set the checkpoint was
-    saved with; ``switch_steps``: schedule time -> the global step at which it was applied.
+    saved with; ``switch_steps``: schedule time -> the global step at which it was applied; ``adaptive``:
+    an adaptive schedule's decision log and signal state as the checkpoint was saved (the one entry
+    ``ADAPTIVE_KEY`` that the callback keeps up to date before each save).
     """
 
-    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int]) -> None:
+    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int],
+                 adaptive: Optional[Dict[str, Any]] = None) -> None:
         self.offset, self.last_time, self.switch_steps = offset, last_time, switch_steps
+        self.adaptive = adaptive
 
     @classmethod
     def of(cls, state: Any) -> "RunRecord":
@@ -282,4 +286,29 @@ class RunRecord(object):
         steps: Dict[int, int] = {}
         for entry in entries:
             steps.setdefault(int(entry["schedule_time"]), int(entry["step"]))
-        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps)
+        adaptive = adaptive_entry(log_history)
+        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps,
+                   None if adaptive is None else adaptive[ADAPTIVE_KEY])
+
+
+ADAPTIVE_KEY = "layer_schedule_adaptive"
+
+
+def adaptive_entry(log_history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The log-history entry that holds an adaptive schedule's state (``None``: there is none yet)."""
+    for entry in log_history:
+        if ADAPTIVE_KEY in entry:
+            return entry
+    return None
+
+
+def keep_adaptive_state(state: Any, adaptive: Dict[str, Any]) -> None:
+    """Put an adaptive schedule's state into the Trainer state's log history, for the checkpoint that
+    is saved next (``trainer_state.json``): one entry, updated in place, so the history grows by one entry
+    however many checkpoints there are."""
+    entry = adaptive_entry(state.log_history)
+    if entry is None:
+        entry = {}
+        state.log_history.append(entry)
+    entry[ADAPTIVE_KEY] = adaptive
+    entry["step"] = int(state.global_step)

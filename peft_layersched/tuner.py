@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from . import _compat, checkpointing, engines
+from .adaptive import AdaptiveSchedule
 from .config import ScheduledLoraConfig
 from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
 from .schedule import LayerId, Schedule, check_time, parse_schedule, stable_int
@@ -477,6 +478,15 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         config = self.peft_config[name]
         if isinstance(config, ScheduledLoraConfig) and plan.schedule is not None:
             config.schedule_position = t
+
+    def save_schedule_state(self, adapter_name: Optional[str] = None) -> None:
+        """Write an adaptive schedule as it stands (its decision log and signal state) into the adapter's
+        config, so ``save_pretrained`` saves the realized schedule.  ``LayerScheduler`` calls it at each
+        decision, from ``state_dict()`` and at the end of a run; other schedules are left as they are."""
+        name, plan = self._adapter(adapter_name)
+        config = self.peft_config[name]
+        if isinstance(config, ScheduledLoraConfig) and isinstance(plan.schedule, AdaptiveSchedule):
+            config.layer_schedule = plan.schedule.as_spec().to_json()
 
     def check_deferred_load(self) -> None:
         """Run the check of loaded weights that :func:`deferred_load_check` put off, if it did (a warning

@@ -327,7 +327,8 @@ def test_the_schedule_core_imports_without_torch(monkeypatch):
 
 # (case id, layer_schedule, exception, regex the message must contain) -- refused by the config itself.
 SPEC_ERRORS = [
-    ("unknown type", {"type": "linear"}, ValueError, r"'type' must be one of \['gradual', 'cyclic', 'sampled'\]"),
+    ("unknown type", {"type": "linear"}, ValueError,
+     r"'type' must be one of \['gradual', 'cyclic', 'sampled', 'adaptive', 'autofreeze'\]"),
     ("every 0", {"type": "gradual", "every": 0}, ValueError, r"type 'gradual'.*'every' must be >= 1"),
     ("k as str", {"type": "gradual", "k": "1"}, TypeError, r"'k' must be an int .*got '1' \(str\)"),
     ("k as bool", {"type": "sampled", "k": True}, TypeError, r"'k' must be an int"),

@@ -451,3 +451,21 @@ def install_legacy_safetensors_reader() -> None:
 
     load_adapter._peft_layersched_shim = True  # type: ignore[attr-defined]
     PeftModel.load_adapter = load_adapter
+
+
+def base_weight(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The frozen base weight a LoRA layer wraps, as ``[out_features, in_features]`` (``None``: it has no
+    2-D weight, e.g. a LoRA embedding or a convolution).  PEFT >= 0.7 keeps the base module in
+    ``base_layer`` (``get_base_layer()``); older LoRA layers subclass it (``nn.Linear``) and hold the weight
+    themselves.  GPT-2's ``Conv1D`` stores it transposed (``[in, out]``)."""
+    get_base = getattr(layer, "get_base_layer", None)
+    base = get_base() if callable(get_base) else layer
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(base, nn.Embedding):
+        return None
+    if weight.dim() != 2:  # (DeepSpeed ZeRO-3 partitions: the caller gathers the layer's parameters first)
+        return None
+    fan_in = getattr(layer, "in_features", None)
+    if fan_in is not None and weight.shape[0] != weight.shape[1]:
+        return weight if weight.shape[1] == fan_in else weight.t()
+    return weight.t() if type(base).__name__ == "Conv1D" else weight
