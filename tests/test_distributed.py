@@ -14,7 +14,7 @@ KINDS = ("epoch", "step")
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("refuse",), timeout=300)
+    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("adaptive", "refuse"), timeout=300)
 
 
 def _ranks(out, kind):
@@ -48,3 +48,21 @@ def test_find_unused_parameters_false_is_refused(ddp_run):
     for result in _ranks(ddp_run, "refuse"):
         assert result["message"] is not None, "the callback accepted ddp_find_unused_parameters=False"
         assert "ddp_find_unused_parameters=True" in result["message"]
+
+
+def test_adaptive_decisions_are_identical_on_both_ranks(ddp_run):
+    first, second = _ranks(ddp_run, "adaptive")
+    assert first["world"] == 2
+    decisions = first["decisions"]
+    assert decisions == second["decisions"], "the ranks decided differently"
+    assert [d["t"] for d in decisions] == list(range(0, 16, 2))  # 32 samples, 2 ranks x 4: 16 steps in 4 epochs
+    assert len({tuple(d["layers"]) for d in decisions}) > 1, "the schedule never changed its choice"
+    assert first["steps"] == second["steps"], "the ranks' weights or active sets differ"
+    measured = [d for d in decisions[1:] if any(v not in (1.0,) for v in d["scores"].values())]
+    assert measured, "no decision used a measured score"
+    by_step = {s["step"]: s for s in first["steps"]}
+    for step in range(1, 17):
+        chosen = [d for d in decisions if d["t"] <= step - 1][-1]["layers"]
+        for layer, digest in by_step[step]["hashes"].items():
+            if int(layer) not in chosen:
+                assert digest == by_step[step - 1]["hashes"][layer], "layer {} moved while frozen".format(layer)

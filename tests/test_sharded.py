@@ -39,7 +39,7 @@ def fsdp_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
-    return two_ranks("sharded_worker", tmp_path_factory.mktemp("zero"), ZERO_KINDS, timeout=600)
+    return two_ranks("sharded_worker", tmp_path_factory.mktemp("zero"), ZERO_KINDS + ("zero2-adaptive",), timeout=900)
 
 
 def ranks(out, kind):
@@ -94,6 +94,29 @@ def test_deepspeed_resume_mid_schedule_is_bitwise_identical(zero_run):
     for t in range(6, 17):
         assert resumed[t]["hashes"] == uninterrupted[t]["hashes"], t
         assert resumed[t]["active"] == uninterrupted[t]["active"], t
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_adaptive_decisions_are_identical_and_resume_bitwise(zero_run):
+    first, second = ranks(zero_run, "zero2-adaptive")
+    decisions = first["decisions"]
+    assert decisions == second["decisions"] and [d["t"] for d in decisions] == list(range(0, 16, 2))
+    assert len({tuple(d["layers"]) for d in decisions}) > 1, "the schedule never changed its choice"
+    assert any(v != 1.0 for d in decisions[1:] for v in d["scores"].values()), "no measured score was used"
+    assert [(s["step"], s["active"], s["hashes"]) for s in first["steps"]] == [
+        (s["step"], s["active"], s["hashes"]) for s in second["steps"]]
+    steps = {s["step"]: s for s in first["steps"]}
+    for step in range(1, 17):
+        chosen = [d for d in decisions if d["t"] <= step - 1][-1]["layers"]
+        assert steps[step - 1]["active"] == chosen
+        for layer, digest in steps[step]["hashes"].items():
+            if int(layer) not in chosen:  # LR 0 under ZeRO: bitwise still all the same
+                assert digest == steps[step - 1]["hashes"][layer], (step, layer)
+    # resumed from the checkpoint of step 8: the same decisions and weights from there on
+    assert first["resumed_decisions"] == decisions
+    resumed = {s["step"]: s for s in first["resumed"]}
+    for t in range(8, 17):
+        assert resumed[t]["hashes"] == steps[t]["hashes"], t
 
 
 @needs_deepspeed

@@ -1,7 +1,7 @@
 """One rank of a 2-process DDP Trainer run (gloo, CPU), launched by tests/test_distributed.py via torchrun.
 
     cd tests && python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        -m helpers.ddp_worker OUT_DIR epoch,step,refuse
+        -m helpers.ddp_worker OUT_DIR epoch,step,adaptive,refuse
 
 For each training kind writes OUT_DIR/<kind><rank>.json: per optimizer step, the active layers and a
 hash of each layer's LoRA weights as they were after that step; for "refuse", the callback's error.
@@ -27,6 +27,8 @@ SCHEDULES = {
     "epoch": ({0: [3], 2: [1]}, "epoch"),
     # optimizer-step phases, switching inside epochs
     "step": ({0: [3], 3: [1, 3], 6: [2]}, "step"),
+    # chosen from the gradient norms both ranks measure on their own halves of the data
+    "adaptive": ({"type": "adaptive", "k": 1, "every": 2, "policy": "sample", "explore": 0.2}, "step"),
 }
 
 
@@ -84,8 +86,11 @@ def main(out_dir, kind):
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     find_unused = getattr(trainer.model_wrapped, "find_unused_parameters", None)
+    adaptive = [e for e in trainer.state.log_history if "layer_schedule_adaptive" in e]
+    decisions = adaptive[0]["layer_schedule_adaptive"]["decisions"] if adaptive else None
     with open(os.path.join(out_dir, "{}{}.json".format(kind, rank)), "w") as handle:
-        json.dump({"world": world, "find_unused": find_unused, "steps": recorder.steps}, handle)
+        json.dump({"world": world, "find_unused": find_unused, "steps": recorder.steps, "decisions": decisions},
+                  handle)
 
 
 if __name__ == "__main__":

@@ -76,14 +76,17 @@ class Recorder(TrainerCallback):
         self._record(state, model, optimizer, lr_scheduler)
 
 
-def deepspeed_run(out_dir, stage, resume=None, save_steps=None):
+ADAPTIVE = {"type": "adaptive", "k": 1, "every": 2, "policy": "sample", "explore": 0.2}
+
+
+def deepspeed_run(out_dir, stage, resume=None, save_steps=None, schedule=SCHEDULE, unit="epoch"):
     config = {
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
     }
     if stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    model = scheduled_bert(SCHEDULE, num_layers=LAYERS)
+    model = scheduled_bert(schedule, unit=unit, num_layers=LAYERS)
     recorder = Recorder(zero3_hashes if stage == 3 else plain_hashes)
     save = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     trainer = train(
@@ -91,7 +94,9 @@ def deepspeed_run(out_dir, stage, resume=None, save_steps=None):
         dataset=ToyClassification(n=32), resume=resume, deepspeed=config, ddp_backend="gloo", **save, **cpu_flag(),
     )
     trainer.save_model(os.path.join(out_dir, "adapter"))
-    return {"steps": recorder.steps, "engine": type(trainer.model_wrapped).__name__}
+    adaptive = [e for e in trainer.state.log_history if "layer_schedule_adaptive" in e]
+    decisions = adaptive[0]["layer_schedule_adaptive"]["decisions"] if adaptive else None
+    return {"steps": recorder.steps, "engine": type(trainer.model_wrapped).__name__, "decisions": decisions}
 
 
 def fsdp_run(kind):
@@ -144,7 +149,12 @@ def fsdp_run(kind):
 
 
 def main(out_dir, kind):
-    if kind.startswith("zero"):
+    if kind == "zero2-adaptive":
+        result = deepspeed_run(os.path.join(out_dir, kind), 2, schedule=ADAPTIVE, unit="step", save_steps=8)
+        resumed = deepspeed_run(os.path.join(out_dir, kind + "-resumed"), 2, schedule=ADAPTIVE, unit="step",
+                                resume=os.path.join(out_dir, kind, "checkpoint-8"))
+        result["resumed"], result["resumed_decisions"] = resumed["steps"], resumed["decisions"]
+    elif kind.startswith("zero"):
         stage = int(kind[-1])
         result = deepspeed_run(os.path.join(out_dir, kind), stage, save_steps=6 if stage == 2 else None)
         if stage == 2:
