@@ -7,8 +7,12 @@ Markers, an HTML comment on the line right before a block's opening fence (visib
   independent: each one is a test of its own.
 * ``<!-- docs-test: skip (reason) -->``: not run; the reason is shown as the skip reason.
 * ``<!-- docs-test: requires trl -->``: skipped where that module is not installed.
+* ``<!-- docs-test: plan CONFIG_JSON FLAGS -->`` before a plain ```` ``` ```` block: that block is
+  ``peft-layersched plan`` output on a BERT-base config (12 layers) with ``{"r": 8, "target_modules":
+  ["query", "value"]}`` updated by ``CONFIG_JSON``; every line of it but ``...`` must be in the real
+  output, in order.
 
-Each block runs in a fresh temporary working directory (examples write ``out/``, ``adapter/``, ...).
+Each Python block runs in a fresh temporary working directory (examples write ``out/``, ``adapter/``, ...).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
-_MARKER = re.compile(r"<!--\s*docs-test:\s*(setup|skip|requires)\b\s*(.*?)\s*-->\s*$")
+_MARKER = re.compile(r"<!--\s*docs-test:\s*(setup|skip|requires|plan)\b\s*(.*?)\s*-->\s*$")
+_PLAN = re.compile(r"^<!--\s*docs-test:\s*plan\s+(.*?)\s*-->\n```[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 class Block(object):
@@ -97,3 +102,30 @@ def test_example_runs(block, tmp_path, monkeypatch):
             run_block(setup, namespace)
         run_block(block, namespace)
     assert os.getcwd() == str(tmp_path)
+
+
+PLANS = [(page, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+         for page in PAGES for text in [page.read_text(encoding="utf-8")] for m in _PLAN.finditer(text)]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=["%s:%d" % (p.relative_to(ROOT), line) for p, line, _, _ in PLANS])
+def test_plan_output(plan, tmp_path, capsys, transformers_logging_restored):
+    import json
+
+    from transformers import BertConfig
+
+    from peft_layersched import cli
+
+    page, line, arguments, shown = plan
+    fields, end = json.JSONDecoder().raw_decode(arguments)
+    config = BertConfig()  # BERT-base: 12 layers
+    config.architectures = ["BertForSequenceClassification"]
+    config.save_pretrained(str(tmp_path / "bert-base"))
+    (tmp_path / "schedule.json").write_text(json.dumps(dict({"r": 8, "target_modules": ["query", "value"]}, **fields)))
+    argv = ["plan", "--model", str(tmp_path / "bert-base"), "--config", str(tmp_path / "schedule.json")]
+    assert cli.main(argv + arguments[end:].split()) == 0
+    output = iter(out.rstrip() for out in capsys.readouterr().out.splitlines())
+    for expected in shown.splitlines():
+        if expected.strip() != "...":
+            found = any(out == expected.rstrip() for out in output)
+            assert found, f"{page.name}:{line}: not in plan's output (in this order): {expected!r}"
