@@ -109,7 +109,9 @@ class SignalMeter(object):
         self.interval = torch.zeros(n, dtype=torch.float64, device=self.device)  # summed since the last decision
         self.interval_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.calibrated = False
-        self._acc: List[Optional[torch.Tensor]] = [None] * n
+        self._pieces: List[Any] = []  # (layer position, squared gradient norm) of the step so far
+        self._masks: Dict[Any, torch.Tensor] = {}
+        self._index: Dict[Any, torch.Tensor] = {}
         self._hooks: List[Any] = []
         self._hooked: Set[int] = set()
         self._snapshot: Dict[int, List[torch.Tensor]] = {}
@@ -135,10 +137,9 @@ class SignalMeter(object):
 
     def _grad_hook(self, i: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            with torch.no_grad():
-                square = grad.detach().float().pow(2).sum().to(torch.float64)
-                acc = self._acc[i]
-                self._acc[i] = square if acc is None else acc + square.to(acc.device)
+            # One small kernel per gradient (its squared norm); end_step sums them in float64.
+            flat = grad.detach().reshape(-1)
+            self._pieces.append((i, flat.dot(flat)))
             return None
 
         return hook
@@ -155,11 +156,18 @@ class SignalMeter(object):
         n = len(self.layers)
         if self.signal == "grad_norm":
             squares = torch.zeros(2 * n, dtype=torch.float64, device=self.device)
-            for i, acc in enumerate(self._acc):
-                if acc is not None:
-                    squares[i] = acc.to(self.device)
-                    squares[n + i] = 1.0
-            self._acc = [None] * n
+            if self._pieces:
+                positions = tuple(i for i, _ in self._pieces)
+                index = self._index.get(positions)
+                if index is None:  # the same hooks fire in the same order step after step: built once
+                    index = torch.tensor(positions, device=self.device)
+                    self._index = {positions: index}
+                values = [v for _, v in self._pieces]
+                if any(v.device != self.device for v in values):  # (a model spread over devices)
+                    values = [v.to(self.device) for v in values]
+                squares.index_add_(0, index, torch.stack(values).to(torch.float64))
+                squares[n:].index_fill_(0, index, 1.0)
+            self._pieces = []
             squares = all_reduce_sum(squares)
             self._fold(squares[:n].sqrt(), self._mask(active) & (squares[n:] > 0))
         elif self.signal == "update":
@@ -178,8 +186,12 @@ class SignalMeter(object):
             self._fold(squares.sqrt(), mask & self._mask(active))
 
     def _mask(self, active: Iterable[LayerId]) -> torch.Tensor:
-        chosen = set(active)
-        return torch.tensor([layer in chosen for layer in self.layers], dtype=torch.bool, device=self.device)
+        key = tuple(active)
+        if self._masks.get(key) is None:
+            chosen = set(key)
+            self._masks = {key: torch.tensor([layer in chosen for layer in self.layers], dtype=torch.bool,
+                                             device=self.device)}
+        return self._masks[key]
 
     def _fold(self, measured: torch.Tensor, mask: torch.Tensor) -> None:
         mask = mask & torch.isfinite(measured)  # (an overflowed fp16 step is skipped, and so is its value)
