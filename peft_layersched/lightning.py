@@ -168,6 +168,7 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
             pl_module, optimizers[0] if optimizers else None, engine=self._engine(trainer), **self.options(),
             total_steps=total_steps, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch,
             start_step=step, start_epoch=epoch, state_dict=saved,
+            calibration_data=getattr(trainer, "train_dataloader", None),
         )
         self._last_step = step
         self.scheduler.unscale_lrs()

@@ -143,6 +143,11 @@ RESUME_CASES = [
      {"new_layer_warmup_steps": 3, "frozen_optimizer_state": "drop"}, {"every_n_train_steps": 4}, 4),
     ("epoch-scale-reset", {0: [3], 2: [1], 3: [2, 3]}, "epoch", {"max_epochs": 5},
      {"new_layer_lr_scale": 0.5, "reactivated_state": "reset"}, {"every_n_epochs": 1}, 6),
+    # an adaptive schedule: calibrated on the training data, decisions replayed from the checkpoint's state
+    ("adaptive-outlier", {"type": "adaptive", "k": 1, "every": 2, "signal": "outlier", "calibration_batches": 2},
+     "step", {"max_steps": 8}, {}, {"every_n_train_steps": 4}, 4),
+    ("autofreeze", {"type": "autofreeze", "every": 2, "percentile": 90}, "step", {"max_steps": 8}, {},
+     {"every_n_train_steps": 4}, 4),
 ]
 
 
