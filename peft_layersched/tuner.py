@@ -574,10 +574,13 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                 bypassed.setdefault(module_name, set())
                 if module_name in left_out:
                     bypassed[module_name].add(name)
-                train = train_adapter and (trainable is None or layer_id in trainable or by_optimizer)
+                frozen = not (trainable is None or layer_id in trainable or by_optimizer)
+                train = train_adapter and not frozen
                 for param in _compat.adapter_parameters(module, name):
                     param.requires_grad_(train)
-                    if not train:
+                    # Only the schedule drops grads: set_adapter() / disable_adapter() between micro-batches
+                    # (TRL's reference passes) must leave an accumulation window's grads as PEFT does.
+                    if frozen:
                         param.grad = None
         for module_name, names in bypassed.items():
             _compat.route_layer(self.model.get_submodule(module_name), model_active, names)
