@@ -35,7 +35,7 @@ import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import _optim, engines
+from . import _optim, adopt, engines
 from ._describe import format_layers
 from .schedule import LayerId, check_time
 from .tuner import ScheduledLoraModel, find_scheduled_tuner
@@ -142,6 +142,8 @@ class LayerScheduler(ScheduleOptions):
         state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start).
         on_switch (`callable`, *optional*): called with a dict for each switch (``schedule_time``,
             ``schedule_offset``, ``step``, ``active_layers``, ``trainable_params``).
+        layer_schedule (*optional*): for a model built from a plain ``LoraConfig``: its LoRA is scheduled
+            first with :func:`~peft_layersched.schedule_lora` (in ``unit``, default ``"epoch"``).
 
     Call :meth:`step` after each optimizer step (after ``lr_scheduler.step()``), :meth:`epoch_end` after each
     epoch (epoch unit) or :meth:`set_time` to jump, and :meth:`finish` at the end.
@@ -167,7 +169,9 @@ class LayerScheduler(ScheduleOptions):
         start_epoch: int = 0,
         state_dict: Optional[Dict[str, Any]] = None,
         on_switch: Optional[Callable[[Dict[str, Any]], None]] = None,
+        layer_schedule: Any = None,
     ) -> None:
+        adopt.ensure_scheduled(model, layer_schedule, unit, adapter_name, "LayerScheduler")
         self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
                           warn_on_no_update, adapter_name, schedule_start)
         self.engine = engine if isinstance(engine, engines.Engine) else engines.engine_named(engine)
