@@ -744,9 +744,15 @@ def find_scheduled_tuner(model: Any, needed_by: str) -> ScheduledLoraModel:
     for module in modules() if callable(modules) else []:
         if isinstance(module, ScheduledLoraModel):
             return module
+    plain = (
+        " (its LoRA comes from a plain LoraConfig: schedule it with peft_layersched.schedule_lora(model, "
+        "layer_schedule=...), or give the callback layer_schedule=...)"
+        if isinstance(tuner, LoraModel) else ""
+    )
     raise TypeError(
         f"{needed_by} needs a PeftModel built from a ScheduledLoraConfig (get_peft_model(model, "
-        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}."
+        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}"
+        f"{plain}."
     )
 
 

@@ -309,3 +309,9 @@ def test_a_callback_schedule_must_agree_with_the_models_own(tmp_path):
     run_trainer(model, row, tmp_path / "a", [LayerScheduleCallback(layer_schedule=row.schedule, schedule_unit="step")])
     with pytest.raises(ValueError, match=r"already has layer_schedule=.*Give the schedule in one place"):
         run_trainer(model, row, tmp_path / "b", [LayerScheduleCallback(layer_schedule={0: [1]}, schedule_unit="step")])
+
+
+def test_a_plain_lora_model_without_a_schedule_is_refused_with_the_way_to_schedule_it(tmp_path):
+    row = ROWS[1]
+    with pytest.raises(TypeError, match=r"plain LoraConfig: schedule it with peft_layersched.schedule_lora"):
+        run_trainer(row.tool_model(), row, tmp_path, [LayerScheduleCallback()])
