@@ -33,17 +33,20 @@ class ScheduledSFTTrainer(LayerScheduleTrainerMixin, trl.SFTTrainer):
     pass
 
 
-@pytest.mark.parametrize("mixin", [False, True], ids=["class-wrappers", "mixin"])
-def test_sft_trainer_runs_the_schedule(tmp_path, mixin):
+@pytest.mark.parametrize("mixin,plain", [(False, False), (True, False), (False, True)],
+                         ids=["class-wrappers", "mixin", "plain LoraConfig"])
+def test_sft_trainer_runs_the_schedule(tmp_path, mixin, plain):
+    from peft import LoraConfig
+
     texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(6)) for i in range(16)]
-    config = ScheduledLoraConfig(
-        r=4,
-        target_modules=["q_proj", "v_proj"],
-        layer_schedule={0: [3], 2: [0, 3]},
-        schedule_unit="step",
-        task_type="CAUSAL_LM",
-        init_seed=0,
-    )
+    schedule = {0: [3], 2: [0, 3]}
+    fields = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if plain:  # SFTTrainer builds plain LoRA on every layer; the callback schedules it
+        config = LoraConfig(lora_alpha=8, lora_dropout=0.0, **fields)
+        callback = LayerScheduleCallback(layer_schedule=schedule, schedule_unit="step")
+    else:
+        config = ScheduledLoraConfig(layer_schedule=schedule, schedule_unit="step", init_seed=0, **fields)
+        callback = LayerScheduleCallback()
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         max_steps=5,
@@ -62,7 +65,7 @@ def test_sft_trainer_runs_the_schedule(tmp_path, mixin):
         train_dataset=datasets.Dataset.from_dict({"text": texts}),
         processing_class=_tokenizer(),
         peft_config=config,
-        callbacks=[LayerScheduleCallback()],
+        callbacks=[callback],
     )
     assert type(trainer.model.base_model).__name__ == "ScheduledLoraModel"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
@@ -76,7 +79,8 @@ def test_sft_trainer_runs_the_schedule(tmp_path, mixin):
     }
     assert changed == {"0", "3"}, "the layer that joined at step 2 never trained under SFTTrainer"
     layers = sorted(g[LAYER_KEY] for g in trainer.optimizer.param_groups if LAYER_KEY in g)
-    assert layers == [0, 3]  # a param group per scheduled layer, through either mechanism
+    # A param group per preallocated layer, through either mechanism (plain LoRA sits on every layer).
+    assert layers == ([0, 1, 2, 3] if plain else [0, 3])
     assert any("layer_schedule/lr/0" in r for r in trainer.state.log_history)
 
 
