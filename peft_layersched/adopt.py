@@ -168,9 +168,19 @@ def check_schedule_options(layer_schedule: Any, schedule_unit: Optional[str], ne
 # --------------------------------------------------------------------------------------- internals
 
 
+def _peft_model_in(model: Any) -> Any:
+    """``model`` if it is a PeftModel, else the first PeftModel among its modules (a DDP / compile wrapper)."""
+    modules = getattr(model, "modules", None)
+    for module in [model] + (list(modules()) if callable(modules) else []):
+        if hasattr(module, "peft_config") and hasattr(module, "active_adapter") and hasattr(module, "base_model"):
+            return module
+    return None
+
+
 def _lora_tuner(model: Any, needed_by: str) -> Any:
-    tuner = getattr(model, "base_model", None)
-    if not hasattr(model, "peft_config") or tuner is None:
+    peft_model = _peft_model_in(model)
+    tuner = getattr(peft_model, "base_model", None)
+    if tuner is None:
         raise TypeError(
             f"{needed_by} needs a PeftModel with a LoRA adapter (get_peft_model(model, LoraConfig(...))), got "
             f"{type(model).__name__}, which carries no PEFT adapter. Wrap the model with get_peft_model first, or "
@@ -180,7 +190,7 @@ def _lora_tuner(model: Any, needed_by: str) -> Any:
         return tuner
     if type(tuner) is not LoraModel:
         kinds = sorted({str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", None)))
-                        for c in model.peft_config.values()})
+                        for c in peft_model.peft_config.values()})
         raise TypeError(
             f"{needed_by} schedules LoRA adapters only; this PeftModel's tuner is {type(tuner).__name__} "
             f"(peft_type {kinds}). Build the model from a peft.LoraConfig (or a ScheduledLoraConfig)."

@@ -315,3 +315,11 @@ def test_a_plain_lora_model_without_a_schedule_is_refused_with_the_way_to_schedu
     row = ROWS[1]
     with pytest.raises(TypeError, match=r"plain LoraConfig: schedule it with peft_layersched.schedule_lora"):
         run_trainer(row.tool_model(), row, tmp_path, [LayerScheduleCallback()])
+
+
+def test_a_peft_model_inside_a_wrapper_is_adopted_there():
+    row = ROWS[1]
+    model = row.tool_model()
+    wrapper = torch.nn.ModuleList([model])  # as DDP / torch.compile hold it
+    assert schedule_lora(wrapper, layer_schedule=row.schedule) is wrapper
+    assert type(model.base_model).__name__ == "ScheduledLoraModel" and model.active_layers == [row.top]
