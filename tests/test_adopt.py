@@ -59,9 +59,13 @@ class Row(object):
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 
-    def tool_model(self, **overrides):
-        """What LLaMA-Factory / axolotl / TRL hand over: ``get_peft_model`` with a plain ``LoraConfig``."""
-        return get_peft_model(self.builder(), self.lora_config(**overrides))
+    def tool_model(self, lora_seed=None, **overrides):
+        """What LLaMA-Factory / axolotl / TRL hand over: ``get_peft_model`` with a plain ``LoraConfig`` (its LoRA
+        initialised after ``torch.manual_seed(lora_seed)`` when given)."""
+        base = self.builder()
+        if lora_seed is not None:
+            torch.manual_seed(lora_seed)
+        return get_peft_model(base, self.lora_config(**overrides))
 
     def layer_of(self, name):
         head = name.split(self.prefix, 1)
@@ -203,9 +207,14 @@ def test_resume_of_a_callback_adopted_model_is_bitwise(tmp_path):
 
     whole = row.tool_model(lora_dropout=0.1)
     run_trainer(whole, row, tmp_path / "whole", [callback()], save_strategy="steps", save_steps=1)
-    again = row.tool_model(lora_dropout=0.1)  # the tool builds its model again for the resumed run
-    run_trainer(again, row, tmp_path / "again", [callback()], resume=str(tmp_path / "whole" / "checkpoint-1"))
+    # The tool builds its model again for the resumed run; another LoRA init: only the checkpoint's weights
+    # can make the runs meet.
+    again = row.tool_model(lora_seed=1, lora_dropout=0.1)
+    assert not same(lora_state(again), lora_state(row.tool_model(lora_dropout=0.1)))
+    resumed = run_trainer(again, row, tmp_path / "again", [callback()], resume=str(tmp_path / "whole" / "checkpoint-1"))
     assert same(lora_state(again), lora_state(whole))
+    switches = [(e["step"], e["active_layers"]) for e in resumed.state.log_history if "schedule_time" in e]
+    assert switches[-1] == (2, "{},{}".format(row.low, row.top))
 
 
 @pytest.mark.parametrize("row", ROWS, ids=repr)
