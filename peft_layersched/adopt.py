@@ -108,7 +108,7 @@ def schedule_lora(
             f"target_modules / layers_to_transform)."
         )
     config.preallocate_layers = list(preallocated)
-    ever = _contributing_layers(tuner, name, source, layer_of)
+    ever = _contributing_layers(tuner, name, layer_of)
     config.ever_active_layers = index.sort(ever) if ever else None
     _target_exactly(tuner, config, set(modules))
     _become_scheduled(tuner)
@@ -238,7 +238,7 @@ def _lora_modules(tuner: Any, adapter_name: str) -> List[str]:
     return modules
 
 
-def _contributing_layers(tuner: Any, adapter_name: str, source: Any, layer_of: Dict[str, Any]) -> List[LayerId]:
+def _contributing_layers(tuner: Any, adapter_name: str, layer_of: Dict[str, Any]) -> List[LayerId]:
     """Layers with a module whose part that is zero at init is not zero (trained, or another init): they are
     in the forward now and stay there."""
     layers = []
