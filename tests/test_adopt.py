@@ -332,3 +332,35 @@ def test_a_peft_model_inside_a_wrapper_is_adopted_there():
     wrapper = torch.nn.ModuleList([model])  # as DDP / torch.compile hold it
     assert schedule_lora(wrapper, layer_schedule=row.schedule) is wrapper
     assert type(model.base_model).__name__ == "ScheduledLoraModel" and model.active_layers == [row.top]
+
+
+def _lora_this_peft_builds(row, **fields):
+    try:
+        return row.tool_model(**fields)
+    except (TypeError, ValueError) as exc:  # a field this PEFT lacks, or a target it does not match
+        pytest.skip("this PEFT does not build LoraConfig({}): {}".format(fields, exc))
+
+
+# LoRA modules that the saved config's target_modules, read by this package inside the preallocated layers, would
+# not give back: PEFT 0.3's target_modules suffix rule ("proj" matches "q_proj"), or exclude_modules (PEFT >= 0.14).
+REBUILD_CASES = {
+    "suffix": {"target_modules": ["proj"]},
+    "exclude": {"exclude_modules": ["model.layers.2.self_attn.v_proj"]},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REBUILD_CASES))
+def test_the_saved_adapter_loads_back_module_for_module(kind, tmp_path):
+    row = ROWS[1]
+    model = _lora_this_peft_builds(row, **REBUILD_CASES[kind])
+    schedule_lora(model, layer_schedule={0: [3], 1: [2, 3]}, schedule_unit="step")
+    model.activate_layers(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and row.layer_of(name) in (2, 3):
+                param.add_(0.1)  # "trained"
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(row.builder(), str(tmp_path))
+    assert set(lora_state(loaded)) == set(lora_state(model))
+    assert same(lora_state(loaded), lora_state(model))
+    assert torch.equal(eval_logits(loaded, row), eval_logits(model, row))
