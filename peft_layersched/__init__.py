@@ -4,6 +4,7 @@ Importing the package registers the ``SCHEDULED_LORA`` PEFT type, so ``get_peft_
 ScheduledLoraConfig(...))`` and ``PeftModel.from_pretrained(base, path)`` work as for plain LoRA.
 """
 
+from .adopt import schedule_lora
 from .callback import LayerScheduleCallback
 from .config import ScheduledLoraConfig
 from .export import export_lora
@@ -21,5 +22,6 @@ __all__ = [
     "LayerScheduleCallback",
     "LayerScheduleTrainerMixin",
     "export_lora",
+    "schedule_lora",
     "__version__",
 ]

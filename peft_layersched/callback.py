@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
-from . import _compat, engines, trainer
+from . import _compat, adopt, engines, trainer
 from ._describe import format_layers
 from .scheduler import LayerScheduler, ScheduleOptions
 from .tuner import find_scheduled_tuner
@@ -54,6 +54,9 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
             over a phase (a silent no-update).
         adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
+        layer_schedule / schedule_unit (*optional*): for a model built from a plain ``LoraConfig`` (by a tool
+            that takes only callbacks): ``on_init_end`` schedules its LoRA with
+            :func:`~peft_layersched.schedule_lora` (``schedule_unit`` default ``"epoch"``).
         schedule_start (`str`): where the schedule starts when this Trainer's run begins.
             ``"restart"`` (default): at ``t = 0`` (the Trainer's own epoch/step).  ``"continue"``: where
             the adapter's schedule stood when it was saved (``schedule_position`` in its
@@ -84,7 +87,11 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         adapter_name: Optional[str] = None,
         schedule_start: str = "restart",
         frozen_optimizer_state: str = "keep",
+        layer_schedule: Any = None,
+        schedule_unit: Optional[str] = None,
     ) -> None:
+        adopt.check_schedule_options(layer_schedule, schedule_unit, "LayerScheduleCallback")
+        self._adopted_schedule = (layer_schedule, schedule_unit)
         self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
                           warn_on_no_update, adapter_name, schedule_start)
         self.scheduler: Optional[LayerScheduler] = None  # the run's core, from on_train_begin on
@@ -99,6 +106,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
     # ------------------------------------------------------------------------------------ events
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any):
+        adopt.ensure_scheduled(model, *self._adopted_schedule, self.adapter_name, "LayerScheduleCallback")
         tuner = find_scheduled_tuner(model, "LayerScheduleCallback")
         self._user_optimizer = optimizer is not None
         tuner.set_freezing(self._engine(args).freezing)

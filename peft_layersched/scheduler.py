@@ -35,7 +35,7 @@ import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import _optim, engines
+from . import _optim, adopt, engines
 from ._describe import format_layers
 from .adaptive import AdaptiveSchedule
 from .schedule import LayerId, check_time
@@ -154,6 +154,8 @@ class LayerScheduler(ScheduleOptions):
     their signal (:class:`~peft_layersched.signals.SignalMeter`; summed over ranks, in float64), makes each
     decision when its time comes (the same on every rank) and keeps the decision log in the adapter's
     config and in :meth:`state_dict`.
+        layer_schedule (*optional*): for a model built from a plain ``LoraConfig``: its LoRA is scheduled
+            first with :func:`~peft_layersched.schedule_lora` (in ``unit``, default ``"epoch"``).
 
     Call :meth:`step` after each optimizer step (after ``lr_scheduler.step()``), :meth:`epoch_end` after each
     epoch (epoch unit) or :meth:`set_time` to jump, and :meth:`finish` at the end.
@@ -181,7 +183,9 @@ class LayerScheduler(ScheduleOptions):
         on_switch: Optional[Callable[[Dict[str, Any]], None]] = None,
         calibration_data: Any = None,
         on_decision: Optional[Callable[[Dict[str, Any]], None]] = None,
+        layer_schedule: Any = None,
     ) -> None:
+        adopt.ensure_scheduled(model, layer_schedule, unit, adapter_name, "LayerScheduler")
         self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
                           warn_on_no_update, adapter_name, schedule_start)
         self.engine = engine if isinstance(engine, engines.Engine) else engines.engine_named(engine)

@@ -584,10 +584,13 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                 bypassed.setdefault(module_name, set())
                 if module_name in left_out:
                     bypassed[module_name].add(name)
-                train = train_adapter and (trainable is None or layer_id in trainable or by_optimizer)
+                frozen = not (trainable is None or layer_id in trainable or by_optimizer)
+                train = train_adapter and not frozen
                 for param in _compat.adapter_parameters(module, name):
                     param.requires_grad_(train)
-                    if not train:
+                    # Only the schedule drops grads: set_adapter() / disable_adapter() between micro-batches
+                    # (TRL's reference passes) must leave an accumulation window's grads as PEFT does.
+                    if frozen:
                         param.grad = None
         for module_name, names in bypassed.items():
             _compat.route_layer(self.model.get_submodule(module_name), model_active, names)
@@ -751,9 +754,15 @@ def find_scheduled_tuner(model: Any, needed_by: str) -> ScheduledLoraModel:
     for module in modules() if callable(modules) else []:
         if isinstance(module, ScheduledLoraModel):
             return module
+    plain = (
+        " (its LoRA comes from a plain LoraConfig: schedule it with peft_layersched.schedule_lora(model, "
+        "layer_schedule=...), or give the callback layer_schedule=...)"
+        if isinstance(tuner, LoraModel) else ""
+    )
     raise TypeError(
         f"{needed_by} needs a PeftModel built from a ScheduledLoraConfig (get_peft_model(model, "
-        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}."
+        f"ScheduledLoraConfig(...)) or PeftModel.from_pretrained of such an adapter), got {type(model).__name__}"
+        f"{plain}."
     )
 
 

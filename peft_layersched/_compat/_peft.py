@@ -336,13 +336,22 @@ class TunerHooks(object):
     ``load_adapter`` stored in ``peft_config``; PEFT 0.3 / 0.4 through ``add_adapter(adapter_name,
     config=None)`` on ``self.model``, which stores a given config itself.  ``unload()`` (PEFT >= 0.5;
     an ``AttributeError`` before) hands the plain model to ``self._unloaded(model)``.
-    """
 
-    __slots__ = ()
+    No ``__slots__``: with an empty one, CPython takes this class as the subclass's layout base, and a
+    ``LoraModel`` could not become the subclass by ``__class__`` assignment (``schedule_lora``).
+    """
 
     def inject_adapter(self, *args: Any, **kwargs: Any) -> Any:  # PEFT >= 0.5
         model = args[0] if args else kwargs["model"]
         adapter_name = args[1] if len(args) > 1 else kwargs["adapter_name"]
+        if getattr(model, "base_model", None) is self:
+            # PEFT 0.5's PeftModel.add_adapter hands over the PeftModel itself (0.6+: the base model), so module
+            # names would start with "base_model.model.": inject into the base model, as 0.6+ do.
+            model = self.model
+            if args:
+                args = (model,) + tuple(args[1:])
+            else:
+                kwargs["model"] = model
         self.peft_config[adapter_name] = self._own_config(self.peft_config[adapter_name])
         with self._scheduled_injection(model, adapter_name):
             return super().inject_adapter(*args, **kwargs)  # type: ignore[misc]

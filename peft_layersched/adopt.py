@@ -1,0 +1,272 @@
+"""Bring your own LoRA: schedule a ``PeftModel`` that another tool built from a plain ``peft.LoraConfig``.
+
+LLaMA-Factory, axolotl and TRL call ``get_peft_model(model, LoraConfig(...))`` themselves.
+:func:`schedule_lora` adopts the LoRA modules such a model already has (their weights stay exactly as the
+tool initialised them): the preallocated layers are exactly the layers where LoRA sits, and the tuner becomes
+a :class:`~peft_layersched.tuner.ScheduledLoraModel` with its own ``ScheduledLoraConfig`` (the tool's
+``LoraConfig`` object is left as it is), so everything a model built from a ``ScheduledLoraConfig`` does
+holds from then on, saving included.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+from peft.tuners.lora import LoraModel
+
+from . import _compat
+from .config import ScheduledLoraConfig
+from .layers import LayerIndex, exact_names_regex
+from .schedule import LayerId, check_unit, parse_schedule
+from .tuner import ScheduledLoraModel, _check_loaded_weights, _Plan, _zero_at_init_part
+
+# ScheduledLoraConfig's own fields: the schedule's, given here or written by the tuner, never copied.
+_SCHEDULE_FIELDS = ("layer_schedule", "schedule_unit", "preallocate_layers", "init_seed", "ever_active_layers",
+                    "layer_stacks", "schedule_position")
+# PEFT's own layer filter: the preallocated layers replace it (a schedule refuses layers_to_transform), and
+# layers_pattern alone would be read as this package's old spelling of layer_stacks.
+_LAYER_FILTER_FIELDS = ("layers_to_transform", "layers_pattern")
+
+
+def schedule_lora(
+    model: Any,
+    layer_schedule: Any,
+    schedule_unit: str = "epoch",
+    adapter_name: Optional[str] = None,
+    layer_stacks: Any = None,
+) -> Any:
+    """Give the LoRA adapter of a ``PeftModel`` built from a plain ``LoraConfig`` a layer schedule, in place.
+
+    The adapter's LoRA modules are kept as they are (no re-initialisation): the preallocated layers are the
+    layers that hold them, and ``layer_schedule`` may use only those.  Layers whose LoRA weights already
+    contribute (``lora_B`` not zero: a trained or non-zero-initialised adapter) count as ever active, so the
+    model's output is the same before and after.  From then on the model is what ``get_peft_model(model,
+    ScheduledLoraConfig(...))`` builds: drive it with ``LayerScheduleCallback`` or ``LayerScheduler``;
+    ``save_pretrained`` writes an ``adapter_config.json`` that ``PeftModel.from_pretrained`` loads back as a
+    scheduled adapter.
+
+    Args:
+        model: a ``PeftModel`` whose adapter is LoRA (``get_peft_model(base, LoraConfig(...))``).
+        layer_schedule: any ``ScheduledLoraConfig.layer_schedule`` form (``{0: [-1], 2: [-2, -1]}``, a typed
+            dict, a callable); a schedule without its own ``layers`` draws from the layers that hold LoRA.
+        schedule_unit (`str`): ``"epoch"`` (default) or ``"step"``.
+        adapter_name (`str`, *optional*): the adapter to schedule; default the active one.
+        layer_stacks (`str` or `list[str]`, *optional*): as for ``ScheduledLoraConfig``, when layer discovery
+            needs help.
+
+    Returns the same ``model``.
+
+    Example:
+
+    ```py
+    >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # by the tool
+    >>> schedule_lora(model, layer_schedule={0: [-1], 2: [-2, -1]})
+    >>> trainer = Trainer(model=model, ..., callbacks=[LayerScheduleCallback()])
+    ```
+    """
+    if layer_schedule is None:
+        raise ValueError(
+            "schedule_lora() needs a layer_schedule, e.g. {0: [-1], 2: [-2, -1]} or {'type': 'gradual', 'k': 1, "
+            "'n': 1, 'every': 1}; without one the adapter is plain LoRA as it is."
+        )
+    tuner = _lora_tuner(model, "schedule_lora()")
+    name = _adapter_name(tuner, adapter_name, "schedule_lora()")
+    plan = tuner._plans.get(name) if isinstance(tuner, ScheduledLoraModel) else None
+    if plan is not None and plan.schedule is not None:
+        raise ValueError(
+            f"adapter {name!r} already has a layer schedule ({tuner.peft_config[name].layer_schedule!r}). To "
+            f"replace it, call model.set_layer_schedule(new_schedule); to schedule another LoRA adapter, pass "
+            f"its adapter_name."
+        )
+    source = tuner.peft_config[name]
+    config = _scheduled_config(source, layer_schedule, check_unit(schedule_unit), layer_stacks)
+    modules = _lora_modules(tuner, name)
+    index = LayerIndex.from_model(tuner.model, config.layer_stacks)
+    if not index.stacks:
+        raise ValueError(
+            f"cannot schedule layers: {index.describe()} in {type(tuner.model).__name__}. Pass layer_stacks, the "
+            f"dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
+        )
+    layer_of = {module_name: index.layer_of(module_name) for module_name in modules}
+    outside = sorted(module_name for module_name, layer in layer_of.items() if layer is None)
+    if outside:
+        raise ValueError(
+            f"adapter {name!r} has LoRA modules outside the layer stacks ({index.describe()}): {outside}. A schedule "
+            f"trains layers, so those would never train. Build the LoraConfig with target_modules inside the "
+            f"layers (e.g. without lm_head), or pass layer_stacks naming the block list that holds them."
+        )
+    preallocated = index.held_layers(layer_of.values())
+    schedule = parse_schedule(config.layer_schedule).bind(index.all_layers(), index.canonical, preallocated)
+    without_lora = [layer for layer in index.sort(schedule.all_layers()) if layer not in preallocated]
+    if without_lora:
+        raise ValueError(
+            f"layer_schedule uses layer(s) {without_lora}, which have no LoRA module of adapter {name!r} (LoRA sits "
+            f"in layer(s) {preallocated}); schedule_lora() adopts the LoRA the model has and cannot add more. "
+            f"Schedule only those layers, or build the LoraConfig so that LoRA reaches the others too (its "
+            f"target_modules / layers_to_transform)."
+        )
+    config.preallocate_layers = list(preallocated)
+    ever = _contributing_layers(tuner, name, layer_of)
+    config.ever_active_layers = index.sort(ever) if ever else None
+    _target_exactly(tuner, config, set(modules))
+    _become_scheduled(tuner)
+    tuner.peft_config[name] = config
+    adopted = _Plan(index, schedule, list(preallocated), dict(layer_of))
+    adopted.modules = dict(layer_of)
+    adopted.ever = set(ever)
+    tuner._plans[name] = adopted
+    if tuner._current_adapter() not in tuner._plans:
+        tuner.__dict__["_scheduled_adapter"] = name
+    tuner._write_layer_state()
+    return model
+
+
+def ensure_scheduled(
+    model: Any, layer_schedule: Any, schedule_unit: Optional[str], adapter_name: Optional[str], needed_by: str
+) -> None:
+    """For ``LayerScheduleCallback`` / ``LayerScheduler`` given a ``layer_schedule``: adopt the model's plain
+    LoRA adapter (:func:`schedule_lora`), unless it already runs that very schedule (a second run of one
+    callback).  A model scheduled otherwise is refused: two schedules would compete."""
+    if layer_schedule is None:
+        return
+    unit = schedule_unit or "epoch"
+    tuner = _lora_tuner(model, needed_by)
+    name = _adapter_name(tuner, adapter_name, needed_by)
+    plan = tuner._plans.get(name) if isinstance(tuner, ScheduledLoraModel) else None
+    if plan is None or plan.schedule is None:
+        schedule_lora(model, layer_schedule, unit, name)
+        return
+    config = tuner.peft_config[name]
+    wanted = parse_schedule(layer_schedule).to_json()
+    if parse_schedule(config.layer_schedule).to_json() == wanted and config.schedule_unit == unit:
+        return
+    raise ValueError(
+        f"{needed_by} was given layer_schedule={layer_schedule!r} (schedule_unit={unit!r}), but adapter {name!r} "
+        f"already has layer_schedule={config.layer_schedule!r} (schedule_unit={config.schedule_unit!r}) from its "
+        f"ScheduledLoraConfig. Give the schedule in one place: drop layer_schedule from {needed_by}, or build the "
+        f"model from a plain LoraConfig."
+    )
+
+
+def check_schedule_options(layer_schedule: Any, schedule_unit: Optional[str], needed_by: str) -> None:
+    """Refuse a bad ``layer_schedule`` / ``schedule_unit`` when a callback or scheduler is built, not later."""
+    if layer_schedule is None:
+        if schedule_unit is not None:
+            raise ValueError(
+                f"{needed_by}(schedule_unit={schedule_unit!r}) without layer_schedule: schedule_unit is the unit of "
+                f"a layer_schedule given here (for a model built from a plain LoraConfig). Give layer_schedule too, "
+                f"or set schedule_unit in the ScheduledLoraConfig."
+            )
+        return
+    parse_schedule(layer_schedule)
+    if schedule_unit is not None:
+        check_unit(schedule_unit)
+
+
+# --------------------------------------------------------------------------------------- internals
+
+
+def _peft_model_in(model: Any) -> Any:
+    """``model`` if it is a PeftModel, else the first PeftModel among its modules (a DDP / compile wrapper)."""
+    modules = getattr(model, "modules", None)
+    for module in [model] + (list(modules()) if callable(modules) else []):
+        if hasattr(module, "peft_config") and hasattr(module, "active_adapter") and hasattr(module, "base_model"):
+            return module
+    return None
+
+
+def _lora_tuner(model: Any, needed_by: str) -> Any:
+    peft_model = _peft_model_in(model)
+    tuner = getattr(peft_model, "base_model", None)
+    if tuner is None:
+        raise TypeError(
+            f"{needed_by} needs a PeftModel with a LoRA adapter (get_peft_model(model, LoraConfig(...))), got "
+            f"{type(model).__name__}, which carries no PEFT adapter. Wrap the model with get_peft_model first, or "
+            f"build it from a ScheduledLoraConfig."
+        )
+    if isinstance(tuner, ScheduledLoraModel):
+        return tuner
+    if type(tuner) is not LoraModel:
+        kinds = sorted({str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", None)))
+                        for c in peft_model.peft_config.values()})
+        raise TypeError(
+            f"{needed_by} schedules LoRA adapters only; this PeftModel's tuner is {type(tuner).__name__} "
+            f"(peft_type {kinds}). Build the model from a peft.LoraConfig (or a ScheduledLoraConfig)."
+        )
+    return tuner
+
+
+def _adapter_name(tuner: Any, adapter_name: Optional[str], needed_by: str) -> str:
+    if adapter_name is None:
+        active = _compat.tuner_active_adapters(tuner)
+        adapter_name = active[0] if active else "default"
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(
+            f"{needed_by}: the model has no adapter {adapter_name!r}; its adapters: {sorted(tuner.peft_config)}."
+        )
+    return adapter_name
+
+
+def _scheduled_config(source: Any, layer_schedule: Any, schedule_unit: str, layer_stacks: Any) -> ScheduledLoraConfig:
+    """A new ``ScheduledLoraConfig`` with ``source``'s LoRA fields (deep copies: the tool's config is not
+    shared) and the schedule."""
+    skipped = set(_SCHEDULE_FIELDS) | set(_LAYER_FILTER_FIELDS) | {"peft_type"}
+    fields: Dict[str, Any] = {}
+    for field in dataclasses.fields(ScheduledLoraConfig):
+        if field.init and field.name not in skipped and hasattr(source, field.name):
+            fields[field.name] = copy.deepcopy(getattr(source, field.name))
+    if layer_stacks is None and _compat.optional_field(source, "layers_to_transform") is not None:
+        layer_stacks = _compat.optional_field(source, "layers_pattern")  # PEFT's name of the block list
+    if isinstance(source, ScheduledLoraConfig) and layer_stacks is None:
+        layer_stacks = source.layer_stacks
+    return ScheduledLoraConfig(layer_schedule=layer_schedule, schedule_unit=schedule_unit,
+                               layer_stacks=copy.deepcopy(layer_stacks), **fields)
+
+
+def _lora_modules(tuner: Any, adapter_name: str) -> List[str]:
+    modules = [
+        module_name for module_name, module in tuner.model.named_modules()
+        if _compat.is_lora_layer(module) and any(True for _ in _compat.adapter_parameters(module, adapter_name))
+    ]
+    if not modules:
+        raise ValueError(
+            f"adapter {adapter_name!r} has no LoRA module in the model (its target_modules matched nothing, or its "
+            f"modules were unloaded), so there is nothing to schedule."
+        )
+    return modules
+
+
+def _contributing_layers(tuner: Any, adapter_name: str, layer_of: Dict[str, Any]) -> List[LayerId]:
+    """Layers with a module whose part that is zero at init is not zero (trained, or another init): they are
+    in the forward now and stay there."""
+    layers = []
+    for module_name, layer in layer_of.items():
+        part = _zero_at_init_part(tuner.model.get_submodule(module_name), adapter_name)
+        if part is not None and bool(part.detach().ne(0).any()) and layer not in layers:
+            layers.append(layer)
+    return layers
+
+
+def _target_exactly(tuner: Any, config: ScheduledLoraConfig, modules: set) -> None:
+    """Make the config rebuild exactly ``modules`` when loaded: its ``target_modules`` within the preallocated
+    layers may reach other modules (PEFT versions differ in how a list matches; ``exclude_modules``), then it
+    names them one by one."""
+    try:
+        # (called before the tuner becomes a ScheduledLoraModel: nothing is changed until every check passed)
+        plan = ScheduledLoraModel._plan(tuner, tuner.model, config)
+        targets: Optional[Tuple[str, ...]] = tuple(sorted(plan.targets or ()))
+    except ValueError:
+        targets = None
+    if targets != tuple(sorted(modules)):
+        config.target_modules = exact_names_regex(modules)
+
+
+def _become_scheduled(tuner: Any) -> None:
+    if isinstance(tuner, ScheduledLoraModel):
+        return
+    # ScheduledLoraModel keeps its state in lazily made __dict__ entries and adds no __init__ state besides the
+    # post-load check, so a LoraModel becomes one by its class (PEFT 0.3 .. 0.21 build LoraModel the same way).
+    tuner.__class__ = ScheduledLoraModel
+    tuner.register_load_state_dict_post_hook(_check_loaded_weights)
