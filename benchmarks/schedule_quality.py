@@ -26,7 +26,7 @@ one after the other in a shuffled order, so machine noise is shared; the ratios 
 side by side), and the LoRA parameters that trained per step (``requires_grad`` LoRA parameters counted at
 each ``on_step_begin``, averaged over the steps).
 
-    python benchmarks/schedule_quality.py                  # both tasks, 3 seeds (~15 min on 2 CPU cores)
+    python benchmarks/schedule_quality.py                  # both tasks, 3 seeds (~11 min on 1 free CPU core)
     python benchmarks/schedule_quality.py --quick          # a smoke run: few steps, 1 seed
     python benchmarks/schedule_quality.py --task llama --seeds 5 --steps 400 --json out.json
 """
@@ -81,7 +81,7 @@ CONFIGS = ("lora-all", "top-k", "sampled", "cyclic") + tuple("adaptive-" + s for
 
 # (max_steps, seeds) per task for a full and a --quick run
 TASKS = {
-    "minilm": dict(steps=100, quick_steps=20, batch=16, lr=2e-3, per_subject=40),
+    "minilm": dict(steps=60, quick_steps=20, batch=16, lr=2e-3, per_subject=40),
     "llama": dict(steps=300, quick_steps=30, batch=16, lr=3e-3, train=2048, test=512, seq=32),
 }
 LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -335,7 +335,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 1 seed")
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, help="max_steps of every run (default: minilm 100, llama 300)")
+    parser.add_argument("--steps", type=int, help="max_steps of every run (default: minilm 60, llama 300)")
     parser.add_argument("--task", choices=("minilm", "llama", "both"), default="both")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
