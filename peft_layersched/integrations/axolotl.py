@@ -13,15 +13,21 @@
     layer_schedule_callback:                  # optional: LayerScheduleCallback's options
       new_layer_lr_scale: 0.5
 
-The plugin registers the adapter name ``scheduled_lora`` (LoRA-like, no ReLoRA) with axolotl, builds the
-model in axolotl's ``load_adapter`` hook with a :class:`~peft_layersched.ScheduledLoraConfig` made of the
-``LoraConfig`` axolotl computes from its ``lora_*`` / ``peft_*`` keys plus the schedule keys, and adds a
-:class:`~peft_layersched.LayerScheduleCallback` to the trainer (``add_callbacks_pre_trainer``).
+Two ways in:
 
-Why a new adapter name and not ``adapter: lora`` + ``layer_schedule``: axolotl (0.19) builds ``lora`` and
-``qlora`` itself, as a plain ``peft.LoraConfig``, without asking plugins; only adapter names a plugin
-registers reach the plugin's ``load_adapter``.  For the same reason quantized bases (``load_in_4bit`` /
-``load_in_8bit``) are refused here: axolotl sets up bitsandbytes only for ``adapter: qlora`` / ``lora``.
+* ``adapter: scheduled_lora`` (registered by the plugin, LoRA-like, no ReLoRA): the plugin builds the model in
+  axolotl's ``load_adapter`` hook with a :class:`~peft_layersched.ScheduledLoraConfig` made of the
+  ``LoraConfig`` axolotl computes from its ``lora_*`` / ``peft_*`` keys plus the schedule keys, so adapters sit
+  only on the layers the schedule uses (``preallocate_layers``, ``init_seed`` and ``layer_stacks`` apply).
+* ``adapter: lora`` or ``qlora`` with a ``layer_schedule:``: axolotl builds its plain LoRA (quantized base
+  included) as always, and the callback adopts it when the trainer is built (bring your own LoRA,
+  :func:`~peft_layersched.schedule_lora`): LoRA sits where axolotl put it, the schedule decides which of those
+  layers train.
+
+Either way the plugin adds a :class:`~peft_layersched.LayerScheduleCallback` to the trainer
+(``add_callbacks_pre_trainer``), with the options under ``layer_schedule_callback:``.  axolotl (0.19) builds
+``lora`` / ``qlora`` itself without asking plugins, and sets up bitsandbytes only for those two: hence a
+quantized base is refused with ``adapter: scheduled_lora`` (use ``adapter: qlora`` + ``layer_schedule``).
 
 This module imports axolotl; ``import peft_layersched`` does not import it.
 """
@@ -41,14 +47,18 @@ from ..schedule import LayerId, check_layer_list, check_unit, parse_schedule
 from ..scheduler import check_options
 
 ADAPTER = "scheduled_lora"
+# axolotl's own LoRA adapters, which the callback adopts (bring your own LoRA)
+ADOPTED = ("lora", "qlora")
 
-# The YAML keys that become ScheduledLoraConfig fields (same names).
+# The YAML keys that become ScheduledLoraConfig fields (same names); with adapter: lora / qlora only the
+# first two apply (LoRA sits where axolotl put it).
 _CONFIG_KEYS = ("layer_schedule", "schedule_unit", "preallocate_layers", "layer_stacks", "init_seed")
+_ADOPTED_KEYS = ("layer_schedule", "schedule_unit")
 _CALLBACK_KEY = "layer_schedule_callback"
 _CALLBACK_DEFAULTS = {
     name: p.default
     for name, p in inspect.signature(LayerScheduleCallback.__init__).parameters.items()
-    if name not in ("self", "adapter_name")
+    if name not in ("self", "adapter_name") + _ADOPTED_KEYS
 }
 
 
@@ -71,33 +81,44 @@ def check_axolotl_config(data: Dict[str, Any]) -> None:
     """Check the schedule keys of an axolotl config (the raw YAML dict); raise ``ValueError``/``TypeError``."""
     adapter = data.get("adapter")
     given = [key for key in _CONFIG_KEYS + (_CALLBACK_KEY,) if _given(data, key) is not None]
-    if adapter != ADAPTER:
+    if adapter in ADOPTED:
         if not given:
             return
-        if adapter in ("lora", "qlora"):
-            why = (
-                f"axolotl builds adapter: {adapter} itself as a plain peft.LoraConfig and never passes these keys "
-                f"on. Set adapter: {ADAPTER} (the same lora_* keys apply)"
+        if _given(data, "layer_schedule") is None:
+            raise ValueError(
+                f"{', '.join(given)} given with adapter: {adapter} but no layer_schedule: give one (e.g. "
+                f"layer_schedule: {{0: [-1], 20: [-2, -1]}}) to schedule axolotl's LoRA, or remove "
+                f"{', '.join(given)}."
             )
-        else:
-            why = f"they need adapter: {ADAPTER} (LoRA with a layer schedule)"
+        only_scheduled = [key for key in given if key not in _ADOPTED_KEYS + (_CALLBACK_KEY,)]
+        if only_scheduled:
+            raise ValueError(
+                f"{', '.join(only_scheduled)} given with adapter: {adapter}: axolotl's {adapter} puts LoRA on every "
+                f"layer of lora_target_modules (or peft_layers_to_transform) and the schedule picks among those, so "
+                f"{', '.join(only_scheduled)} cannot apply. Use adapter: {ADAPTER} for adapters on the scheduled "
+                f"layers only, or remove {', '.join(only_scheduled)}."
+            )
+    elif adapter != ADAPTER:
+        if not given:
+            return
         raise ValueError(
-            f"{', '.join(given)} given with adapter: {adapter!r}; {why}, or remove {', '.join(given)}."
+            f"{', '.join(given)} given with adapter: {adapter!r}; they need adapter: {ADAPTER} (LoRA on the "
+            f"scheduled layers), or adapter: lora / qlora (axolotl's LoRA, scheduled by the callback), or "
+            f"remove {', '.join(given)}."
         )
-    if _given(data, "layer_schedule") is None:
+    elif _given(data, "layer_schedule") is None:
         raise ValueError(
             f"adapter: {ADAPTER} needs a layer_schedule, e.g. layer_schedule: {{0: [-1], 20: [-2, -1]}} (from "
             f"epoch/step 0 the top layer trains, from 20 on the top two) or layer_schedule: {{type: gradual, k: 1, "
             f"every: 1}}. For LoRA on every layer use adapter: lora."
         )
     quantized = [key for key in ("load_in_4bit", "load_in_8bit", "gptq") if data.get(key)]
-    if quantized:
+    if quantized and adapter == ADAPTER:
         raise ValueError(
             f"adapter: {ADAPTER} cannot be combined with {', '.join(quantized)} yet: axolotl quantizes the base "
             f"model (bitsandbytes) and prepares it for k-bit training only for adapter: qlora / lora, so the base "
-            f"would load unquantized. Remove {', '.join(quantized)}, or build the model in Python "
-            f"(from_pretrained(quantization_config=BitsAndBytesConfig(...)), then "
-            f"get_peft_model(model, ScheduledLoraConfig(...)))."
+            f"would load unquantized. Use adapter: qlora with the layer_schedule (the callback schedules axolotl's "
+            f"QLoRA), or remove {', '.join(quantized)}."
         )
     parse_schedule(_plain(data["layer_schedule"]))
     check_unit(data.get("schedule_unit") or "epoch")
@@ -153,14 +174,17 @@ class LayerScheduleArgs(BaseModel):
 
     layer_schedule: Optional[Dict[Any, Any]] = Field(
         default=None,
-        description="With adapter: scheduled_lora: {start: layers} (from epoch/step `start` on exactly `layers` "
-        "train), or {type: gradual|cyclic|sampled, ...}; see ScheduledLoraConfig.layer_schedule.",
+        description="With adapter: scheduled_lora, lora or qlora: {start: layers} (from epoch/step `start` on "
+        "exactly `layers` train), or {type: gradual|cyclic|sampled|adaptive|autofreeze, ...}; see "
+        "ScheduledLoraConfig.layer_schedule.",
     )
     schedule_unit: Optional[str] = Field(
         default=None, description="'epoch' (default) or 'step' (optimizer steps): the unit of the schedule."
     )
     preallocate_layers: Optional[List[LayerId]] = Field(
-        default=None, description="Layers that get adapters up front; default: every layer the schedule names."
+        default=None,
+        description="adapter: scheduled_lora only: layers that get adapters up front; default: every layer the "
+        "schedule names.",
     )
     layer_stacks: Optional[Union[List[str], str]] = Field(
         default=None, description="Dotted path of the model's block list(s), overriding automatic discovery."
@@ -242,7 +266,13 @@ class LayerSchedulePlugin(BasePlugin):
         return model, config
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> List[Any]:
-        # Before the Trainer exists: LayerScheduleCallback needs the Trainer's on_init_end.
-        if cfg.adapter != ADAPTER:
-            return []
-        return [LayerScheduleCallback(**_callback_options(cfg.get(_CALLBACK_KEY)))]
+        # Before the Trainer exists: LayerScheduleCallback needs the Trainer's on_init_end (where it adopts
+        # axolotl's own LoRA for adapter: lora / qlora).
+        options = _callback_options(cfg.get(_CALLBACK_KEY))
+        if cfg.adapter == ADAPTER:
+            return [LayerScheduleCallback(**options)]
+        if cfg.adapter in ADOPTED and _given(cfg, "layer_schedule") is not None:
+            return [LayerScheduleCallback(
+                layer_schedule=_plain(cfg.layer_schedule), schedule_unit=_given(cfg, "schedule_unit"), **options
+            )]
+        return []
