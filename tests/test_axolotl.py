@@ -260,3 +260,44 @@ def test_config_errors_say_what_to_fix(workdir, overrides, message):
 def test_relora_is_refused_by_axolotl_for_the_scheduled_adapter(workdir):
     with pytest.raises(ValueError, match="ReLoRA|relora"):
         _load_cfg(workdir, "relora", relora=True, jagged_restart_steps=2)
+
+
+DOCS_PAGE = os.path.join(ROOT, "docs", "integrations", "axolotl.md")
+# the example config's keys that are not axolotl's model / data / training setup
+_ADAPTER_KEYS = ("plugins", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "layer_schedule",
+                 "schedule_unit", "preallocate_layers", "init_seed", "layer_schedule_callback")
+
+
+def _docs_yaml_blocks():
+    import re
+
+    with open(DOCS_PAGE) as f:
+        return [yaml.safe_load(block) for block in re.findall(r"^```yaml\n(.*?)^```", f.read(), re.M | re.S)]
+
+
+@pytest.mark.parametrize("number", range(len(_docs_yaml_blocks())))
+def test_the_docs_yaml_examples_load_in_axolotl_and_reach_the_schedule(workdir, number):
+    from axolotl.loaders.adapter import load_adapter
+
+    from peft_layersched.integrations.axolotl import LayerSchedulePlugin
+
+    block = _docs_yaml_blocks()[number]
+    cfg = _load_cfg(workdir, "docs-{}".format(number), **dict({key: None for key in _ADAPTER_KEYS}, **block))
+    (callback,) = LayerSchedulePlugin().add_callbacks_pre_trainer(cfg, None)
+    _, config = load_adapter(tiny_models.llama(), cfg, cfg.adapter, config_only=True)
+    if block["adapter"] == "scheduled_lora":
+        assert isinstance(config, ScheduledLoraConfig)
+        assert config.layer_schedule == block["layer_schedule"] and config.schedule_unit == block["schedule_unit"]
+        assert config.preallocate_layers == block["preallocate_layers"]
+        assert callback.new_layer_lr_scale == block["layer_schedule_callback"]["new_layer_lr_scale"]
+    else:
+        # axolotl's own LoraConfig; the callback carries the schedule and adopts the LoRA at on_init_end
+        assert not isinstance(config, ScheduledLoraConfig)
+        from transformers import TrainingArguments
+
+        model = load_adapter(tiny_models.llama(), cfg, cfg.adapter)[0]
+        args = TrainingArguments(str(workdir / "docs-args"), use_cpu=True, report_to=[])
+        callback.on_init_end(args, None, None, model=model)
+        assert type(model.base_model).__name__ == "ScheduledLoraModel"
+        stored = model.peft_config["default"].layer_schedule  # the typed spec with its defaults filled in
+        assert {key: stored[key] for key in block["layer_schedule"]} == block["layer_schedule"]

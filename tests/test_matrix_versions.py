@@ -19,6 +19,7 @@ MODULES = {
     "EXPECT_ACCELERATE": "accelerate",
     "EXPECT_PEFT": "peft",
     "EXPECT_LIGHTNING": "lightning",  # the lightning env only
+    "EXPECT_AXOLOTL": "axolotl",  # the axolotl env only
 }
 # an env that declares any of these must declare all of them
 REQUIRED = ("EXPECT_PYTHON", "EXPECT_TORCH", "EXPECT_TRANSFORMERS", "EXPECT_PEFT")
