@@ -59,6 +59,8 @@ def _candidates(layers: Optional[List[LayerId]]) -> str:
 def describe_schedule(schedule: Union[ScheduleSpec, Schedule], unit: str = "epoch") -> str:
     """One line on what ``schedule`` (a spec or a bound schedule) does, time in ``unit``s."""
     spec = schedule.spec if isinstance(schedule, Schedule) else schedule
+    if hasattr(spec, "describe"):  # kinds that word themselves
+        return spec.describe(unit)
     if isinstance(schedule, (MilestoneSpec, MilestoneSchedule)):  # bound: the canonical ids
         return "milestones: " + "; ".join(
             "from {} {}: {}".format(unit, start, list(layers) or "none") for start, layers in schedule.phases
@@ -106,6 +108,8 @@ def _describe_adaptive(schedule: Any, spec: Any, unit: str) -> str:
 
 def preview_span(schedule: Schedule) -> int:
     """How many epochs/steps show the bound ``schedule``'s whole pattern (the CLI's default horizon)."""
+    if hasattr(schedule, "preview_span"):  # kinds that know their own horizon
+        return schedule.preview_span()
     if isinstance(schedule, MilestoneSchedule):
         last = schedule.boundaries()[-1]
         return max(3, last + max(2, last // 4))

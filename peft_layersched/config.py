@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from . import _compat, adaptive  # noqa: F401  (adaptive: registers its schedule kinds with parse_schedule)
+from . import _compat, adaptive, progressive  # noqa: F401  (register their schedule kinds with parse_schedule)
 from .schedule import CallableSpec, LayerId, ScheduleSpec, check_layer_list, check_time, check_unit, parse_schedule
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
@@ -46,6 +46,8 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
             dict with a ``"type"`` key: ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "limit": 6}``
             (gradual unfreezing from the top), ``{"type": "cyclic", "block": 2, "every": 10}`` (blocks
             take turns), ``{"type": "sampled", "k": 2, "every": 5, "seed": 0}`` (seeded draws),
+            ``{"type": "progressive", "start": 0.1, "full_at": 0.75}`` (each layer trains with a chance that
+            rises to 1 by 75 % of the run),
             ``{"type": "adaptive", "k": 2, "every": 50, "signal": "grad_norm"}`` (chosen from measured
             signals) and ``{"type": "autofreeze", "every": 50, "percentile": 50}`` (converged layers
             leave bottom-up; both save their decision log in here); or a function ``t -> layers`` (not
@@ -102,7 +104,7 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         metadata={
             "help": "{start: layers}: from epoch/step `start` on, exactly `layers` train (until the next "
             "start). E.g. {0: [11], 3: [1, 11]}. Or a dict with 'type' 'gradual', 'cyclic', 'sampled', "
-            "'adaptive' or 'autofreeze' (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), or a callable "
+            "'progressive', 'adaptive' or 'autofreeze' (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), or a callable "
             "t -> layers (not saved). "
             "None: no schedule (plain LoRA)."
         },

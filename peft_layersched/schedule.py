@@ -34,7 +34,7 @@ LayerId = Union[int, str]
 Canonicalizer = Callable[[Any, str], LayerId]
 
 SCHEDULE_UNITS = ("epoch", "step")
-SCHEDULE_TYPES = ("gradual", "cyclic", "sampled", "adaptive", "autofreeze")
+SCHEDULE_TYPES = ("gradual", "cyclic", "sampled", "progressive", "adaptive", "autofreeze")
 
 _STR_ID = re.compile(r"^(?:(?P<stack>[A-Za-z_][\w.]*?)\.)?(?P<index>-?\d+)$")
 
@@ -384,9 +384,14 @@ class ScheduleSpec(object):
 
     kind = ""
     runtime: Callable[..., Schedule]  # the Schedule class bind() builds: runtime(spec, layers, canonical, default)
+    needs_run_length = False  # True: the driver completes the spec with with_run_length(the run's length)
 
     def to_json(self) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def with_run_length(self, length: int) -> "ScheduleSpec":
+        """This spec for a run of ``length`` epochs/steps (kinds that need no length: itself)."""
+        return self
 
     def bind(
         self,

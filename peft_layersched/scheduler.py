@@ -221,6 +221,7 @@ class LayerScheduler(ScheduleOptions):
             self.steps, self.epoch = int(start_step), int(start_epoch)
             self.offset = self._offset_from_config()
             applied = None
+        self._complete_run_length()
         t = self.run_time
         self._refuse_idle_times(t)
         self._switch(t, initial=True, applied=applied)
@@ -448,6 +449,21 @@ class LayerScheduler(ScheduleOptions):
                 "LayerScheduler) to go on from there.", unit, position, unit,
             )
         return 0
+
+    def _complete_run_length(self) -> None:
+        """Give a schedule kind that needs the run's length (progressive) this run's length."""
+        schedule = self._schedule
+        if schedule is None or not schedule.spec.needs_run_length:
+            return
+        length = self.total_steps if self.unit == "step" else self.total_epochs
+        if length is None:
+            which = "total_steps" if self.unit == "step" else "total_epochs"
+            raise ValueError(
+                f"layer_schedule (type {schedule.kind!r}) needs the run's length, and this run's is unknown: pass "
+                f"LayerScheduler({which}=...), give the Trainer max_steps (an IterableDataset has no length), or "
+                f"put 'steps' (the run's length in {self.unit}s) in the schedule."
+            )
+        self.tuner.set_layer_schedule(schedule.spec.with_run_length(self.offset + length).to_json(), self.adapter_name)
 
     def _prepare_optimizer(self, optimizer: Any) -> Optional[_optim.LayerLRs]:
         if optimizer is None:

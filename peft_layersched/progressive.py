@@ -1,0 +1,146 @@
+"""The progressive schedule kind: every layer trains together by the end of the run (CoTo-like).
+
+At each period every candidate layer trains with a probability that rises linearly from ``start`` to 1 at
+``full_at`` of the run. Draws are seeded by ``(seed, period, layer)``: the same on every rank and on resume.
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from .schedule import (
+    Canonicalizer,
+    LayerId,
+    Schedule,
+    ScheduleSpec,
+    _bind_candidates,
+    _Spec,
+    register_kind,
+    stable_int,
+)
+
+_TWO_64 = float(2 ** 64)
+
+
+def _fraction(check: _Spec, key: str, default: float, meaning: str, zero_ok: bool) -> float:
+    value = check.spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{check.where}: '{key}' must be a number ({meaning}), got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    low_ok = value >= 0.0 if zero_ok else value > 0.0
+    if not (low_ok and value <= 1.0) or math.isnan(value):
+        bound = "0 <= x <= 1" if zero_ok else "0 < x <= 1"
+        raise ValueError(f"{check.where}: '{key}' must be a fraction, {bound} ({meaning}), got {value!r}.")
+    return value
+
+
+class ProgressiveSchedule(Schedule):
+    """The progressive kind on a model: ``_pool`` are the candidates in layer order."""
+
+    def __init__(
+        self, spec: "ProgressiveSpec", layers: Sequence[LayerId], canonical: Canonicalizer, default: Sequence[LayerId]
+    ) -> None:
+        super().__init__(spec, layers)
+        self.start, self.full_at, self.steps = spec.start, spec.full_at, spec.steps
+        self.every, self.seed = spec.every, spec.seed
+        self.granule = spec.every
+        where = "layer_schedule (type 'progressive') 'layers'"
+        self._pool = _bind_candidates(spec.layers, where, layers, canonical, default)
+        if not self._pool:
+            raise ValueError("layer_schedule (type 'progressive'): there are no candidate layers.")
+
+    def probability(self, t: int) -> float:
+        """The chance that a candidate layer trains at ``t`` (1 from ``full_at`` of the run on)."""
+        period_start = (t // self.every) * self.every
+        if self.start >= 1.0 or period_start == 0:
+            return self.start
+        if self.steps is None:
+            raise ValueError(
+                "layer_schedule (type 'progressive') needs the run's length to place 'full_at': drive it with "
+                "LayerScheduleCallback (it reads the Trainer's max_steps) or LayerScheduler(total_steps=... / "
+                "total_epochs=...), or give 'steps' (the run's length in schedule units) in the schedule."
+            )
+        ramp = period_start / (self.full_at * self.steps)
+        return min(1.0, self.start + (1.0 - self.start) * ramp)
+
+    def active_at(self, t: int) -> List[LayerId]:
+        p = self.probability(t)
+        if p >= 1.0:
+            return list(self._pool)
+        period = t // self.every
+        kept = [layer for i, layer in enumerate(self._pool)
+                if stable_int("progressive", self.seed, period, i) / _TWO_64 < p]
+        if not kept:  # at least one layer every step
+            kept = [self._pool[stable_int("progressive-one", self.seed, period) % len(self._pool)]]
+        return kept
+
+    def all_layers(self) -> List[LayerId]:
+        return list(self._pool)
+
+    def _always_active(self, layer: LayerId) -> bool:
+        return self.start >= 1.0
+
+    def preview_span(self) -> int:
+        """Epochs/steps that show the whole pattern: the run, or a ramp of 20 periods without a length."""
+        return self.steps if self.steps is not None else 20 * self.every
+
+
+class ProgressiveSpec(ScheduleSpec):
+    """Progressive layer training (CoTo-like): each candidate layer trains at a period with probability
+    ``p(t)``, rising linearly from ``start`` at time 0 to 1 at ``full_at`` of the run; at least one layer
+    trains at every period, and every layer trains from ``full_at`` on.
+
+    ``{"type": "progressive", "start": 0.1, "full_at": 0.75, "seed": 0}``.  The run's length comes from
+    the driver (the Trainer's ``max_steps``, ``LayerScheduler(total_steps=...)``) and is saved with the
+    adapter as ``steps``; give ``steps`` yourself to fix it.
+    """
+
+    kind = "progressive"
+    runtime = ProgressiveSchedule
+    FIELDS = {
+        "start": "chance that a layer trains at time 0, default 0.1",
+        "full_at": "fraction of the run from which every layer trains, default 0.75",
+        "steps": "the run's length in epochs/steps, default: from the driver",
+        "every": "epochs/steps between draws, default 1",
+        "seed": "seed of the draws, default 0",
+        "layers": "candidate layers, default every layer",
+    }
+
+    def __init__(self, spec: Dict[Any, Any]) -> None:
+        check = _Spec(spec, self.kind, self.FIELDS)
+        self.start = _fraction(check, "start", 0.1, self.FIELDS["start"], zero_ok=True)
+        self.full_at = _fraction(check, "full_at", 0.75, self.FIELDS["full_at"], zero_ok=False)
+        self.steps: Optional[int] = check.integer("steps", None, 1, self.FIELDS["steps"])
+        self.every = check.integer("every", 1, 1, self.FIELDS["every"])
+        self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
+        self.layers = check.layers("layers", allow_empty=False)
+
+    @property
+    def needs_run_length(self) -> bool:
+        return self.steps is None and self.start < 1.0
+
+    def with_run_length(self, length: int) -> "ProgressiveSpec":
+        spec = self.to_json()
+        spec["steps"] = int(length)
+        return ProgressiveSpec(spec)
+
+    def describe(self, unit: str) -> str:
+        length = "the run" if self.steps is None else "{} {}s".format(self.steps, unit)
+        candidates = "every layer" if self.layers is None else str(self.layers)
+        return ("progressive: each layer trains with a chance rising from {} to 1 at {:g} % of {}, drawn every "
+                "{} {}(s), seed {} (candidates: {})".format(
+                    self.start, 100 * self.full_at, length, self.every, unit, self.seed, candidates))
+
+    def to_json(self) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {"type": self.kind, "start": self.start, "full_at": self.full_at,
+                                "every": self.every, "seed": self.seed}
+        if self.steps is not None:
+            spec["steps"] = self.steps
+        if self.layers is not None:
+            spec["layers"] = list(self.layers)
+        return spec
+
+
+register_kind(ProgressiveSpec)
