@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import warnings
 
 import pytest
 import torch
+from transformers import Trainer
+
+from peft_layersched import LayerScheduleCallback
 
 from helpers import plain_resume
+from helpers.jit import SigtermAt, needs_jit
 from helpers.launch import two_ranks
+from helpers.toy_training import ToyClassification, scheduled_bert, training_args
 
 KINDS = ("fixed",) + plain_resume.SIGNALS
 
@@ -61,3 +67,43 @@ def test_weights_loaded_into_a_fresh_model_without_a_scheduler_are_still_checked
         with torch.no_grad():
             fresh(**plain_resume.batch(0))
     assert not [w for w in caught if "carry trained LoRA weights" in str(w.message)]
+
+
+# ------------------------------------------------------------------ just-in-time (SIGTERM) checkpoint
+
+@needs_jit
+@pytest.mark.parametrize("signal_name", ["grad_norm", "update"])
+@pytest.mark.parametrize("when", ["before-switch", "after-switch"])
+def test_just_in_time_checkpoint_carries_the_current_signal_state(tmp_path, when, signal_name):
+    """A SIGTERM at step 6 (a decision time), after a regular checkpoint at step 4: the just-in-time checkpoint
+    must carry the signal as measured up to step 6, not as the step-4 save left it; the resumed run then
+    decides and trains as the uninterrupted one."""
+    spec = {"type": "adaptive", "k": 1, "every": 2, "policy": "top", "explore": 0.0, "signal": signal_name}
+
+    def run(out, resume=None, sigterm=None):
+        model = scheduled_bert(spec, unit="step", num_layers=4)
+        holder = []
+        callbacks = [LayerScheduleCallback()]
+        if sigterm is not None:
+            callbacks.append(SigtermAt(holder, sigterm, when))
+        args = training_args(out, max_steps=10, save_strategy="steps", save_steps=4,
+                             enable_jit_checkpoint=sigterm is not None)
+        trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(), callbacks=callbacks)
+        holder.append(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        run(tmp_path / "first", sigterm=6)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    checkpoint = os.path.join(str(tmp_path / "first"), "checkpoint-6")
+    assert os.path.isdir(checkpoint), os.listdir(str(tmp_path / "first"))
+    resumed = run(tmp_path / "first", resume=checkpoint)
+    want, got = straight.peft_config["default"].layer_schedule, resumed.peft_config["default"].layer_schedule
+    assert got["decisions"] == want["decisions"]
+    assert got["state"] == want["state"]
+    assert all(torch.equal(a, b) for a, b in zip(plain_resume.lora(straight).values(),
+                                                 plain_resume.lora(resumed).values()))
