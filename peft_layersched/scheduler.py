@@ -141,7 +141,10 @@ class LayerScheduler(ScheduleOptions):
         steps_per_epoch (`int`, *optional*): optimizer steps per epoch (epoch unit: warm-up of layers that
             joined before this run, and the length check).
         start_step / start_epoch (`int`): where this run starts (a Trainer resumed without our state).
-        state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start).
+        state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start);
+            after the optimizer's (and LR scheduler's) ``load_state_dict``.  The weights may be loaded
+            before or after: both are exact, and weights loaded into the freshly built model are checked
+            against the schedule once it stands at their step.
         on_switch (`callable`, *optional*): called with a dict for each switch (``schedule_time``,
             ``schedule_offset``, ``step``, ``active_layers``, ``trainable_params``).
         calibration_data (`iterable`, *optional*): batches (dicts of tensors, or tuples) for the
@@ -394,7 +397,8 @@ class LayerScheduler(ScheduleOptions):
         return {"decisions": schedule.decisions_json(), "meter": schedule.state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``)."""
+        """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``; load the weights
+        after this call, or pass ``state_dict=`` to the constructor instead)."""
         applied = self._read_state(state)
         self._switch(self.run_time, initial=True, applied=applied, resumed=True)
         self._prepare_next()
