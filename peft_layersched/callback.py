@@ -154,10 +154,10 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
             self._pending_epoch = epoch
         else:
             self.scheduler.set_time(epoch)
-        return self._report(state, control)
+        return self._report(args, state, control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
-        return self._report(state, control)
+        return self._report(args, state, control)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self._micro_steps += 1
@@ -179,6 +179,10 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         sched = self.scheduler
         if sched is not None and sched.unit == "step":
             sched.tuner.set_schedule_position(sched.offset + int(state.global_step) + 1, sched.adapter_name)
+        if sched is not None and sched.meter is not None and _jit(args):
+            # ... and with the step's signal measured: what on_step_end would fold in comes in now.
+            sched.measure()
+            trainer.keep_adaptive_state(state, sched.adaptive_state())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
@@ -188,7 +192,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         if self._pending_epoch is not None:
             epoch, self._pending_epoch = self._pending_epoch, None
             self.scheduler.set_time(epoch)
-        return self._report(state, control)
+        return self._report(args, state, control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
@@ -230,14 +234,15 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
     def _decided(self, decision: Dict[str, Any]) -> None:
         self._decision_due = True
 
-    def _report(self, state: Any, control: Any) -> Any:
+    def _report(self, args: Any, state: Any, control: Any) -> Any:
         """An adaptive schedule's decision is logged at once (its scores reach every tracker), and its
-        state rides in the log history of the checkpoint about to be saved."""
+        state rides in the log history of the checkpoint about to be saved (with just-in-time checkpoints,
+        which the Trainer saves from its own callback at any step's start or end, at every event)."""
         if self.scheduler is None or self.scheduler.meter is None:
             return None
         if self._decision_due:
             control.should_log, self._decision_due = True, False
-        if control.should_save:
+        if control.should_save or _jit(args):
             trainer.keep_adaptive_state(state, self.scheduler.adaptive_state())
         return control
 
@@ -259,3 +264,9 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         history = trainer.read_json(checkpoint, None, "trainer_state.json").get("log_history") or []
         applied = trainer.RunRecord.of_history(history).last_time
         self.scheduler.restore(position, position if applied is None else applied, saved.get("ever_active_layers"))
+
+
+def _jit(args: Any) -> bool:
+    """Whether the run takes just-in-time checkpoints (transformers 5.x ``enable_jit_checkpoint``: on SIGTERM,
+    saved from the Trainer's callback, which runs before ours at a step's start and end)."""
+    return bool(getattr(args, "enable_jit_checkpoint", False))

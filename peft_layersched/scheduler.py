@@ -35,7 +35,7 @@ import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import _optim, adopt, engines
+from . import _compat, _optim, adopt, engines
 from ._describe import format_layers
 from .adaptive import AdaptiveSchedule
 from .schedule import LayerId, check_time
@@ -141,7 +141,10 @@ class LayerScheduler(ScheduleOptions):
         steps_per_epoch (`int`, *optional*): optimizer steps per epoch (epoch unit: warm-up of layers that
             joined before this run, and the length check).
         start_step / start_epoch (`int`): where this run starts (a Trainer resumed without our state).
-        state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start).
+        state_dict (`dict`, *optional*): a :meth:`state_dict` to resume from (instead of the run's start);
+            after the optimizer's (and LR scheduler's) ``load_state_dict``.  The weights may be loaded
+            before or after: both are exact, and weights loaded into the freshly built model are checked
+            against the schedule once it stands at their step.
         on_switch (`callable`, *optional*): called with a dict for each switch (``schedule_time``,
             ``schedule_offset``, ``step``, ``active_layers``, ``trainable_params``).
         calibration_data (`iterable`, *optional*): batches (dicts of tensors, or tuples) for the
@@ -208,6 +211,8 @@ class LayerScheduler(ScheduleOptions):
         self.meter = self._make_meter()
         self.last_decision: Optional[Dict[str, Any]] = None
         self._lrs = self._prepare_optimizer(optimizer)
+        self._measured = False  # the meter took the current optimizer step already (measure())
+        self._meter_hook = self._hook_meter(optimizer)
         self._still = _optim.StillCheck()
         self._offloaded: Dict[Any, Any] = {}
         self._record: Optional[Tuple[List[LayerId], Dict[LayerId, float], Optional[int]]] = None
@@ -224,8 +229,11 @@ class LayerScheduler(ScheduleOptions):
         self._complete_run_length()
         t = self.run_time
         self._refuse_idle_times(t)
-        self._switch(t, initial=True, applied=applied)
+        self._switch(t, initial=True, applied=applied, resumed=state_dict is not None)
         self._prepare_next()
+        # Weights loaded into the freshly built model before this resume are checked now that the schedule
+        # stands where they were saved (loaded after it, they are checked as they come in).
+        self.tuner.check_deferred_load()
 
     # ------------------------------------------------------------------------------- public API
 
@@ -259,8 +267,9 @@ class LayerScheduler(ScheduleOptions):
         adapter saves advances, and the LR factors of the next step are set."""
         self._still.steps += 1
         self.steps += 1
-        if self.meter is not None:
+        if self.meter is not None and not self._measured:
             self.meter.end_step(self.current or [])
+        self._measured = False
         # What this step's metrics report: the layers it trained, the LRs it used (before any switch).
         self._record = (self.active_layers, dict(self._next_lrs), None)
         if self.unit == "step":
@@ -268,6 +277,14 @@ class LayerScheduler(ScheduleOptions):
                 self._switch(self.steps)
             self.tuner.set_schedule_position(self.offset + self.steps, self.adapter_name)
         self._prepare_next()
+
+    def measure(self) -> None:
+        """Fold what the optimizer step just done measured into an adaptive schedule's signal now, before
+        :meth:`step` (which then does not fold it again): for a checkpoint saved between the two, such as the
+        Trainer's just-in-time one at a step's end, whose signal state must include the step."""
+        if self.meter is not None and not self._measured:
+            self.meter.end_step(self.current or [])
+            self._measured = True
 
     def epoch_end(self) -> None:
         """One epoch is done (epoch unit): the next epoch's layers apply now (not after ``total_epochs``)."""
@@ -290,6 +307,9 @@ class LayerScheduler(ScheduleOptions):
         into the adapter's config)."""
         self._check_phase_updates()
         self.adaptive_state()
+        if self._meter_hook is not None:
+            self._meter_hook.remove()
+            self._meter_hook = None
 
     def unscale_lrs(self) -> None:
         """Put the LR scheduler's own LRs back into the layer groups until :meth:`scale_lrs` (or the next
@@ -378,10 +398,12 @@ class LayerScheduler(ScheduleOptions):
         return {"decisions": schedule.decisions_json(), "meter": schedule.state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``)."""
+        """Go on from a :meth:`state_dict` (after the optimizer's own ``load_state_dict``; load the weights
+        after this call, or pass ``state_dict=`` to the constructor instead)."""
         applied = self._read_state(state)
-        self._switch(self.run_time, initial=True, applied=applied)
+        self._switch(self.run_time, initial=True, applied=applied, resumed=True)
         self._prepare_next()
+        self.tuner.check_deferred_load()
 
     def _read_state(self, state: Dict[str, Any]) -> Optional[int]:
         """Take a :meth:`state_dict`'s counters; returns the schedule time its active set was applied at."""
@@ -498,10 +520,11 @@ class LayerScheduler(ScheduleOptions):
     def _schedule(self) -> Any:
         return self.tuner.scheduled_adapter(self.adapter_name).schedule
 
-    def _switch(self, t: int, initial: bool = False, applied: Optional[int] = None) -> None:
+    def _switch(self, t: int, initial: bool = False, applied: Optional[int] = None, resumed: bool = False) -> None:
         """Apply the schedule at this run's time ``t``.  ``initial``: the run's first switch; ``applied``:
         then, the schedule time whose active set a resumed optimizer's state was left at (``None``: a new
-        run, whose optimizer holds no state of frozen layers)."""
+        run, whose optimizer holds no state of frozen layers); ``resumed``: the first switch goes on from a
+        saved state (no switch happens there: ``switch_steps`` stays as saved)."""
         t += self.offset  # this run's epoch/step -> schedule time
         schedule = self._schedule
         if schedule is None and not initial:
@@ -529,7 +552,7 @@ class LayerScheduler(ScheduleOptions):
             self.meter.track(active)
         self._start_phase()
         if initial or previous != active:
-            self._log_change(t, active)
+            self._log_change(t, active, record=not resumed)
 
     def _move_optimizer_state(
         self, t: int, previous: Optional[List[LayerId]], active: List[LayerId], initial: bool
@@ -557,6 +580,14 @@ class LayerScheduler(ScheduleOptions):
             _optim.drop_state(self.optimizer, [p for layer in rejoined for p in params.get(layer, [])])
         joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
         _optim.reload_state(self.optimizer, self._offloaded, joined)
+
+    def _hook_meter(self, optimizer: Any) -> Any:
+        """The ``update`` signal measures each step from the weights the optimizer step starts from (an
+        optimizer pre-step hook): exact also when the weights were loaded after this scheduler was built."""
+        if self.meter is None or optimizer is None or self.meter.signal != "update":
+            return None
+        meter = self.meter
+        return _compat.register_step_pre_hook(_optim.inner(optimizer), lambda *args: meter.start_step())
 
     def _make_meter(self) -> Optional[SignalMeter]:
         schedule = self._schedule
@@ -631,9 +662,10 @@ class LayerScheduler(ScheduleOptions):
             f"that train throughout."
         )
 
-    def _log_change(self, t: int, active: List[LayerId]) -> None:
+    def _log_change(self, t: int, active: List[LayerId], record: bool = True) -> None:
         trainable = self.trainable_count(active)
-        self.switch_steps.setdefault(t, self.steps)
+        if record:
+            self.switch_steps.setdefault(t, self.steps)
         logger.info(
             "layer schedule: %s %d: active layers %s, %d trainable parameters", self.unit, t, active or "[]",
             trainable,

@@ -135,6 +135,16 @@ class SignalMeter(object):
                 elif i not in self._snapshot:
                     self._snapshot[i] = [_local(p).detach().clone() for p in self._params[layer]]
 
+    def start_step(self) -> None:
+        """An optimizer step is about to change the weights (``LayerScheduler`` calls it from an optimizer
+        pre-step hook).  ``update`` measures from the weights as they are now: whatever set them since the
+        last step (a resume that loads the weights after ``LayerScheduler`` was built) is not an update."""
+        if self.signal != "update":
+            return
+        for i, before in self._snapshot.items():
+            for param, old in zip(self._params[self.layers[i]], before):
+                old.copy_(_local(param).detach())
+
     def _grad_hook(self, i: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
             # One small kernel per gradient (its squared norm); end_step sums them in float64.
@@ -342,7 +352,8 @@ class SignalMeter(object):
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain floats and flags (JSON-able, exact).  (``update`` compares each step's weights with the
-        step's start, which a resume loads: nothing else to save.)"""
+        step's start, which a resume loads, before or after ``LayerScheduler`` is built: nothing else to
+        save.)"""
         return {
             "signal": self.signal,
             "layers": [str(layer) for layer in self.layers],

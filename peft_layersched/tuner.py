@@ -186,11 +186,43 @@ def _warn_unloaded_weights(tuner: nn.Module, incompatible_keys: Any) -> None:
     )
 
 
+def _never_scheduled(tuner: nn.Module) -> bool:
+    """No schedule has been applied to this model yet and its config records none (a model just built by
+    ``get_peft_model``): weights loaded into it are a resume's, which cannot be judged before the schedule
+    is moved to their time."""
+    plans = [(name, plan) for name, plan in tuner._plans.items() if plan.schedule is not None]
+    return bool(plans) and all(
+        plan.time is None and getattr(tuner.peft_config[name], "schedule_position", None) is None
+        for name, plan in plans
+    )
+
+
+def _check_at_first_forward(tuner: nn.Module) -> None:
+    """Run a put-off check at the model's next forward if nothing (a ``LayerScheduler``) ran it before."""
+    if tuner.__dict__.get("_load_check_hook") is not None:
+        return
+
+    def check(module: nn.Module, args: Any) -> None:
+        tuner.check_deferred_load()
+
+    tuner.__dict__["_load_check_hook"] = tuner.model.register_forward_pre_hook(check)
+
+
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
     _warn_unloaded_weights(tuner, incompatible_keys)
     if _DEFERRED_LOAD_CHECKS[0]:
         tuner.__dict__["_load_check_pending"] = True
         return
+    if _never_scheduled(tuner):
+        # A plain loop's resume may load the weights before LayerScheduler(..., state_dict=...) moves the
+        # schedule to their step: it checks them then (or the next forward does).
+        tuner.__dict__["_load_check_pending"] = True
+        _check_at_first_forward(tuner)
+        return
+    _check_hidden_weights(tuner)
+
+
+def _check_hidden_weights(tuner: nn.Module) -> None:
     for name, plan in tuner._plans.items():
         hidden = []
         for module_name in tuner._bypassed_modules(name, plan):
@@ -491,8 +523,11 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
     def check_deferred_load(self) -> None:
         """Run the check of loaded weights that :func:`deferred_load_check` put off, if it did (a warning
         naming layers whose LoRA weights show training although the schedule so far leaves them out)."""
+        hook = self.__dict__.pop("_load_check_hook", None)
+        if hook is not None:
+            hook.remove()
         if self.__dict__.pop("_load_check_pending", False):
-            _check_loaded_weights(self)
+            _check_hidden_weights(self)
 
     def restore_layer_state(
         self, t: Any, ever_active_layers: Any = None, adapter_name: Optional[str] = None

@@ -9,17 +9,17 @@ import logging
 import math
 import os
 import signal
-import threading
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import IterableDataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig, _compat, export_lora
 
 from helpers import tiny_models
+from helpers.jit import SigtermAt, needs_jit
 from helpers.toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers; ToyClassification(16) with batch 4: 4 optimizer steps per epoch
@@ -278,40 +278,7 @@ def test_idle_times_are_fine_with_modules_to_save_or_outside_the_run(tmp_path):
 
 # ------------------------------------------------------------------------ just-in-time checkpoint
 
-needs_jit = pytest.mark.skipif(
-    "enable_jit_checkpoint" not in TrainingArguments.__dataclass_fields__,
-    reason="this transformers has no just-in-time checkpoint (enable_jit_checkpoint)",
-)
-
 ROTATION = {0: [0], 2: [1], 4: [2], 6: [0, 3]}  # step unit, 4 layers: layer 0 rejoins at step 6
-
-
-class SigtermAt(TrainerCallback):
-    """Sends this process SIGTERM during optimizer step ``step`` and waits until the Trainer's just-in-time
-    checkpoint handler has taken it (its grace period).  ``when="before-switch"``: right after the optimizer
-    step, so the checkpoint is saved at that step's end, before LayerScheduleCallback's switch;
-    ``"after-switch"``: at the step's end, so it is saved as the next step begins, after the switch."""
-
-    def __init__(self, trainer_holder, step, when):
-        self.holder, self.step, self.when = trainer_holder, step, when
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.when == "before-switch" and state.global_step == self.step - 1:
-            self._sigterm()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.when == "after-switch" and state.global_step == self.step:
-            self._sigterm()
-
-    def _sigterm(self):
-        jit = [cb for cb in self.holder[0].callback_handler.callbacks if type(cb).__name__ == "JITCheckpointCallback"]
-        manager = jit[0].jit_manager
-        waited = threading.Event()
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(200):
-            if manager.is_checkpoint_requested or waited.wait(0.05):
-                break
-        assert manager.is_checkpoint_requested
 
 
 @needs_jit

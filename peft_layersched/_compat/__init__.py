@@ -31,7 +31,14 @@ from ._peft import (
     tuner_active_adapters,
     unmerge_layer,
 )
-from ._torch import empty_weights, fork_rng, put_forward_hook, register_step_post_hook, take_forward_hook
+from ._torch import (
+    empty_weights,
+    fork_rng,
+    put_forward_hook,
+    register_step_post_hook,
+    register_step_pre_hook,
+    take_forward_hook,
+)
 from ._transformers import (
     checkpoint_reentrant,
     checkpointing_flag_holder,
@@ -76,6 +83,7 @@ __all__ = [
     "register",
     "route_layer",
     "register_step_post_hook",
+    "register_step_pre_hook",
     "take_forward_hook",
     "trainer_resumes_adapter_checkpoints",
     "tuner_active_adapters",

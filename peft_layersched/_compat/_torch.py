@@ -44,16 +44,20 @@ def put_forward_hook(module: nn.Module, key: Any, hook: Any) -> None:
 
 
 class _StepWrapper(object):
-    """torch 1.13 has no optimizer step hooks: ``optimizer.step`` is wrapped on the instance instead."""
+    """torch 1.13 has no optimizer step hooks: ``optimizer.step`` is wrapped on the instance instead
+    (``before``: the hook runs before the step, else after it)."""
 
-    def __init__(self, optimizer: Any, hook: Any) -> None:
+    def __init__(self, optimizer: Any, hook: Any, before: bool = False) -> None:
         self.optimizer, self.hook = optimizer, hook
         self.original = optimizer.__dict__.get("step")
         bound = optimizer.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                hook(optimizer, args, kwargs)
             result = bound(*args, **kwargs)
-            hook(optimizer, args, kwargs)
+            if not before:
+                hook(optimizer, args, kwargs)
             return result
 
         optimizer.step = step
@@ -72,3 +76,12 @@ def register_step_post_hook(optimizer: Any, hook: Any) -> Any:
     if register is not None:
         return register(hook)
     return _StepWrapper(optimizer, hook)
+
+
+def register_step_pre_hook(optimizer: Any, hook: Any) -> Any:
+    """``hook(optimizer, args, kwargs)`` before each ``optimizer.step()``; returns a handle with ``remove()``.
+    torch >= 2.0: ``Optimizer.register_step_pre_hook``; 1.13: a wrapper around the instance's ``step``."""
+    register = getattr(optimizer, "register_step_pre_hook", None)
+    if register is not None:
+        return register(hook)
+    return _StepWrapper(optimizer, hook, before=True)
