@@ -221,3 +221,71 @@ def test_best_checkpoint_saved_right_after_a_switch_lists_only_trained_layers(tm
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
     assert later.ever_active_layers == [2, 3] == trained_layers(later)
     assert later.active_layers == [2, 3]
+
+
+# ------------------------------------------------------------------- point 4 under Lightning
+
+
+@pytest.fixture()
+def lt():
+    """helpers.lightning_training, with lightning imported (the test skips without it: tox env ``lightning``)."""
+    pytest.importorskip("lightning.pytorch")
+    from helpers import lightning_training
+
+    return lightning_training
+
+
+def _lightning_run(lt, root, schedule, callbacks, first=False, **options):
+    from peft_layersched.lightning import LayerScheduleFinetuning
+
+    model = lt.scheduled_bert(schedule, "step")
+    module = options.pop("module", lt.ScheduledModule)(model)
+    ours = [LayerScheduleFinetuning()]
+    trainer = lt.trainer(root, callbacks + ours if first else ours + callbacks, **options)
+    trainer.fit(module, lt.loader(), **({"val_dataloaders": lt.loader(4)} if "val_check_interval" in options else {}))
+    return model, trainer
+
+
+@pytest.mark.parametrize("last", [True, False], ids=["stopper-last", "stopper-first"])
+def test_lightning_should_stop_at_a_switch_step_ends_like_max_steps(lt, tmp_path, last):
+    import lightning.pytorch as pl
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= 2:
+                trainer.should_stop = True
+
+    schedule = {0: [3], 2: [2, 3]}
+    ref, _ = _lightning_run(lt, tmp_path / "ref", schedule, [], max_steps=2)
+    model, trainer = _lightning_run(lt, tmp_path / "stopped", schedule, [StopAt()], first=not last, max_steps=8)
+    assert trainer.global_step == 2
+    assert model.ever_active_layers == [3] == trained_layers(model) == ref.ever_active_layers
+    assert model.active_layers == [3] == ref.active_layers
+    assert model.peft_config["default"].schedule_position == 2 == ref.peft_config["default"].schedule_position
+    a, b = lora_state(model), lora_state(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert exported_layers(model, tmp_path / "export") == [3]
+
+
+def test_lightning_early_stopping_lists_only_layers_that_trained(lt, tmp_path):
+    import lightning.pytorch as pl
+
+    scores = [1.0, 0.5, 0.4, 0.3]
+
+    class Scored(lt.ScheduledModule):
+        calls = 0
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_validation_epoch_end(self):
+            type(self).calls += 1
+            self.log("score", scores[type(self).calls - 1])
+
+    stop = pl.callbacks.EarlyStopping(monitor="score", mode="max", patience=1, check_on_train_epoch_end=False)
+    model, trainer = _lightning_run(lt, tmp_path, {0: [3], 2: [2, 3]}, [stop], max_steps=4, val_check_interval=1,
+                                    module=Scored)
+    assert trainer.global_step == 2, "EarlyStopping did not stop the fit after the second evaluation"
+    assert model.ever_active_layers == [3] == trained_layers(model)
+    assert model.active_layers == [3]
+    assert exported_layers(model, tmp_path / "export") == [3]
