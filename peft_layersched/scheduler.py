@@ -216,6 +216,7 @@ class LayerScheduler(ScheduleOptions):
         self.time: Optional[int] = None  # the schedule time whose active set is applied
         self.switch_steps: Dict[int, int] = {}  # schedule time -> the optimizer step count when it was applied
         self._undo: Optional[Dict[str, Any]] = None  # the schedule as the last optimizer step left it
+        self._warned_skip = False
         if state_dict is not None:
             applied = self._read_state(state_dict)
         else:
@@ -256,7 +257,22 @@ class LayerScheduler(ScheduleOptions):
     def step(self) -> None:
         """One optimizer step is done (call it after ``optimizer.step()`` and ``lr_scheduler.step()``):
         the step unit switches to the next step's layers (not after ``total_steps``), the position the
-        adapter saves advances, and the LR factors of the next step are set."""
+        adapter saves advances, and the LR factors of the next step are set.
+
+        A step that AMP's ``GradScaler`` skipped (inf/nan gradients) counts like any other, as it does for
+        the LR scheduler and the Trainer's ``global_step``: the schedule stays aligned with them.  Call
+        :meth:`unscale_lrs` before ``lr_scheduler.step()`` in such a loop: the layer groups still hold the
+        scaled LRs then (no post-step hook ran), and a chainable LR scheduler would step from them."""
+        if self._lrs is not None and self._lrs.stepped_from_scaled() and not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                "LayerScheduler: the optimizer step was skipped (AMP's GradScaler found inf/nan gradients?) and the "
+                "LR scheduler then stepped from the layer groups' scaled LRs (x 0 for frozen layers), so those "
+                "groups' LRs are now off. In a loop that may skip optimizer steps, call sched.unscale_lrs() right "
+                "before lr_scheduler.step(): scaler.step(optimizer); scaler.update(); sched.unscale_lrs(); "
+                "lr_scheduler.step(); sched.step().",
+                stacklevel=2,
+            )
         self._still.steps += 1
         self.steps += 1
         if self.meter is not None:

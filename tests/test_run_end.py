@@ -289,3 +289,67 @@ def test_lightning_early_stopping_lists_only_layers_that_trained(lt, tmp_path):
     assert model.ever_active_layers == [3] == trained_layers(model)
     assert model.active_layers == [3]
     assert exported_layers(model, tmp_path / "export") == [3]
+
+
+# ------------------------------------------------- point 7b: a step AMP's GradScaler skipped
+
+
+def _amp_loop(unscale, steps=6, skip_at=2):
+    """A plain loop with AMP's GradScaler (CPU) and a chainable LR scheduler (x0.5 per step); the gradients of
+    step ``skip_at`` are made inf, so the scaler skips that optimizer step.  Returns the model, each step's
+    layer-group LRs (after sched.step(): those of the next step), active layers and LoRA weights."""
+    from peft_layersched.engines import LAYER_KEY
+
+    torch.manual_seed(0)
+    model = bert({0: [3], 3: [2, 3]})
+    optimizer = torch.optim.SGD(LayerScheduler.param_groups(model), lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu")
+    sched = LayerScheduler(model, optimizer)
+    data = ToyClassification()
+    seen = [({g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}, model.active_layers,
+             lora_state(model))]
+    for step in range(1, steps + 1):
+        rows = [(4 * step + i) % len(data) for i in range(4)]
+        batch = {k: torch.stack([data[i][k] for i in rows]) for k in ("input_ids", "labels")}
+        scaler.scale(model(**batch).loss).backward()
+        if step == skip_at:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        if unscale:
+            sched.unscale_lrs()
+        lr_scheduler.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen.append(({g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}, model.active_layers,
+                     lora_state(model)))
+    return model, seen
+
+
+def test_a_skipped_amp_step_counts_and_the_lr_factors_stay_exact_with_unscale_lrs():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no warning of ours: the loop is right
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")  # torch's, about step order
+        warnings.filterwarnings("ignore", message=".*GradScaler.*")
+        model, seen = _amp_loop(unscale=True)
+    # the skipped step (2) left every weight as it was
+    assert all(torch.equal(seen[1][2][k], seen[2][2][k]) for k in seen[1][2])
+    assert not all(torch.equal(seen[2][2][k], seen[3][2][k]) for k in seen[2][2])
+    for n, (lrs, active, _) in enumerate(seen):
+        # it counts as a step (like the LR scheduler's and the Trainer's global_step): layer 2 joins
+        # after step 3, the skipped step included
+        assert active == ([3] if n < 3 else [2, 3]), n
+        expected = 0.1 * 0.5 ** n  # the LR scheduler's LR for step n + 1
+        assert lrs[3] == pytest.approx(expected, rel=1e-12), n
+        assert lrs[2] == (pytest.approx(expected, rel=1e-12) if n >= 3 else 0.0), n
+    assert trained_layers(model) == [2, 3] == model.ever_active_layers
+
+
+def test_a_skipped_amp_step_without_unscale_lrs_is_reported_with_the_fix():
+    with pytest.warns(UserWarning, match=r"optimizer step was skipped.*sched\.unscale_lrs\(\) right before "
+                                         r"lr_scheduler\.step\(\)"):
+        _, seen = _amp_loop(unscale=False)
+    assert seen[3][0][2] != pytest.approx(0.1 * 0.5 ** 3), "(what the warning is about: layer 2's LR is off)"
