@@ -10,7 +10,8 @@ plain loops and Lightning drive too), plus what only a Trainer run has:
   that the optimizer holds every preallocated parameter; if not it adds them to the optimizer's existing
   groups (with a warning), or refuses a user-built optimizer.
 * **Switches at optimizer-step boundaries only**: ``on_step_end`` for step schedules (not after the run's
-  last step), ``on_epoch_begin`` for epoch ones, deferred to the next ``on_step_end`` when an accumulation
+  last step, however it ends: one made before a callback stopped the run is undone at ``on_train_end``),
+  ``on_epoch_begin`` for epoch ones, deferred to the next ``on_step_end`` when an accumulation
   window spans the epoch boundary (transformers <= 4.46).  A log record made after step ``n`` describes step
   ``n`` (the layers it trained, the LRs it used).
 * **Resume** reads what it needs (the run's offset, the set the optimizer state was saved with, the step at

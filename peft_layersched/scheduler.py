@@ -334,7 +334,8 @@ class LayerScheduler(ScheduleOptions):
             was, now = set(switched or []), set(active)
             self._offloaded.update(_optim.offload_state(
                 self.optimizer, [p for layer in was - now for p in params.get(layer, [])]))
-            _optim.reload_state(self.optimizer, self._offloaded, [p for layer in now - was for p in params.get(layer, [])])
+            joined = [p for layer in now - was for p in params.get(layer, [])]
+            _optim.reload_state(self.optimizer, self._offloaded, joined)
         if self.meter is not None:
             self.meter.track(active)
         self._prepare_next()

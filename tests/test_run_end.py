@@ -67,12 +67,13 @@ def test_a_callback_stopping_the_run_at_a_switch_step_ends_like_max_steps(tmp_pa
     # Layer 1 is scheduled to join at step 3; the run stops after step 3, so it never trains.
     schedule = {0: [3], 3: [1, 3]}
     ref = bert(schedule)
-    Trainer(model=ref, args=training_args(tmp_path / "ref", max_steps=3, lr_scheduler_type="constant"), train_dataset=ToyClassification(),
-            callbacks=[LayerScheduleCallback()]).train()
+    Trainer(model=ref, args=training_args(tmp_path / "ref", max_steps=3, lr_scheduler_type="constant"),
+            train_dataset=ToyClassification(), callbacks=[LayerScheduleCallback()]).train()
     model = bert(schedule)
     callbacks = [StopAt(3, event), LayerScheduleCallback()]
-    trainer = Trainer(model=model, args=training_args(tmp_path / "stopped", max_steps=8, lr_scheduler_type="constant"),
-                      train_dataset=ToyClassification(), callbacks=callbacks if first else callbacks[::-1])
+    args = training_args(tmp_path / "stopped", max_steps=8, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(),
+                      callbacks=callbacks if first else callbacks[::-1])
     trainer.train()
     assert trainer.state.global_step == 3
     assert trained_layers(model) == [3]
