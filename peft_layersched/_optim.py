@@ -133,6 +133,7 @@ class LayerLRs(object):
     def __init__(self, optimizer: Any, layer_key: str) -> None:
         self.optimizer = optimizer
         self.layer_key = layer_key
+        self.restored = True  # False from apply() until restore(): a skipped optimizer step leaves it False
         self._hook = None
         if any(layer_key in group for group in optimizer.param_groups):
             from . import _compat
@@ -152,7 +153,17 @@ class LayerLRs(object):
             scaled = unscaled * factors.get(group[self.layer_key], 1.0)
             group[UNSCALED_KEY], group[SCALED_KEY], group["lr"] = unscaled, scaled, scaled
             out[group[self.layer_key]] = float(scaled)
+        self.restored = False
         return out
+
+    def stepped_from_scaled(self) -> bool:
+        """Whether an LR scheduler stepped while the layer groups held scaled LRs that were never restored
+        (the optimizer step was skipped, e.g. by AMP's ``GradScaler``): some group's LR changed since
+        :meth:`apply`, and some group's factor was not 1, so that group's new LR came from its scaled one."""
+        groups = [g for g in self.optimizer.param_groups if self.layer_key in g and SCALED_KEY in g]
+        if self.restored:
+            return False
+        return any(g["lr"] != g[SCALED_KEY] for g in groups) and any(g[SCALED_KEY] != g[UNSCALED_KEY] for g in groups)
 
     def restore(self, *args: Any) -> None:
         """Put the unscaled LRs back (the optimizer post-step hook; also for an LR scheduler that steps from
@@ -160,6 +171,7 @@ class LayerLRs(object):
         for group in self.optimizer.param_groups:
             if UNSCALED_KEY in group and group["lr"] == group.get(SCALED_KEY):
                 group["lr"] = group[SCALED_KEY] = group[UNSCALED_KEY]
+        self.restored = True
 
     def remove(self) -> None:
         """Stop restoring after optimizer steps (the groups keep their LRs)."""

@@ -10,7 +10,8 @@ plain loops and Lightning drive too), plus what only a Trainer run has:
   that the optimizer holds every preallocated parameter; if not it adds them to the optimizer's existing
   groups (with a warning), or refuses a user-built optimizer.
 * **Switches at optimizer-step boundaries only**: ``on_step_end`` for step schedules (not after the run's
-  last step), ``on_epoch_begin`` for epoch ones, deferred to the next ``on_step_end`` when an accumulation
+  last step, however it ends: one made before a callback stopped the run is undone at ``on_train_end``),
+  ``on_epoch_begin`` for epoch ones, deferred to the next ``on_step_end`` when an accumulation
   window spans the epoch boundary (transformers <= 4.46).  A log record made after step ``n`` describes step
   ``n`` (the layers it trained, the LRs it used).
 * **Resume** reads what it needs (the run's offset, the set the optimizer state was saved with, the step at
@@ -133,7 +134,9 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         }
 
         def log_switch(entry: Dict[str, Any]) -> None:
-            state.log_history.append(dict(entry, epoch=state.epoch, step=state.global_step))
+            # ever_active_layers: what a checkpoint saved after the next step trained (load_best_model_at_end).
+            state.log_history.append(dict(entry, epoch=state.epoch, step=state.global_step,
+                                          ever_active_layers=list(tuner.ever_active_layers)))
 
         self.scheduler = LayerScheduler(
             model, optimizer, engine=engine, **self.options(),
@@ -197,13 +200,21 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
             return
-        self.scheduler.finish()
-        adaptive = self.scheduler.adaptive_state()
-        if adaptive is not None:
-            trainer.keep_adaptive_state(state, adaptive)
+        # A switch after the run's last step (early stopping, should_training_stop from any callback) is
+        # undone: its layers never trained.  Its log entry goes too.
+        undone = set(self.scheduler.finish())
+        if undone:
+            step = int(state.global_step)
+            state.log_history[:] = [
+                e for e in state.log_history if not ("schedule_time" in e and e.get("step") == step
+                                                     and int(e["schedule_time"]) in undone)
+            ]
         best = getattr(state, "best_model_checkpoint", None)
         if getattr(args, "load_best_model_at_end", False) and best:
             self._restore_checkpoint_state(best)
+        adaptive = self.scheduler.adaptive_state()
+        if adaptive is not None:
+            trainer.keep_adaptive_state(state, adaptive)
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         if model is not None:  # transformers 4.30 resumes only from a full weights file: write the trainable part
@@ -253,17 +264,26 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         return engine
 
     def _restore_checkpoint_state(self, checkpoint: str) -> None:
-        """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule."""
+        """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule, as it
+        stood after the checkpoint's last optimizer step.  A switch made right before the save (at that same
+        step) trained nothing yet: its layers are neither active nor ever-active.  An adaptive schedule's
+        decision log and signal state are the checkpoint's (later decisions were taken on discarded weights)."""
         assert self.scheduler is not None
         saved = trainer.read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
         position = saved.get("schedule_position")
         if position is None:
             return
-        # The set the checkpoint was saved with: the last switch its log history records (a checkpoint of
-        # the run's last step was saved without the switch to the next step's layers).
-        history = trainer.read_json(checkpoint, None, "trainer_state.json").get("log_history") or []
-        applied = trainer.RunRecord.of_history(history).last_time
-        self.scheduler.restore(position, position if applied is None else applied, saved.get("ever_active_layers"))
+        trainer_state = trainer.read_json(checkpoint, None, "trainer_state.json")
+        history = trainer_state.get("log_history") or []
+        record = trainer.RunRecord.of_history(history)
+        step = int(trainer_state.get("global_step") or 0)
+        # The switches that some optimizer step up to the checkpoint trained after (each entry records the
+        # ever-active set it left); a checkpoint of the run's last step was saved without the next switch.
+        trained = [e for e in history if "schedule_time" in e and int(e["step"]) < step]
+        applied, ever = record.last_time, saved.get("ever_active_layers")
+        if trained and "ever_active_layers" in trained[-1]:
+            applied, ever = int(trained[-1]["schedule_time"]), trained[-1]["ever_active_layers"]
+        self.scheduler.restore(position, position if applied is None else applied, ever, adaptive=record.adaptive)
 
 
 def _jit(args: Any) -> bool:

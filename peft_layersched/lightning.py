@@ -15,7 +15,8 @@ A translator of Lightning events into :class:`~peft_layersched.scheduler.LayerSc
 ``on_before_optimizer_step``         the layers' LR factors go into their param groups; outside the optimizer
                                      step the groups hold the LR scheduler's own LRs, so a plateau scheduler
                                      (stepped after validation / at the epoch's end) reduces every layer's LR
-``on_train_end``                     the no-update check of the last phase
+``on_train_end``                     the no-update check of the last phase; a switch made after the last
+                                     optimizer step (``EarlyStopping``, ``should_stop``) is undone
 ``state_dict`` / ``load_state_dict`` the schedule's position in every Lightning checkpoint
 ==================================== =========================================================================
 

@@ -220,6 +220,8 @@ class LayerScheduler(ScheduleOptions):
         self.current: Optional[List[LayerId]] = None
         self.time: Optional[int] = None  # the schedule time whose active set is applied
         self.switch_steps: Dict[int, int] = {}  # schedule time -> the optimizer step count when it was applied
+        self._undo: Optional[Dict[str, Any]] = None  # the schedule as the last optimizer step left it
+        self._warned_skip = False
         if state_dict is not None:
             applied = self._read_state(state_dict)
         else:
@@ -264,7 +266,22 @@ class LayerScheduler(ScheduleOptions):
     def step(self) -> None:
         """One optimizer step is done (call it after ``optimizer.step()`` and ``lr_scheduler.step()``):
         the step unit switches to the next step's layers (not after ``total_steps``), the position the
-        adapter saves advances, and the LR factors of the next step are set."""
+        adapter saves advances, and the LR factors of the next step are set.
+
+        A step that AMP's ``GradScaler`` skipped (inf/nan gradients) counts like any other, as it does for
+        the LR scheduler and the Trainer's ``global_step``: the schedule stays aligned with them.  Call
+        :meth:`unscale_lrs` before ``lr_scheduler.step()`` in such a loop: the layer groups still hold the
+        scaled LRs then (no post-step hook ran), and a chainable LR scheduler would step from them."""
+        if self._lrs is not None and self._lrs.stepped_from_scaled() and not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                "LayerScheduler: the optimizer step was skipped (AMP's GradScaler found inf/nan gradients?) and the "
+                "LR scheduler then stepped from the layer groups' scaled LRs (x 0 for frozen layers), so those "
+                "groups' LRs are now off. In a loop that may skip optimizer steps, call sched.unscale_lrs() right "
+                "before lr_scheduler.step(): scaler.step(optimizer); scaler.update(); sched.unscale_lrs(); "
+                "lr_scheduler.step(); sched.step().",
+                stacklevel=2,
+            )
         self._still.steps += 1
         self.steps += 1
         if self.meter is not None and not self._measured:
@@ -302,14 +319,53 @@ class LayerScheduler(ScheduleOptions):
         self._switch(t)
         self._prepare_next()
 
-    def finish(self) -> None:
+    def finish(self) -> List[int]:
         """The run is over: the no-update check of the last phase (and an adaptive schedule's state goes
-        into the adapter's config)."""
-        self._check_phase_updates()
-        self.adaptive_state()
+        into the adapter's config).
+
+        A switch made after the run's last optimizer step (the loop stopped early: early stopping, a
+        callback's ``should_training_stop``, Lightning's ``should_stop``, a ``break``) is undone: its layers
+        never trained, so they are not left active nor ever-active (``export_lora`` leaves them out), and
+        ``schedule_position`` and an adaptive schedule's decision log and signal state are what they were
+        after the last step (a run with ``total_steps`` set to this length ends the same way).  Under
+        ``frozen_optimizer_state="drop"`` the state the undone switch dropped stays dropped.  Returns the
+        schedule times whose switches were undone and are no longer in :meth:`state_dict`'s
+        ``switch_steps`` (a driver that logged them drops them from its log)."""
         if self._meter_hook is not None:
             self._meter_hook.remove()
             self._meter_hook = None
+        undo = self._undo
+        if undo is None or undo["steps"] != self.steps or undo["time"] is None:
+            self._check_phase_updates()
+            self.adaptive_state()
+            return []
+        self._undo = None
+        self._check_phase_updates()  # (nothing to check if the switch started a phase: no step since)
+        undone, switched = self.time, self.current
+        if undo["adaptive"] is not None:
+            self._load_adaptive(undo["adaptive"])
+        for t in undo["added"]:
+            self.switch_steps.pop(t, None)
+        active = self.tuner.restore_layer_state(undo["time"], undo["ever"], self.adapter_name)
+        if undo["position"] is not None:
+            self.tuner.set_schedule_position(undo["position"], self.adapter_name)
+        self.time, self.current = undo["time"], active
+        if self.optimizer is not None and self.engine.moves_layer_state and self.frozen_optimizer_state == "offload":
+            params = self._params
+            was, now = set(switched or []), set(active)
+            self._offloaded.update(_optim.offload_state(
+                self.optimizer, [p for layer in was - now for p in params.get(layer, [])]))
+            joined = [p for layer in now - was for p in params.get(layer, [])]
+            _optim.reload_state(self.optimizer, self._offloaded, joined)
+        if self.meter is not None:
+            self.meter.track(active)
+        self._prepare_next()
+        self.adaptive_state()
+        logger.info(
+            "layer schedule: the run ended after %s %d: the switch to %s %d (made after its last step) is undone; "
+            "active layers %s", self.unit, undo["time"] - self.offset, self.unit, undone, active or "[]",
+        )
+        return list(undo["added"])
 
     def unscale_lrs(self) -> None:
         """Put the LR scheduler's own LRs back into the layer groups until :meth:`scale_lrs` (or the next
@@ -431,9 +487,14 @@ class LayerScheduler(ScheduleOptions):
             self.meter.load_state_dict(adaptive["meter"])
         self.tuner.save_schedule_state(self.adapter_name)
 
-    def restore(self, position: int, applied: int, ever_active_layers: Any = None) -> None:
+    def restore(self, position: int, applied: int, ever_active_layers: Any = None,
+                adaptive: Optional[Dict[str, Any]] = None) -> None:
         """Put the schedule back where a checkpoint had it: the active set of schedule time ``applied`` (with
-        ``ever_active_layers`` as saved) and ``schedule_position`` ``position`` (``load_best_model_at_end``)."""
+        ``ever_active_layers`` as saved), ``schedule_position`` ``position`` and an adaptive schedule's
+        decision log and signal state ``adaptive`` (as in :meth:`state_dict`) (``load_best_model_at_end``)."""
+        self._undo = None
+        if adaptive is not None:
+            self._load_adaptive(adaptive)
         active = self.tuner.restore_layer_state(applied, ever_active_layers, self.adapter_name)
         self.tuner.set_schedule_position(position, self.adapter_name)
         self.time, self.current = applied, active
@@ -529,6 +590,8 @@ class LayerScheduler(ScheduleOptions):
         schedule = self._schedule
         if schedule is None and not initial:
             return
+        if not initial:
+            self._keep_undo(t)
         if self.meter is not None:
             self._decide(t)
         if schedule is not None and not initial and schedule.active_at(t) == self.current:
@@ -553,6 +616,28 @@ class LayerScheduler(ScheduleOptions):
         self._start_phase()
         if initial or previous != active:
             self._log_change(t, active, record=not resumed)
+
+    def _keep_undo(self, t: int) -> None:
+        """Before a switch to schedule time ``t``: what :meth:`finish` puts back if no optimizer step follows
+        (only the first switch since the last step is kept: that is the state the step left)."""
+        adaptive = None
+        if self.meter is not None and self._schedule.due(t) is not None:
+            adaptive = {"decisions": self._schedule.decisions_json(), "meter": self.meter.state_dict()}
+        undo = self._undo
+        if undo is not None and undo["steps"] == self.steps:
+            if t not in self.switch_steps:
+                undo["added"].append(t)
+            if undo["adaptive"] is None:
+                undo["adaptive"] = adaptive
+            return
+        plan = self.tuner.scheduled_adapter(self.adapter_name)
+        position = getattr(self.tuner.peft_config[self.adapter_name], "schedule_position", None)
+        if self.unit == "step":
+            position = self.offset + self.steps  # (step() sets it after the switch)
+        self._undo = {
+            "steps": self.steps, "time": self.time, "ever": list(plan.ever_active_layers), "adaptive": adaptive,
+            "position": position, "added": [] if t in self.switch_steps else [t],
+        }
 
     def _move_optimizer_state(
         self, t: int, previous: Optional[List[LayerId]], active: List[LayerId], initial: bool

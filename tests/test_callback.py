@@ -63,7 +63,8 @@ def schedule_entries(trainer):
 
 def test_newly_active_layer_trains_and_frozen_layer_stays_bitwise(tmp_path):
     # 16 samples / batch 4 = 4 steps per epoch. Layer 11 trains epochs 0-1 and is frozen in 2-3;
-    # layer 1 joins at epoch 2 (it was frozen when the optimizer was built? no: registration state).
+    # layer 1 joins at epoch 2: it is in the optimizer although it was not active when the Trainer built
+    # it (the callback makes every preallocated LoRA parameter require grad at on_init_end).
     model = scheduled_bert({0: [TOP], 2: [1]})
     probe = Probe([1, TOP])
     trainer = train(model, tmp_path, callbacks=[probe, LayerScheduleCallback()])
@@ -189,11 +190,16 @@ def test_new_layer_lr_scale_and_warmup_scale_the_update(tmp_path):
     plain = _first_update_of_new_layer(tmp_path / "a", 1.0, 0)
     half = _first_update_of_new_layer(tmp_path / "b", 0.5, 0)
     warm = _first_update_of_new_layer(tmp_path / "c", 1.0, 4)
+    compared = 0
     for name, delta in plain[0].items():
         if delta.abs().sum() == 0:
+            assert "lora_A" in name, "{} did not move in the new layer's first step".format(name)
             continue  # lora_A gets no gradient while lora_B is still zero
         torch.testing.assert_close(half[0][name], 0.5 * delta, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(warm[0][name], 0.25 * delta, rtol=1e-4, atol=1e-7)  # step 1 of 4
+        compared += 1
+    # every lora_B of layer 1 (query and value) moved and was compared
+    assert compared == sum(1 for name in plain[0] if "lora_B" in name) == 2
 
 
 def test_reactivated_layer_state_reset(tmp_path):
