@@ -686,8 +686,10 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             left_out = set(self._bypassed_modules(name, plan))
             training = set()
             for module_name, layer_id in plan.modules.items():
+                if module_name in left_out:
+                    continue
                 module = self.model.get_submodule(module_name)
-                if module_name not in left_out and any(p.requires_grad for p in _compat.adapter_parameters(module, name)):
+                if any(p.requires_grad for p in _compat.adapter_parameters(module, name)):
                     training.add(layer_id)
             new = training - plan.ever
             if not new:

@@ -317,10 +317,18 @@ class _Heads(nn.Module):
 
 # (case id, model builder, regex): models without a layer stack, refused by get_peft_model and schedule_lora alike.
 NO_STACKS = [
-    ("no ModuleList", _Flat, r"cannot schedule layers of _Flat: a layer schedule trains blocks of a layer stack.*it has "
-                             r"no nn\.ModuleList.*use peft\.LoraConfig"),
-    ("a list of heads", _Heads, r"cannot schedule layers of _Heads.*its nn\.ModuleLists \(\['heads'\]\) do not hold "
-                                r"repeated blocks.*layer_stacks='heads'"),
+    (
+        "no ModuleList",
+        _Flat,
+        r"cannot schedule layers of _Flat: a layer schedule trains blocks of a layer stack.*it has no nn\.ModuleList"
+        r".*use peft\.LoraConfig",
+    ),
+    (
+        "a list of heads",
+        _Heads,
+        r"cannot schedule layers of _Heads.*its nn\.ModuleLists \(\['heads'\]\) do not hold repeated blocks.*"
+        r"layer_stacks='heads'",
+    ),
 ]
 
 

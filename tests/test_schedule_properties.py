@@ -246,7 +246,9 @@ def _history_index(draw):
 
 
 def _subset(draw, layers, min_size=0):
-    return draw(st.lists(st.sampled_from(layers), min_size=min_size, max_size=len(layers), unique=True)) if layers else []
+    if not layers:
+        return []
+    return draw(st.lists(st.sampled_from(layers), min_size=min_size, max_size=len(layers), unique=True))
 
 
 def _decision_times(draw, every):
