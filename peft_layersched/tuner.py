@@ -126,8 +126,8 @@ def _refuse_outside(
         f"{short_layer_list(outside)}. A layer schedule gives LoRA only to modules inside the scheduled layers, so "
         f"these would get none (plain PEFT would adapt them). Name only modules inside the layers in target_modules "
         f"(a list entry matches a name or its dotted suffix; a regex the whole name), train the others fully with "
-        f"modules_to_save={[name.rsplit('.', 1)[-1] for name in outside][:1]!r}, or pass layer_stacks naming the block "
-        f"list that holds them."
+        f"modules_to_save={outside[:1]!r}, or, if a block list that discovery missed holds them, pass layer_stacks "
+        f"naming it."
     )
 
 

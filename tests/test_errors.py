@@ -205,7 +205,7 @@ MODEL_ERRORS = [
         "bert",
         {"target_modules": ["query", "dense"]},
         ValueError,
-        r"outside the layer stacks .*\['bert\.pooler\.dense'\]",
+        r"outside the layer stacks .*\['bert\.pooler\.dense'\].*modules_to_save=\['bert\.pooler\.dense'\]",
     ),
     (
         "regex reaches the head",
