@@ -209,6 +209,8 @@ class AdaptiveSchedule(Schedule):
                 f"'always' {self.fixed}); widen 'layers' or shorten 'always'."
             )
         self._canonical = canonical
+        # {layer: first period whose preview holds it}, and the last period looked at (see _first_preview)
+        self._previews: Tuple[Dict[LayerId, int], int] = ({}, -1)
         self.decisions: List[Decision] = []
         self.state: Optional[Dict[str, Any]] = spec.state  # the signal meter's, as last saved
         self._bind_log(spec.decisions)
@@ -270,8 +272,21 @@ class AdaptiveSchedule(Schedule):
 
     # ----------------------------------------------------------------------- Schedule
 
-    def _chosen(self, t: int) -> List[LayerId]:  # pragma: no cover - abstract
+    def _before_decisions(self, t: int) -> List[LayerId]:  # pragma: no cover - abstract
+        """The chosen layers at a time ``t`` before the log's first decision."""
         raise NotImplementedError
+
+    def _previews_vary(self) -> bool:
+        """Whether :meth:`_before_decisions` can differ from one period (``every``) to the next."""
+        return False
+
+    def _choosable(self) -> List[LayerId]:
+        """The candidates a decision can choose."""
+        return list(self.pool)
+
+    def _chosen(self, t: int) -> List[LayerId]:
+        last = self._last(t)
+        return list(last["layers"]) if last is not None else self._before_decisions(t)
 
     def active_at(self, t: int) -> List[LayerId]:
         return self._sorted(self.fixed + self._chosen(t))
@@ -282,8 +297,30 @@ class AdaptiveSchedule(Schedule):
     def _always_active(self, layer: LayerId) -> bool:
         return layer in self.fixed
 
+    def _first_preview(self, layer: LayerId, periods: int) -> Optional[int]:
+        """The first period ``p <= periods`` whose layers before any decision (``_before_decisions(p *
+        every)``) hold ``layer`` (``None``: none).  Periods are walked once and remembered: a preview depends
+        only on the spec, never on the log."""
+        if not self._previews_vary():
+            return 0 if layer in self._before_decisions(0) else None
+        found, done = self._previews
+        choosable = set(self._choosable())
+        while done < periods and not choosable <= set(found):
+            done += 1
+            for chosen in self._before_decisions(done * self.every):
+                found.setdefault(chosen, done)
+        self._previews = (found, done)
+        first = found.get(layer)
+        return first if first is not None and first <= periods else None
+
     def layers_until(self, t: int) -> List[LayerId]:
-        seen = set(self.fixed) | set(self._chosen(0))
+        # Every layer active at some time in 0..t: the fixed ones, what each period before the first decision
+        # previews (active_at shows it there), and every decision up to t.
+        seen = set(self.fixed)
+        last_preview = t if not self.decisions else min(t, self.decisions[0]["t"] - 1)
+        if last_preview >= 0:
+            periods = last_preview // self.every
+            seen.update(layer for layer in self.pool if self._first_preview(layer, periods) is not None)
         for decision in self.decisions:
             if decision["t"] > t:
                 break
@@ -296,14 +333,25 @@ class AdaptiveSchedule(Schedule):
         if layer in self.fixed:
             return 0
         past = [d for d in self.decisions if d["t"] <= t]
-        start = past[-1]["t"] if past else 0
-        for decision in reversed(past):
-            if layer not in decision["layers"]:
-                break
-            start = decision["t"]
-        if past and start == past[0]["t"] and layer in self._chosen(-1):
-            start = 0  # active before the first decision too (autofreeze: from the start)
-        return start
+        if past:
+            start = past[-1]["t"]
+            for decision in reversed(past):
+                if layer not in decision["layers"]:
+                    return start
+                start = decision["t"]
+            if start == 0:
+                return 0
+            before = start - 1  # every decision so far holds it: the run may begin before the first one
+        else:
+            start, before = t, t
+        period = before // self.every
+        if layer not in self._before_decisions(period * self.every):
+            return start
+        if not self._previews_vary():
+            return 0
+        while period > 0 and layer in self._before_decisions((period - 1) * self.every):
+            period -= 1
+        return period * self.every
 
     def first_idle(self, start: int, end: int, budget: int = 100000) -> Optional[int]:
         return None  # every decision keeps at least one layer (k >= 1, min_active >= 1)
@@ -337,12 +385,16 @@ class AdaptiveImportance(AdaptiveSchedule):
         self._tie = {layer: i for i, layer in zip(_seeded_permutation(len(self.pool), "adaptive-ties", self.seed),
                                                   self.pool)}
 
-    def _chosen(self, t: int) -> List[LayerId]:
-        last = self._last(t)
-        if last is not None:
-            return list(last["layers"])
+    def _before_decisions(self, t: int) -> List[LayerId]:
         slot = (max(t, 0) // self.every) * self.every
         return self._pick(slot, self.scores_from({}))[0]  # what the prior alone would choose
+
+    def _previews_vary(self) -> bool:
+        # The draws depend on the period (seeded by t) unless every pick is the top score.
+        return self.policy != "top" or self.explore > 0
+
+    def _choosable(self) -> List[LayerId]:
+        return list(self.eligible)
 
     def scores_from(self, measured: Dict[LayerId, Optional[float]]) -> Dict[LayerId, float]:
         """The score of each eligible candidate: the user's weight x the measured value (an unmeasured
@@ -429,9 +481,8 @@ class AutofreezeSchedule(AdaptiveSchedule):
     def _decides_at(self, t: int) -> bool:
         return t > 0
 
-    def _chosen(self, t: int) -> List[LayerId]:
-        last = self._last(t)
-        return list(last["layers"]) if last is not None else list(self.pool)
+    def _before_decisions(self, t: int) -> List[LayerId]:
+        return list(self.pool)  # every candidate trains until the first decision
 
     def decide(self, t: int, measured: Dict[LayerId, Optional[float]]) -> Decision:
         """Compare each active layer's signal over the interval ending at ``t`` (``measured``) with the

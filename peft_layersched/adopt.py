@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraModel
 
 from . import _compat
 from .config import ScheduledLoraConfig
-from .layers import LayerIndex, exact_names_regex
+from .layers import LayerIndex, exact_names_regex, no_stacks_message
 from .schedule import LayerId, check_unit, parse_schedule
 from .tuner import ScheduledLoraModel, _check_loaded_weights, _Plan, _zero_at_init_part
 
@@ -85,10 +85,7 @@ def schedule_lora(
     modules = _lora_modules(tuner, name)
     index = LayerIndex.from_model(tuner.model, config.layer_stacks)
     if not index.stacks:
-        raise ValueError(
-            f"cannot schedule layers: {index.describe()} in {type(tuner.model).__name__}. Pass layer_stacks, the "
-            f"dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
-        )
+        raise ValueError(no_stacks_message(tuner.model))
     layer_of = {module_name: index.layer_of(module_name) for module_name in modules}
     outside = sorted(module_name for module_name, layer in layer_of.items() if layer is None)
     if outside:

@@ -41,8 +41,8 @@ def _matches_pattern(path: str, pattern: str) -> bool:
 
 
 def _name_stacks(paths: List[str]) -> List[str]:
-    if len(paths) == 1:
-        return [paths[0]]
+    if len(paths) <= 1:
+        return list(paths)
     parents = [p.rsplit(".", 1)[0] if "." in p else p for p in paths]
     split = [parent.split(".") for parent in parents]
     longest = max(len(parts) for parts in split)
@@ -89,6 +89,24 @@ def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerSta
     paths = [name for name, _ in selected]
     names = _name_stacks(paths)
     return [LayerStack(n, p, len(m)) for n, p, (_, m) in zip(names, paths, selected)]
+
+
+def no_stacks_message(model: nn.Module) -> str:
+    """Why ``model`` cannot be scheduled when no layer stack was found, and the fixes (for a ``ValueError``)."""
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if lists:
+        found = f"its nn.ModuleLists ({short_layer_list(lists)}) do not hold repeated blocks"
+        fix = f"pass layer_stacks naming the one that holds the model's blocks (e.g. layer_stacks={lists[0]!r})"
+    else:
+        found = "it has no nn.ModuleList"
+        fix = ("keep the model's repeated blocks in an nn.ModuleList (as transformers models do) and pass its "
+               "dotted path as layer_stacks")
+    return (
+        f"cannot schedule layers of {type(model).__name__}: a layer schedule trains blocks of a layer stack "
+        f"(an nn.ModuleList of repeated blocks, e.g. 'model.layers' or 'encoder.layer'), and {found}. To schedule, "
+        f"{fix}; to train every LoRA module all the time, use peft.LoraConfig (or ScheduledLoraConfig without "
+        f"layer_schedule / preallocate_layers)."
+    )
 
 
 class LayerIndex(StackIndex):

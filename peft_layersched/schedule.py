@@ -713,6 +713,12 @@ class CyclicSchedule(Schedule):
         candidates = _bind_candidates(spec.layers, where, layers, canonical, default)
         if not candidates:
             raise ValueError("layer_schedule (type 'cyclic'): there are no candidate layers to cycle through.")
+        if spec.block > len(candidates):
+            raise ValueError(
+                f"layer_schedule (type 'cyclic'): 'block' is {spec.block} but there are only {len(candidates)} "
+                f"candidate layers ({short_layer_list(candidates)}), so one block would hold them all and every layer "
+                f"would train at every step; lower 'block' (at most {len(candidates)}) or widen 'layers'."
+            )
         self._blocks = [candidates[i : i + spec.block] for i in range(0, len(candidates), spec.block)]
 
     @property

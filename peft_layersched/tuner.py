@@ -27,8 +27,8 @@ from torch import nn
 from . import _compat, checkpointing, engines
 from .adaptive import AdaptiveSchedule
 from .config import ScheduledLoraConfig
-from .layers import LayerIndex, exact_names_regex, match_targets, select_targets
-from .schedule import LayerId, Schedule, check_time, parse_schedule, stable_int
+from .layers import ALL_LINEAR, LayerIndex, exact_names_regex, match_targets, no_stacks_message, select_targets
+from .schedule import LayerId, Schedule, check_time, parse_schedule, short_layer_list, stable_int
 
 
 class ScheduledAdapter(object):
@@ -101,6 +101,34 @@ def _refuse_excluded(config: Any, targets: Dict[str, Any], preallocated: List[La
             f"exclude_modules={excluded!r} leaves layer(s) {empty} of the schedule without a LoRA module, so "
             f"they could never train. Take them out of layer_schedule/preallocate_layers, or narrow exclude_modules."
         )
+
+
+def _refuse_outside(
+    model: nn.Module, config: Any, target_modules: Any, matched: Dict[str, Any], index: LayerIndex
+) -> None:
+    """Modules that ``target_modules`` names outside the layer stacks (``lm_head``, a pooler) would get no LoRA
+    with a schedule, where plain PEFT adapts them: refused, not dropped.  Not refused: modules of a stack that a
+    given ``layer_stacks`` leaves out (the user chose the stacks), and ``"all-linear"``, which names no module
+    (with a schedule: the Linear modules of the scheduled layers, as documented)."""
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        return
+    excluded = _compat.optional_field(config, "exclude_modules")
+    outside = [name for name, layer in matched.items() if layer is None and not _compat.module_excluded(name, excluded)]
+    if outside and config.layer_stacks is not None:
+        discovered = LayerIndex.from_model(model)
+        outside = [name for name in outside if discovered.layer_of(name) is None]
+    outside.sort()
+    if not outside:
+        return
+    shown = repr(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else repr(target_modules)
+    raise ValueError(
+        f"target_modules={shown} matches module(s) outside the layer stacks ({index.describe()}): "
+        f"{short_layer_list(outside)}. A layer schedule gives LoRA only to modules inside the scheduled layers, so "
+        f"these would get none (plain PEFT would adapt them). Name only modules inside the layers in target_modules "
+        f"(a list entry matches a name or its dotted suffix; a regex the whole name), train the others fully with "
+        f"modules_to_save={outside[:1]!r}, or, if a block list that discovery missed holds them, pass layer_stacks "
+        f"naming it."
+    )
 
 
 def weights_show_training(init_mode: Any, zero_at_init: Optional[torch.Tensor]) -> Optional[bool]:
@@ -239,6 +267,51 @@ def _check_hidden_weights(tuner: nn.Module) -> None:
                 f"ever_active_layers in adapter_config.json ('peft-layersched inspect' shows the mismatch).",
                 stacklevel=2,
             )
+
+
+def _refuse_undecided(schedule: Optional[Schedule], t: int, unit: str) -> None:
+    """An adaptive schedule's layers at ``t`` are a decision from measured signals: ``activate_layers`` replays
+    logged decisions and cannot make one."""
+    if not isinstance(schedule, AdaptiveSchedule):
+        return
+    due = schedule.due(t)
+    if due is None:
+        return
+    logged = [decision["t"] for decision in schedule.decisions]
+    has = f"its decision log covers {unit}s {logged[0]}..{logged[-1]}" if logged else "its decision log is empty"
+    raise ValueError(
+        f"activate_layers({t}): the {schedule.kind} schedule has no decision for {unit} {due} ({has}). Its layers "
+        f"are chosen from signals measured during training, which activate_layers() cannot do. Drive the schedule "
+        f"with LayerScheduleCallback (Trainer(callbacks=[...])), LayerScheduler (a plain loop: sched.step() / "
+        f"sched.epoch_end()) or LayerScheduleFinetuning (Lightning); they decide when a decision is due and "
+        f"activate its layers."
+    )
+
+
+_WATCH = "_peft_layersched_undriven_watch"
+
+
+class _UndrivenWatch(object):
+    """Forward pre-hook on the base model (every PEFT forward reaches it; a plain ``PeftModel`` calls the
+    base model directly): a forward with grad enabled while a scheduled adapter has no driver yet."""
+
+    def __init__(self, tuner: "ScheduledLoraModel") -> None:
+        self.tuner = tuner
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if self.tuner.__dict__.get("_undriven") and torch.is_grad_enabled():
+            self.tuner._record_undriven_training()
+
+
+def _watch_undriven(tuner: "ScheduledLoraModel") -> None:
+    if _WATCH not in tuner.model.__dict__:
+        tuner.model.__dict__[_WATCH] = tuner.model.register_forward_pre_hook(_UndrivenWatch(tuner))
+
+
+def _unwatch(model: nn.Module) -> None:
+    handle = model.__dict__.pop(_WATCH, None)
+    if handle is not None:
+        handle.remove()
 
 
 def _at_start(schedule: Schedule) -> List[LayerId]:
@@ -393,10 +466,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             return _Plan(index, None, None, None)
         index = LayerIndex.from_model(model, config.layer_stacks)
         if not index.stacks:
-            raise ValueError(
-                f"cannot schedule layers: {index.describe()} in {type(model).__name__}. Set layer_stacks "
-                f"to the dotted path of the model's block list (e.g. 'encoder.layer', 'model.layers')."
-            )
+            raise ValueError(no_stacks_message(model))
         found: Dict[str, Any] = {}  # each computed once, when first needed (errors keep their order)
 
         def requested() -> List[LayerId]:  # preallocate_layers, canonical
@@ -447,6 +517,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             )
         targets = select_targets(matched(), target_modules(), index, preallocated)
         _refuse_excluded(config, targets, preallocated)  # (select_targets refused layers without targets)
+        _refuse_outside(model, config, target_modules(), matched(), index)
         return _Plan(index, schedule, preallocated, targets)
 
     def _after_injection(
@@ -484,6 +555,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         """
         name, plan = self._adapter(adapter_name)
         t = check_time(t)
+        _refuse_undecided(plan.schedule, t, getattr(self.peft_config[name], "schedule_unit", "epoch"))
         if plan.schedule is None:
             active = plan.index.held_layers(plan.modules.values())
             plan.ever.update(active)
@@ -605,11 +677,12 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         model_active = _compat.tuner_active_adapters(self)
         by_optimizer = self.freezing == engines.OPTIMIZER
         bypassed: Dict[str, Set[str]] = {}
-        scheduled = False
+        scheduled = undriven = False
         for name, plan in self._plans.items():
             if plan.schedule is None:
                 continue
             scheduled = True
+            undriven = undriven or plan.active is None
             config = self.peft_config[name]
             trainable = None if plan.active is None else set(plan.active)
             left_out = set(self._bypassed_modules(name, plan))
@@ -632,6 +705,45 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         if scheduled:
             # Backward (with or without gradient checkpointing) ends at the lowest layer that now trains.
             checkpointing.update(self.model, self._stacks())
+            _watch_undriven(self)
+        self.__dict__["_undriven"] = undriven
+
+    def _record_undriven_training(self) -> None:
+        """A forward with grad enabled before any ``activate_layers`` (no driver: a hand-written loop without
+        ``LayerScheduler``, a Trainer without ``LayerScheduleCallback``): the layers whose adapters run and
+        require grad now train, so they are recorded as ever active; the first time, a warning says so."""
+        self.__dict__["_undriven"] = False  # until _write_layer_state changes the state again
+        model_active = _compat.tuner_active_adapters(self)
+        for name, plan in self._plans.items():
+            if plan.schedule is None or plan.active is not None or name not in model_active:
+                continue
+            config = self.peft_config[name]
+            left_out = set(self._bypassed_modules(name, plan))
+            training = set()
+            for module_name, layer_id in plan.modules.items():
+                if module_name in left_out:
+                    continue
+                module = self.model.get_submodule(module_name)
+                if any(p.requires_grad for p in _compat.adapter_parameters(module, name)):
+                    training.add(layer_id)
+            new = training - plan.ever
+            if not new:
+                continue
+            plan.ever.update(new)
+            if isinstance(config, ScheduledLoraConfig):
+                config.ever_active_layers = plan.index.sort(plan.ever)
+            if self.__dict__.get("_warned_undriven"):
+                continue
+            self.__dict__["_warned_undriven"] = True
+            unit = getattr(config, "schedule_unit", "epoch")
+            warnings.warn(
+                f"adapter {name!r} is training with no layer-schedule driver: layer(s) {plan.index.sort(training)} "
+                f"get gradients (the schedule's layers at {unit} 0), and the schedule never moves on. They are "
+                f"recorded in ever_active_layers. Pass LayerScheduleCallback() to Trainer(callbacks=[...]), or "
+                f"drive a plain loop with LayerScheduler(model, optimizer) (sched.step() after each optimizer "
+                f"step) or model.activate_layers(t) at each {unit}.",
+                stacklevel=3,
+            )
 
     def _bypassed_modules(self, adapter_name: str, plan: _Plan) -> List[str]:
         """The adapter's modules whose layer has never been active (nor is active now): left out of the
@@ -728,6 +840,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             self._reapply()
         else:
             checkpointing.remove(self.model)
+            _unwatch(self.model)
         return result
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -742,6 +855,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                         weights[2].zero_()
         merged = super().merge_and_unload(*args, **kwargs)
         checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
+        _unwatch(merged)
         return merged
 
     def unmerge_adapter(self, *args: Any, **kwargs: Any) -> Any:
@@ -775,6 +889,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
 
     def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
         checkpointing.remove(model)
+        _unwatch(model)
 
 
 def find_scheduled_tuner(model: Any, needed_by: str) -> ScheduledLoraModel:

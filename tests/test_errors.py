@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
-from peft_layersched import ScheduledLoraConfig, export_lora
+from peft_layersched import ScheduledLoraConfig, export_lora, schedule_lora
 
 from helpers.scheduled_cases import BY_FAMILY, CASES, lora_params
 
@@ -189,6 +191,37 @@ MODEL_ERRORS = [
         r"layer_stacks entry 'blocks' matches no nn\.ModuleList.*'bert\.encoder\.layer'",
     ),
     ("layer_stacks empty", "llama", {"layer_stacks": []}, TypeError, r"layer_stacks must be a non-empty string"),
+    (
+        "target outside the layers",
+        "llama",
+        {"target_modules": ["q_proj", "lm_head"]},
+        ValueError,
+        r"target_modules=.* matches module\(s\) outside the layer stacks \(4 layers in 'model\.layers'.*: "
+        r"\['lm_head'\]\. A layer schedule gives LoRA only to modules inside the scheduled layers.*"
+        r"modules_to_save=\['lm_head'\]",
+    ),
+    (
+        "suffix also names the pooler",
+        "bert",
+        {"target_modules": ["query", "dense"]},
+        ValueError,
+        r"outside the layer stacks .*\['bert\.pooler\.dense'\].*modules_to_save=\['bert\.pooler\.dense'\]",
+    ),
+    (
+        "regex reaches the head",
+        "gpt2",
+        {"target_modules": r".*(c_attn|lm_head)"},
+        ValueError,
+        r"outside the layer stacks .*\['lm_head'\]",
+    ),
+    (
+        "cyclic block beyond the candidates",
+        "llama",
+        {"layer_schedule": {"type": "cyclic", "block": 5}},
+        ValueError,
+        r"type 'cyclic'\): 'block' is 5 but there are only 4 candidate layers \(\[0, 1, 2, 3\]\).*every layer would "
+        r"train at every step; lower 'block' \(at most 4\)",
+    ),
 ]
 
 
@@ -258,3 +291,69 @@ def test_export_needs_a_scheduled_model_and_something_to_export(tmp_path):
     scheduled.activate_layers(1)  # before the first phase: nothing has trained
     with pytest.raises(ValueError, match=r"nothing to export: no layer of adapter 'default' has been active yet"):
         export_lora(scheduled, str(tmp_path / "c"))
+
+
+class _Flat(nn.Module):
+    """A model with no layer stack: two Linear modules, no nn.ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Heads(nn.Module):
+    """An nn.ModuleList, but of bare Linear heads (no blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x):
+        return sum(head(x) for head in self.heads)
+
+
+# (case id, model builder, regex): models without a layer stack, refused by get_peft_model and schedule_lora alike.
+NO_STACKS = [
+    (
+        "no ModuleList",
+        _Flat,
+        r"cannot schedule layers of _Flat: a layer schedule trains blocks of a layer stack.*it has no nn\.ModuleList"
+        r".*use peft\.LoraConfig",
+    ),
+    (
+        "a list of heads",
+        _Heads,
+        r"cannot schedule layers of _Heads.*its nn\.ModuleLists \(\['heads'\]\) do not hold repeated blocks.*"
+        r"layer_stacks='heads'",
+    ),
+]
+
+
+@pytest.mark.parametrize("build,message", [c[1:] for c in NO_STACKS], ids=[c[0] for c in NO_STACKS])
+def test_a_model_without_layer_stacks_is_refused_with_the_fix(build, message):
+    targets = ["up"] if build is _Flat else ["0", "1"]
+    base = build()
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, ScheduledLoraConfig(target_modules=targets, layer_schedule={0: [0]}))
+    assert not any("lora_" in name for name, _ in base.named_parameters())
+    plain = get_peft_model(build(), LoraConfig(r=4, target_modules=targets))
+    with pytest.raises(ValueError, match=message):
+        schedule_lora(plain, layer_schedule={0: [0]})
+    # Without a schedule the same config is plain LoRA, which needs no layers.
+    assert get_peft_model(build(), ScheduledLoraConfig(r=4, target_modules=targets)).active_adapter == "default"
+
+
+def test_targets_outside_the_layers_are_refused_alike_by_both_ways_in():
+    case = BY_FAMILY["llama"]
+    targets = ["q_proj", "lm_head"]
+    with pytest.raises(ValueError, match=r"outside the layer stacks"):
+        case.build(target_modules=targets)
+    plain = get_peft_model(case.base(), LoraConfig(r=4, target_modules=targets))
+    assert "lm_head" in [name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in lora_params(plain).items()]
+    with pytest.raises(ValueError, match=r"outside the layer stacks.*\['lm_head'\]"):
+        schedule_lora(plain, layer_schedule={0: [-1]})
+    # Named only inside the layers, or the head trained fully: accepted.
+    assert lora_params(case.build(target_modules=["q_proj"], modules_to_save=["lm_head"]))

@@ -229,3 +229,116 @@ def test_multi_stack_ids(encoder, decoder, data):
     )
     ids = index.all_layers()
     assert index.sort(reversed(ids)) == ids
+
+
+# ----------------------------------------------------------------------------------- every kind's history
+
+# layers_until(t) is what activate_layers(t) records as ever active, run_start(layer, t) when a layer's current run
+# began (the callback's warm-up): both must be exactly what active_at says over 0..t, for every kind, adaptive ones
+# included (with any decision log: one that starts late, so active_at previews the periods before it, or none).
+
+
+def _history_index(draw):
+    if draw(st.booleans()):
+        return LayerIndex([LayerStack("model.layers", "model.layers", draw(st.integers(1, 10)))])
+    return LayerIndex([LayerStack("encoder", "encoder.block", draw(st.integers(1, 4))),
+                       LayerStack("decoder", "decoder.block", draw(st.integers(1, 4)))])
+
+
+def _subset(draw, layers, min_size=0):
+    if not layers:
+        return []
+    return draw(st.lists(st.sampled_from(layers), min_size=min_size, max_size=len(layers), unique=True))
+
+
+def _decision_times(draw, every):
+    times = draw(st.lists(st.integers(0, 30), max_size=5, unique=True))
+    if draw(st.booleans()):
+        times = [t * every for t in times]  # where LayerScheduler decides; else any time (a hand-edited log)
+    return sorted(set(times))
+
+
+@st.composite
+def specs_of_every_kind(draw):
+    """(index, spec): a spec of any kind that binds on the model by construction."""
+    index = _history_index(draw)
+    layers = index.all_layers()
+    kind = draw(st.sampled_from(["milestones", "gradual", "cyclic", "sampled", "adaptive", "autofreeze", "callable"]))
+    every = draw(st.integers(1, 5))
+    candidates = _subset(draw, layers, min_size=1) if draw(st.booleans()) else None
+    pool = candidates if candidates is not None else layers
+    if kind == "milestones":
+        return index, {start: _subset(draw, layers) for start in draw(st.lists(st.integers(0, 40), min_size=1,
+                                                                               max_size=4, unique=True))}
+    if kind == "callable":
+        seed = draw(st.integers(0, 2 ** 20))
+        choices = pool
+
+        def pure(t, seed=seed, choices=choices):
+            return [layer for i, layer in enumerate(choices) if (seed >> ((t // every + i) % 20)) & 1]
+
+        return index, pure
+    spec = {"type": kind}
+    if kind == "gradual":
+        spec.update(k=draw(st.integers(1, len(pool))), n=draw(st.integers(0, 3)), every=every,
+                    **{"from": draw(st.sampled_from(["top", "bottom"]))})
+    elif kind == "cyclic":
+        spec.update(block=draw(st.integers(1, len(pool))), every=every, seed=draw(st.integers(0, 99)),
+                    order=draw(st.sampled_from(["ascending", "descending", "random"])))
+    elif kind == "sampled":
+        spec.update(k=draw(st.integers(1, len(pool))), every=every, seed=draw(st.integers(0, 99)))
+    else:
+        always = _subset(draw, pool[:-1])[:2] if len(pool) > 1 and draw(st.booleans()) else []
+        rest = [layer for layer in pool if layer not in always]
+        spec.update(every=every, always=always)
+        times = _decision_times(draw, every)
+        if kind == "adaptive":
+            weights = {layer: draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])) for layer in rest}
+            if not any(weights.values()):
+                weights[rest[-1]] = 1.0
+            choosable = [layer for layer in rest if weights[layer] > 0]
+            spec.update(k=draw(st.integers(1, len(choosable))), policy=draw(st.sampled_from(["top", "sample"])),
+                        explore=draw(st.sampled_from([0.0, 0.3])), seed=draw(st.integers(0, 99)))
+            if draw(st.booleans()):
+                spec["weights"] = {str(layer): weight for layer, weight in weights.items()}
+            log = [_subset(draw, rest, min_size=1) for _ in times]
+        else:
+            spec["min_active"] = draw(st.integers(1, len(rest)))
+            log, kept = [], list(rest)
+            for _ in times:  # autofreeze only freezes: each decision keeps a (bottom-cut) part of the last
+                kept = kept[draw(st.integers(0, len(kept) - 1)):]
+                log.append(list(kept))
+        spec["decisions"] = [{"t": t, "layers": chosen} for t, chosen in zip(times, log)]
+    if candidates is not None:
+        spec["layers"] = candidates
+    return index, spec
+
+
+def _check_history(schedule, index, horizon, queries):
+    history = [set(schedule.active_at(t)) for t in range(horizon + 1)]
+    for t in queries:
+        assert set(schedule.layers_until(t)) == set().union(*history[: t + 1]), t
+        for layer in index.all_layers():
+            expected = None
+            if layer in history[t]:
+                expected = t
+                while expected > 0 and layer in history[expected - 1]:
+                    expected -= 1
+            assert schedule.run_start(layer, t) == expected, (layer, t)
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs_of_every_kind(), st.integers(0, 45), st.randoms(use_true_random=False), st.data())
+def test_history_queries_of_every_kind_match_brute_force(case, horizon, rng, data):
+    index, spec = case
+    schedule = parse_schedule(spec).bind(index.all_layers(), index.canonical)
+    queries = list(range(horizon + 1))
+    if rng.random() < 0.5:
+        rng.shuffle(queries)  # the caches must not depend on a monotone order
+    _check_history(schedule, index, horizon, queries)
+    if schedule.kind in ("adaptive", "autofreeze"):
+        # A decision made now (LayerScheduler's) changes the history from its time on: the queries follow.
+        t = data.draw(st.integers(0, horizon))
+        measured = {layer: data.draw(st.one_of(st.none(), st.floats(0.0, 5.0))) for layer in schedule.pool}
+        schedule.decide(t, measured)
+        _check_history(schedule, index, horizon, queries)

@@ -86,7 +86,7 @@ def valid_specs(draw):
     elif kind == "cyclic":
         spec = {
             "type": "cyclic",
-            "block": draw(st.integers(min_value=1, max_value=count + 2)),
+            "block": draw(st.integers(min_value=1, max_value=count)),  # more: refused (test_errors.py)
             "every": every,
             "order": draw(st.sampled_from(CyclicSpec.ORDERS)),
             "seed": draw(st.integers(min_value=-5, max_value=2**40)),
