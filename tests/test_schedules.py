@@ -328,7 +328,16 @@ def test_the_schedule_core_imports_without_torch(monkeypatch):
 # (case id, layer_schedule, exception, regex the message must contain) -- refused by the config itself.
 SPEC_ERRORS = [
     ("unknown type", {"type": "linear"}, ValueError,
-     r"'type' must be one of \['gradual', 'cyclic', 'sampled', 'adaptive', 'autofreeze'\]"),
+     r"'type' must be one of \['gradual', 'cyclic', 'sampled', 'progressive', 'adaptive', 'autofreeze'\]"),
+    ("progressive start > 1", {"type": "progressive", "start": 1.5}, ValueError,
+     r"type 'progressive'.*'start' must be a fraction, 0 <= x <= 1 .*got 1.5"),
+    ("progressive full_at 0", {"type": "progressive", "full_at": 0}, ValueError,
+     r"'full_at' must be a fraction, 0 < x <= 1"),
+    ("progressive start as str", {"type": "progressive", "start": "0.1"}, TypeError,
+     r"'start' must be a number .*got '0.1' \(str\)"),
+    ("progressive steps 0", {"type": "progressive", "steps": 0}, ValueError, r"'steps' must be >= 1"),
+    ("progressive unknown key", {"type": "progressive", "k": 2}, ValueError,
+     r"unknown key\(s\) \['k'\]; valid keys: 'type', 'start'"),
     ("every 0", {"type": "gradual", "every": 0}, ValueError, r"type 'gradual'.*'every' must be >= 1"),
     ("k as str", {"type": "gradual", "k": "1"}, TypeError, r"'k' must be an int .*got '1' \(str\)"),
     ("k as bool", {"type": "sampled", "k": True}, TypeError, r"'k' must be an int"),
