@@ -1,7 +1,8 @@
 """The ``peft-layersched`` command line.
 
 * ``peft-layersched plan --model MODEL --config SCHEDULE_JSON [--epochs N | --steps N]``: what a schedule
-  does on a model (built from its config on the meta device: no weights), as a timeline grid.
+  does on a model (built from its config on the meta device: no weights), as a timeline grid.  ``MODEL`` is
+  a folder or ``config.json``, a model type (``bert``) or a Hub id; ``SCHEDULE_JSON`` a file or inline JSON.
 * ``peft-layersched inspect ADAPTER_DIR``: a saved adapter's schedule, which adapters trained, counts,
   and whether ``export_lora`` can turn it into plain LoRA.
 * ``peft-layersched demo``: :mod:`peft_layersched.demo`, registered when the parser is built.
@@ -98,28 +99,53 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _is_inline_json(text: str) -> bool:
+    """``--config '{...}'``: a JSON object given on the command line, not a file name."""
+    return text.lstrip().startswith("{") and not os.path.exists(text)
+
+
+def _config_label(text: str) -> str:
+    """How messages name a ``--config`` value: the file's path, or ``--config`` for inline JSON."""
+    return "--config" if _is_inline_json(text) else text
+
+
+def _read_config_data(path: str) -> Tuple[Any, str]:
+    """The JSON data of ``path`` (a file, a folder holding ``adapter_config.json``, or inline JSON) and the
+    name messages give it."""
+    example = '{"target_modules": ["query", "value"], "layer_schedule": {"0": [-1]}}'
+    if _is_inline_json(path):
+        try:
+            return json.loads(path), "--config"
+        except ValueError as error:
+            raise ValueError(
+                f"--config: inline JSON that does not parse ({error}); quote the whole object for the shell, "
+                f"e.g. --config '{example}', or give a file."
+            ) from None
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{path}: no such file; give a ScheduledLoraConfig JSON file (as written by save_pretrained, or a "
+            f"dict such as {example}), an adapter folder, or the dict itself as inline JSON (--config '{example}')."
+        )
+    with open(path) as handle:
+        try:
+            return json.load(handle), path
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}).") from None
+
+
 def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
     """A ``ScheduledLoraConfig`` from an ``adapter_config.json`` (or a folder holding one), or from a
-    small JSON dict of its fields (``target_modules``, ``r``, ``layer_schedule``, ...).
+    small JSON dict of its fields (``target_modules``, ``r``, ``layer_schedule``, ...), in a file or inline
+    (``path`` is then the JSON text itself, starting with ``{``).
 
     Keys of a saved config that the installed PEFT does not know (written by a newer PEFT) are dropped
     and listed in ``ignored``; in a hand-written dict they are an error (a typo must not pass).
     """
     from .config import ScheduledLoraConfig
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"{path}: no such file; give a ScheduledLoraConfig JSON file (as written by save_pretrained, or a "
-            f"dict such as {{\"target_modules\": [\"query\", \"value\"], \"layer_schedule\": {{\"0\": [-1]}}}}) "
-            f"or an adapter folder."
-        )
-    with open(path) as handle:
-        try:
-            data = json.load(handle)
-        except ValueError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}).") from None
+    data, path = _read_config_data(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of ScheduledLoraConfig fields, got {type(data).__name__}.")
     data = ScheduledLoraConfig.upgrade_saved_keys(data)  # an earlier version's "layers_pattern" loads silently
@@ -162,15 +188,18 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="PATH_OR_CONFIG_JSON",
-        help="a model folder with config.json, or the config.json itself (no weights are read)",
+        metavar="MODEL",
+        help="a model folder with config.json, or the config.json itself; a transformers model type such as bert "
+        "or llama (that type's default config, built offline: for bert, BERT-base's 12 layers); or a Hub model id, "
+        "whose config.json is read from the local cache or downloaded (no weights are read)",
     )
     parser.add_argument(
         "--config",
         required=True,
         metavar="SCHEDULE_JSON",
         help="ScheduledLoraConfig JSON: adapter_config.json (or its folder), or a dict of fields such as "
-        '{"target_modules": ["query", "value"], "layer_schedule": {"type": "gradual", "every": 2}}',
+        '{"target_modules": ["query", "value"], "layer_schedule": {"type": "gradual", "every": 2}}, in a file or '
+        "inline (quoted for the shell)",
     )
     span = parser.add_mutually_exclusive_group()
     span.add_argument("--epochs", type=int, metavar="N", help="epochs to show (schedule_unit 'epoch')")
@@ -201,18 +230,45 @@ def _model_class(config: Any, task_type: Any) -> Any:
     return getattr(transformers, auto)
 
 
-def _build_model(path: str, task_type: Any) -> Tuple[Any, str]:
-    """The model of ``path`` (folder or config.json) with empty weights, and the device name."""
-    from transformers import AutoConfig
+def _model_config(name: str) -> Any:
+    """The transformers config ``--model name`` stands for: a local folder or ``config.json``, a model
+    type (its default config, built offline) or a Hub model id (cache or download; config.json only)."""
+    import difflib
 
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if os.path.exists(name):
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(
+                f"--model {name}: this folder holds no config.json; give the model's folder or its config.json "
+                f"(only the architecture is read, no weights)."
+            )
+        return AutoConfig.from_pretrained(name)
+    if name in CONFIG_MAPPING:
+        return AutoConfig.for_model(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        stem = name.split("/")[-1].lower()
+        types = list(CONFIG_MAPPING.keys())
+        # "bert-base-uncased" -> "bert": the longest model type the name starts with, else near spellings
+        prefixes = sorted((t for t in types if len(t) > 2 and stem.startswith(t)), key=len, reverse=True)
+        close = prefixes[:1] or difflib.get_close_matches(stem, types, n=3)
+        hint = f" Did you mean the model type {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"--model {name}: not a config.json file nor a folder holding one, not a transformers model type, "
+            f"and no Hub model this machine can read ({reason}).{hint} Give the model's folder or its config.json, "
+            f"a model type such as bert or llama (its default config, built offline), or a Hub id such as "
+            f"google-bert/bert-base-uncased (config.json from the local cache or downloaded; no weights are read)."
+        ) from None
+
+
+def _build_model(path: str, task_type: Any) -> Tuple[Any, str]:
+    """The model ``--model path`` names (see :func:`_model_config`) with empty weights, and the device name."""
     from . import _compat
 
-    if not os.path.exists(path) or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
-        raise ValueError(
-            f"--model {path}: not a config.json file nor a folder holding one; give the model's folder or its "
-            f"config.json (only the architecture is read, no weights)."
-        )
-    config = AutoConfig.from_pretrained(path)
+    config = _model_config(path)
     cls = _model_class(config, task_type)
     context, device = _compat.empty_weights()
     with context:
@@ -302,11 +358,12 @@ def _compute_plan(
 
     _quiet_transformers()
     config = _load_config(config_path)
+    label = _config_label(config_path)
     unit = config.schedule_unit
     if epochs is not None and unit != "epoch":
-        raise ValueError(f"{config_path}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
+        raise ValueError(f"{label}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
     if steps is not None and unit != "step":
-        raise ValueError(f"{config_path}: schedule_unit is {unit!r}: the schedule counts epochs; use --epochs.")
+        raise ValueError(f"{label}: schedule_unit is {unit!r}: the schedule counts epochs; use --epochs.")
     base, device = _build_model(model_path, config.task_type)
     tuner = get_peft_model(base, config).base_model
     plan = tuner.scheduled_adapter()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import _compat, adaptive, progressive  # noqa: F401  (register their schedule kinds with parse_schedule)
+from ._model_card import add_loading_note
 from .schedule import CallableSpec, LayerId, ScheduleSpec, check_layer_list, check_time, check_unit, parse_schedule
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
@@ -268,3 +269,5 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
                 stacklevel=2,
             )
         self._save_as(save_directory, on_disk, **kwargs)
+        # PEFT wrote the model card (README.md) before the config: it gets the import the loading needs.
+        add_loading_note(save_directory)

@@ -8,7 +8,8 @@ Loaded by ``peft_suite/run.py`` into a pytest run over the ``tests/`` folder of 
 modules are imported, so every ``LoraConfig`` they name (case tables, test bodies, the common tester's
 ``config_cls == LoraConfig`` branches) is ours, with no schedule.  ``vanilla`` runs the same selection
 untouched, for the side-by-side count.  Either way only the LoRA tests are kept: a test whose parameters
-hold the LoRA config class (or an instance), or whose body names ``LoraConfig``.
+(``pytest.mark.parametrize``, or ``parameterized.expand`` as in PEFT <= 0.15) hold the LoRA config class
+(or an instance), or whose body names ``LoraConfig``.
 ``--peft-suite-sample N`` keeps a deterministic 1-in-N sample (by SHA-256 of the test id), and
 ``--peft-suite-outcomes FILE`` writes ``{test id: outcome}`` as JSON for the comparison.
 """
@@ -46,31 +47,52 @@ def pytest_configure(config: Any) -> None:
         config._peft_suite_lora = ScheduledLoraConfig
 
 
-def _holds(value: Any, cls: type, depth: int = 0) -> bool:
-    if value is cls or isinstance(value, cls):
+def _holds(value: Any, cls: type, depth: int = 0, exact: bool = False) -> bool:
+    """Whether ``value`` (or a list/dict in it) is ``cls`` or an instance of it; with ``exact``, of ``cls``
+    itself and not a subclass (``AdaLoraConfig`` subclasses ``LoraConfig``, not ``ScheduledLoraConfig``: an
+    AdaLoRA test must count as LoRA in neither mode, or the two modes would select different tests)."""
+    if value is cls or (type(value) is cls if exact else isinstance(value, cls)):
         return True
     if depth > 3:
         return False
     if isinstance(value, (list, tuple, set)):
-        return any(_holds(item, cls, depth + 1) for item in value)
+        return any(_holds(item, cls, depth + 1, exact) for item in value)
     if isinstance(value, dict):
-        return any(_holds(item, cls, depth + 1) for item in value.values())
+        return any(_holds(item, cls, depth + 1, exact) for item in value.values())
     return False
 
 
-def _is_lora_test(item: Any, cls: type) -> bool:
+def _params(item: Any) -> Any:
+    """The values a test runs with, or ``None`` for a test without parameters: pytest's parametrize (the
+    callspec; PEFT >= 0.16) or ``parameterized.expand`` (PEFT <= 0.15: each generated method closes over a
+    ``param`` holding its case's arguments, and has no callspec)."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(_holds(value, cls) for value in callspec.params.values()):
+    if callspec is not None:
+        return list(callspec.params.values())
+    for cell in getattr(getattr(item, "function", None), "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(value).__name__ == "param" and hasattr(value, "args") and hasattr(value, "kwargs"):
+            return list(value.args) + list(value.kwargs.values())
+    return None
+
+
+def _is_lora_test(item: Any, cls: type) -> bool:
+    params = _params(item)
+    if params is not None and any(_holds(value, cls, exact=True) for value in params):
         return True
     function = getattr(item, "function", None)
     if function is None:
         return False
     try:
-        source = inspect.getsource(function)
+        # parameterized.expand's generated method: the source is the decorated method's (place_as)
+        source = inspect.getsource(getattr(function, "place_as", function))
     except (OSError, TypeError):
         return False
     # parametrized tests whose parameters hold no LoRA config are other methods' tests
-    if callspec is not None and any(_holds_config(value) for value in callspec.params.values()):
+    if params is not None and any(_holds_config(value) for value in params):
         return False
     return bool(_NAMES_LORA_CONFIG.search(source))
 

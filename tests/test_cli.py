@@ -3,7 +3,9 @@ library (the main flows, the error table, the registry), and one run of the inst
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -13,6 +15,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_layersched import ScheduledLoraConfig, cli
@@ -112,6 +116,26 @@ PLAN_ERRORS = [
     ("k too large", {"layer_schedule": {"type": "sampled", "k": 9}}, [], r"'k' is 9 but there are only 6 candidate"),
     ("no model", {"layer_schedule": {"0": [1]}}, ["--model", "nowhere"], r"--model nowhere: not a config.json file"),
     (
+        # a name that is no folder, no model type and no Hub model this (offline) machine can read
+        "model name close to a type",
+        {"layer_schedule": {"0": [1]}},
+        ["--model", "bert-base"],
+        r"--model bert-base: .*not a transformers model type(?s:.*)Did you mean the model type 'bert'\?"
+        r".*google-bert/bert-base-uncased",
+    ),
+    (
+        "inline JSON that does not parse",
+        None,
+        ["--config", '{"target_modules": ["query"],}'],
+        r"--config: inline JSON that does not parse \(.*\); quote the whole object for the shell",
+    ),
+    (
+        "inline JSON, wrong unit",
+        None,
+        ["--config", '{"target_modules": ["query"], "layer_schedule": {"0": [1]}}', "--steps", "3"],
+        r"plan: error: --config: schedule_unit is 'epoch'",
+    ),
+    (
         "invalid target regex",
         {"target_modules": ".*(query", "layer_schedule": {"0": [1]}},
         [],
@@ -122,9 +146,11 @@ PLAN_ERRORS = [
 
 @pytest.mark.parametrize("fields,extra,message", [c[1:] for c in PLAN_ERRORS], ids=[c[0] for c in PLAN_ERRORS])
 def test_plan_error_table(tmp_path, capsys, config_folders, fields, extra, message):
-    config = write_json(tmp_path / "c.json", dict({"target_modules": ["query"]}, **fields))
+    # fields None: the case passes its own --config (inline JSON)
+    fields = None if fields is None else dict({"target_modules": ["query"]}, **fields)
+    config = [] if fields is None else ["--config", write_json(tmp_path / "c.json", fields)]
     model = [] if "--model" in extra else ["--model", config_folders["bert6"]]
-    code, _, err = run_cli(capsys, "plan", *(model + ["--config", config] + extra))
+    code, _, err = run_cli(capsys, "plan", *(model + config + extra))
     assert code == 1
     assert re.search(message, err), err
     assert "Traceback" not in err
@@ -286,3 +312,80 @@ def test_help_version_and_subcommand_registry(capsys):
     finally:
         cli._SUBCOMMANDS[:] = [entry for entry in cli._SUBCOMMANDS if entry[0] != "echo-test"]
 
+
+
+# --config takes the dict inline, as its help and docs/cli.md say (the demo's --schedule takes JSON the same way).
+_SCHEDULES = st.one_of(
+    st.dictionaries(st.integers(0, 9).map(str), st.lists(st.integers(-6, 5), min_size=1, max_size=3, unique=True),
+                    min_size=1, max_size=3).filter(lambda d: "0" in d),
+    st.builds(lambda every, limit: {"type": "gradual", "every": every, "limit": limit},
+              st.integers(1, 3), st.integers(1, 6)),
+    st.builds(lambda block, every: {"type": "cyclic", "block": block, "every": every},
+              st.integers(1, 3), st.integers(1, 3)),
+)
+_FIELDS = st.fixed_dictionaries(
+    {"target_modules": st.lists(st.sampled_from(["query", "key", "value", "dense"]), min_size=1, max_size=4,
+                                unique=True),
+     "layer_schedule": _SCHEDULES},
+    optional={"r": st.integers(1, 16), "lora_alpha": st.integers(1, 32), "task_type": st.just("SEQ_CLS")},
+)
+# How a person might type the object: on one line or several, with or without spaces, padded.
+_LAYOUTS = st.tuples(st.sampled_from([None, 0, 2]), st.sampled_from([(", ", ": "), (",", ":")]),
+                     st.sampled_from(["", " ", "\n  "]))
+
+
+def _plan_json(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=_FIELDS, layout=_LAYOUTS)
+def test_plan_config_inline_json_is_the_same_as_the_file(config_folders, tmp_path_factory, fields, layout):
+    indent, separators, pad = layout
+    inline = pad + json.dumps(fields, indent=indent, separators=separators) + pad
+    folder = tmp_path_factory.mktemp("inline")
+    model = ["plan", "--model", config_folders["bert6"], "--json", "--config"]
+    file_code, from_file = _plan_json(model + [write_json(folder / "c.json", fields)])
+    inline_code, from_inline = _plan_json(model + [inline])
+    assert inline_code == file_code
+    if file_code == 0:  # (a schedule this 6-layer model refuses is refused the same way either way)
+        assert json.loads(from_inline) == json.loads(from_file)
+
+
+def test_plan_model_type_and_inline_config_as_docs_cli_shows(capsys):
+    # No folder and no hub: `--model bert` is transformers' default BERT config (BERT-base, 12 layers).
+    schedule = ('{"target_modules": ["query", "value"], "task_type": "SEQ_CLS", '
+                '"layer_schedule": {"0": [11], "3": [1, 11]}}')
+    code, out, err = run_cli(capsys, "plan", "--model", "bert", "--config", schedule, "--epochs", 5)
+    assert code == 0, err
+    assert "BertForSequenceClassification from bert (built on meta: no weights)" in out
+    assert "bert.encoder.layer: 12 layers (ids 0..11)" in out
+    phases = [line.split() for line in out.split("phases:")[1].splitlines() if line.strip()]
+    assert phases[1:] == [["0-2", "11", "24,576"], ["3-4", "1,", "11", "49,152"]]
+
+
+def test_plan_model_hub_id_from_the_local_cache(tmp_path, config_folders):
+    # A Hub id whose config.json is in the local Hugging Face cache: read offline, as `plan` promises.  The
+    # installed entry point in a process of its own (the cache location is read at import).
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    shutil.copy(os.path.join(config_folders["bert6"], "config.json"), str(repo / "snapshots" / revision))
+    hub = str(tmp_path / "hub")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_CACHE=hub,
+               HUGGINGFACE_HUB_CACHE=hub, TRANSFORMERS_CACHE=hub)
+    schedule = '{"target_modules": ["query"], "layer_schedule": {"0": [5]}}'
+    result = subprocess.run(
+        console_script() + ["plan", "--model", "someone/tiny-bert", "--config", schedule, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path), env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["model"]["class"] == "BertForSequenceClassification"
+    assert plan["stacks"] == [{"name": "bert.encoder.layer", "path": "bert.encoder.layer", "length": 6}]

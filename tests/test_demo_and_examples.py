@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from peft_layersched import cli
@@ -129,8 +130,29 @@ def test_demo_quick_on_the_real_pretrained_model(tmp_path, capsys, monkeypatch):
     code, text, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--output-dir", out)
     summary = _check_outputs(code, text, err, out, epochs=3)
     assert summary["model"] == "all-MiniLM-L6-v2" and "all-MiniLM-L6-v2 (6 layers, 22.7M parameters)" in text
-    # a real pretrained encoder learns the task past chance in the one-minute run
+    # a real pretrained encoder learns the task past chance in the --quick run
     assert summary["scheduled"]["accuracy"] > 0.55 and summary["plain"]["accuracy"] > 0.55
+
+
+@pytest.mark.usefixtures("transformers_logging_restored")
+def test_demo_picks_its_threads_and_gives_the_callers_back(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    # torch's default is a thread per core; on a 2-core machine busy with other work that ran the demo 4x slower
+    # than one thread.  The demo uses 1 unless told otherwise, and leaves the caller's setting as it was.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flags, threads in (([], 1), (["--threads", "2"], 2)):
+            out = tmp_path / "out{}".format(threads)
+            code, text, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--epochs", "1", "--model-dir",
+                                        tiny_model_dir, "--output-dir", out, *flags)
+            assert code == 0, err[-3000:]
+            assert json.loads((out / "summary.json").read_text())["threads"] == threads
+            assert "; {} CPU thread{} (--threads)".format(threads, "s" if threads > 1 else "") in text
+            assert torch.get_num_threads() == 2
+        code, _, err = demo_here(capsys, monkeypatch, tmp_path, "--threads", "-1", "--model-dir", tiny_model_dir)
+        assert code == 2 and "--threads must be >= 0" in err
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_demo_without_the_model_package_says_what_to_install(tmp_path, capsys, monkeypatch):
