@@ -369,6 +369,9 @@ def _compute_plan(
     plan = tuner.scheduled_adapter()
     schedule = plan.schedule
     horizon = _plan_horizon(epochs if epochs is not None else steps, unit, schedule)
+    if schedule is not None and schedule.spec.needs_run_length:  # (progressive) a run as long as the plan
+        tuner.set_layer_schedule(schedule.spec.with_run_length(horizon).to_json())
+        schedule = tuner.scheduled_adapter().schedule
     preallocated = tuner.preallocated_layers
     if schedule is None:
         timeline = [list(preallocated)] * horizon

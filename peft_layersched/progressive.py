@@ -83,8 +83,8 @@ class ProgressiveSchedule(Schedule):
         return self.start >= 1.0
 
     def preview_span(self) -> int:
-        """Epochs/steps that show the whole pattern: the run, or a ramp of 20 periods without a length."""
-        return self.steps if self.steps is not None else 20 * self.every
+        """Epochs/steps that show the whole pattern: the run, or 100 periods without a length."""
+        return self.steps if self.steps is not None else 100 * self.every
 
 
 class ProgressiveSpec(ScheduleSpec):

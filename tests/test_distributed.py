@@ -14,7 +14,7 @@ KINDS = ("epoch", "step")
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("adaptive", "refuse"), timeout=300)
+    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("adaptive", "progressive", "refuse"), timeout=300)
 
 
 def _ranks(out, kind):
@@ -66,3 +66,17 @@ def test_adaptive_decisions_are_identical_on_both_ranks(ddp_run):
         for layer, digest in by_step[step]["hashes"].items():
             if int(layer) not in chosen:
                 assert digest == by_step[step - 1]["hashes"][layer], "layer {} moved while frozen".format(layer)
+
+
+def test_progressive_draws_are_identical_on_both_ranks_and_follow_the_run_length(ddp_run):
+    from peft_layersched.schedule import parse_schedule
+
+    first, second = _ranks(ddp_run, "progressive")
+    assert first["world"] == 2
+    assert first["steps"] == second["steps"], "the ranks' weights or active sets differ"
+    # 32 samples, 2 ranks x 4: 16 optimizer steps in 4 epochs; the Trainer gave the schedule that length
+    expected = parse_schedule({"type": "progressive", "start": 0.2, "full_at": 0.5, "seed": 5, "steps": 16})
+    schedule = expected.bind(list(range(4)))
+    # step s's record is taken after it: the active set is the next step's
+    assert [s["active"] for s in first["steps"][:-1]] == [schedule.active_at(t) for t in range(16)]
+    assert first["steps"][0]["active"] != [0, 1, 2, 3] and first["steps"][-2]["active"] == [0, 1, 2, 3]

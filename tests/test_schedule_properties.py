@@ -263,7 +263,8 @@ def specs_of_every_kind(draw):
     """(index, spec): a spec of any kind that binds on the model by construction."""
     index = _history_index(draw)
     layers = index.all_layers()
-    kind = draw(st.sampled_from(["milestones", "gradual", "cyclic", "sampled", "adaptive", "autofreeze", "callable"]))
+    kind = draw(st.sampled_from(["milestones", "gradual", "cyclic", "sampled", "progressive", "adaptive", "autofreeze",
+                                 "callable"]))
     every = draw(st.integers(1, 5))
     candidates = _subset(draw, layers, min_size=1) if draw(st.booleans()) else None
     pool = candidates if candidates is not None else layers
@@ -287,6 +288,9 @@ def specs_of_every_kind(draw):
                     order=draw(st.sampled_from(["ascending", "descending", "random"])))
     elif kind == "sampled":
         spec.update(k=draw(st.integers(1, len(pool))), every=every, seed=draw(st.integers(0, 99)))
+    elif kind == "progressive":
+        spec.update(start=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])), full_at=draw(st.sampled_from([0.25, 0.75, 1.0])),
+                    steps=draw(st.integers(1, 50)), every=every, seed=draw(st.integers(0, 99)))
     else:
         always = _subset(draw, pool[:-1])[:2] if len(pool) > 1 and draw(st.booleans()) else []
         rest = [layer for layer in pool if layer not in always]

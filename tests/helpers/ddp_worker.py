@@ -1,7 +1,7 @@
 """One rank of a 2-process DDP Trainer run (gloo, CPU), launched by tests/test_distributed.py via torchrun.
 
     cd tests && python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        -m helpers.ddp_worker OUT_DIR epoch,step,adaptive,refuse
+        -m helpers.ddp_worker OUT_DIR epoch,step,adaptive,progressive,refuse
 
 For each training kind writes OUT_DIR/<kind><rank>.json: per optimizer step, the active layers and a
 hash of each layer's LoRA weights as they were after that step; for "refuse", the callback's error.
@@ -29,6 +29,8 @@ SCHEDULES = {
     "step": ({0: [3], 3: [1, 3], 6: [2]}, "step"),
     # chosen from the gradient norms both ranks measure on their own halves of the data
     "adaptive": ({"type": "adaptive", "k": 1, "every": 2, "policy": "sample", "explore": 0.2}, "step"),
+    # seeded draws with a chance rising to 1 at half the run (its length from the Trainer's max_steps)
+    "progressive": ({"type": "progressive", "start": 0.2, "full_at": 0.5, "seed": 5}, "step"),
 }
 
 
