@@ -114,8 +114,9 @@ def main(argv=None):
             ratios.append(cpu["autofreeze"] / cpu["milestones"])
             print(f"round {r}: autofreeze {cpu['autofreeze']:.2f} s, the same layers fixed {cpu['milestones']:.2f} s "
                   f"of step CPU time, ratio {ratios[-1]:.3f}")
-    print(f"\nautofreeze / fixed schedule with the same active sets, step CPU time: median {statistics.median(ratios):.3f}"
-          f" over {args.rounds} rounds (min {min(ratios):.3f}, max {max(ratios):.3f}); target <= 1.05")
+    print(f"\nautofreeze / fixed schedule with the same active sets, step CPU time: "
+          f"median {statistics.median(ratios):.3f} over {args.rounds} rounds "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); target <= 1.05")
     return 0
 
 

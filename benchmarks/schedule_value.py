@@ -23,7 +23,6 @@ The protocol is written out in docs/benchmarks.md; this script runs it. In short
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import hashlib
 import json
@@ -572,9 +571,10 @@ def report(out):
                     continue
                 d = _ci([r["test"] - final[r["seed"]] for r in got])
                 used = statistics.median(r["train_cpu"] / full_cpu[r["seed"]] for r in got)
-                cells.append(f"{sign * 0 + d[0] * (100 if task_name == 'minilm' else 1):+.{1 if task_name == 'minilm' else 4}f}"
-                             f" ± {d[1] * (100 if task_name == 'minilm' else 1):.{1 if task_name == 'minilm' else 4}f}"
-                             f" ({statistics.median(r['max_steps'] for r in got):.0f} steps, {used:.2f}x)")
+                scale, digits = (100, 1) if task_name == "minilm" else (1, 4)
+                steps_used = statistics.median(r["max_steps"] for r in got)
+                cells.append(f"{d[0] * scale:+.{digits}f} ± {d[1] * scale:.{digits}f} "
+                             f"({steps_used:.0f} steps, {used:.2f}x)")
                 arm_summary["budgets"][str(b)] = {"mean": statistics.mean(r["test"] for r in got), "diff": d[0],
                                                   "ci": d[1], "time_ratio": used,
                                                   "steps": statistics.median(r["max_steps"] for r in got)}

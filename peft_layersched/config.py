@@ -105,8 +105,8 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         metadata={
             "help": "{start: layers}: from epoch/step `start` on, exactly `layers` train (until the next "
             "start). E.g. {0: [11], 3: [1, 11]}. Or a dict with 'type' 'gradual', 'cyclic', 'sampled', "
-            "'progressive', 'adaptive' or 'autofreeze' (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), or a callable "
-            "t -> layers (not saved). "
+            "'progressive', 'adaptive' or 'autofreeze' (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), "
+            "or a callable t -> layers (not saved). "
             "None: no schedule (plain LoRA)."
         },
     )

@@ -14,7 +14,8 @@ KINDS = ("epoch", "step")
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), KINDS + ("adaptive", "progressive", "refuse"), timeout=300)
+    kinds = KINDS + ("adaptive", "progressive", "refuse")
+    return two_ranks("ddp_worker", tmp_path_factory.mktemp("ddp"), kinds, timeout=300)
 
 
 def _ranks(out, kind):
