@@ -190,3 +190,33 @@ def test_plain_torch_loop_example(tmp_path, resume_at):
     assert "resumed from {} at step {}: active layers".format(out, resume_at) in result.stdout
     assert "final LoRA weights bitwise equal to the uninterrupted run's" in result.stdout
     assert (out / "adapter_config.json").exists() and (out / "training_state.pt").exists()
+
+
+@pytest.mark.skipif(shipped_model_dir() is None or not HAS_MATPLOTLIB,
+                    reason="run in the env with the [demo] and [plot] extras (peft0212-tf5)")
+def test_schedule_value_benchmark_quick_runs_the_whole_protocol(tmp_path):
+    """`benchmarks/schedule_value.py --quick` on the LM task: pretraining (cached), the sweep, memory probes in
+    fresh processes, equal steps and every budget for 2 seeds, then the report, the summary and the plot."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PEFT_LAYERSCHED_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    result = run([os.path.join(ROOT, "benchmarks", "schedule_value.py"), "--quick", "--task", "lm", "--out", out],
+                 cwd=tmp_path, timeout=1200, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.listdir(str(tmp_path / "cache" / "bench")), "the pretrained LM was not cached"
+    rows = [json.loads(line) for line in open(str(out / "runs.jsonl"))]
+    arms = {"lora-all", "lora-all-r2", "top-k", "autofreeze", "progressive", "sampled", "cyclic", "adaptive"}
+    assert {r["arm"] for r in rows if r["phase"] == "sweep"} == arms
+    assert {r["arm"] for r in rows if r["phase"] == "memory"} == {"lora-all", "top-k"}
+    assert {(r["arm"], r["seed"]) for r in rows if r["phase"] == "steps"} == {
+        (a, s) for a in arms | {"top-k-2xbatch"} for s in (0, 1)}
+    for arm in arms - {"lora-all"}:
+        sized = [next(r["max_steps"] for r in rows if r["phase"] == "budget" and r["arm"] == arm and r["seed"] == 0
+                      and r["budget"] == b) for b in (0.25, 0.5, 1.0)]
+        assert sized[0] <= sized[1] <= sized[2] and sized[0] < sized[2], (arm, sized)
+    lora_all = [r for r in rows if r["arm"] == "lora-all" and r["phase"] == "steps"]
+    assert all(len(r["evals"]) == 8 for r in lora_all), "lora-all's validation checks (time-to-target)"
+    summary = json.load(open(str(out / "summary.json")))
+    assert set(summary["lm"]["arms"]) == arms | {"top-k-2xbatch"}
+    assert summary["lm"]["arms"]["lora-all"]["equal_steps"]["diff"] == 0.0
+    assert "| `progressive` |" in open(str(out / "report.md")).read()
+    assert os.path.getsize(str(out / "quality_vs_time_lm.png")) > 1000
