@@ -656,6 +656,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results", "schedule_value"),
                         help="folder for runs.jsonl, report.md, summary.json and the plots")
     parser.add_argument("--report", metavar="DIR", help="only rebuild the report from DIR/runs.jsonl")
+    parser.add_argument("--sweep-check", type=float, metavar="LR",
+                        help="after a run: each arm once more at learning rate LR (the sweep's seed, equal steps), "
+                             "appended to --out's sweep-check.jsonl; shows whether the grid's edge held the best rate")
     parser.add_argument("--memory-probe", nargs=2, metavar=("TASK", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -669,6 +672,17 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA device")
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe[0], args.memory_probe[1], args.quick, args.device, args.lr)))
+        return 0
+    if args.sweep_check:
+        for name in (("minilm", "lm") if args.task == "both" else (args.task,)):
+            task = make_task(name, dict(TASKS[name]), print)
+            with tempfile.TemporaryDirectory() as workdir:
+                for arm in ARMS:
+                    row = dict(train_one(task, arm, SWEEP_SEED, args.sweep_check, TASKS[name]["steps"], args.device,
+                                         workdir), phase="sweep-check")
+                    print(f"{name} {arm:<13} lr {args.sweep_check:g}: val {row['val']:.4f}")
+                    with open(os.path.join(args.out, "sweep-check.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
         return 0
     seeds = list(SEEDS[: args.seeds or (2 if args.quick else len(SEEDS))]) if (args.seeds or 0) <= len(SEEDS) \
         else list(range(args.seeds))
