@@ -547,6 +547,14 @@ def report(out):
             SWEEP_SEED, "accuracy" if task_name == "minilm" else "loss") + "; ".join(
             f"`{a}` " + ", ".join(f"{r['lr']:g}: {fmt(r['val'])}" for r in sorted(sweep[a], key=lambda r: r["lr"]))
             for a in sweep) + "\n"]
+        check_path = os.path.join(out, "sweep-check.jsonl")
+        checks = [json.loads(line) for line in open(check_path)] if os.path.exists(check_path) else []
+        checks = [r for r in checks if r["task"] == task_name]
+        if checks:
+            best = {a: min(r["val"] * -sign for r in sweep[a]) * -sign for a in sweep}
+            lines += ["Sweep check, run after the protocol (not used to choose): " + "; ".join(
+                f"`{r['arm']}` {r['lr']:g}: {fmt(r['val'])} (grid's best {fmt(best[r['arm']])})" for r in checks)
+                + "\n"]
         lines += ["| arm | lr | equal steps: " + metric + " | Δ vs lora-all (95 % CI) | train CPU s | "
                   "median step ms | time / lora-all | " + " | ".join(f"{b:g}x time: Δ (95 % CI)" for b in BUDGETS)
                   + " | time-to-target / lora-all's time (seeds reached) | late-phase peak MiB (x lora-all) |",
