@@ -233,7 +233,7 @@ def _check_at_first_forward(tuner: nn.Module) -> None:
     def check(module: nn.Module, args: Any) -> None:
         tuner.check_deferred_load()
 
-    tuner.__dict__["_load_check_hook"] = tuner.model.register_forward_pre_hook(check)
+    tuner.__dict__["_load_check_hook"] = [entry.register_forward_pre_hook(check) for entry in _forward_entries(tuner)]
 
 
 def _check_loaded_weights(tuner: nn.Module, incompatible_keys: Any = None) -> None:
@@ -303,9 +303,17 @@ class _UndrivenWatch(object):
             self.tuner._record_undriven_training()
 
 
+def _forward_entries(tuner: nn.Module) -> List[nn.Module]:
+    """The modules whose forward pre-hooks see every forward: the base model (a plain ``PeftModel`` calls
+    it directly) and the tuner (PEFT < 0.4's tuner calls ``self.model.forward`` itself, which runs no hooks).
+    A hook on both runs twice per forward, so it must be idempotent."""
+    return [tuner, tuner.model]
+
+
 def _watch_undriven(tuner: "ScheduledLoraModel") -> None:
-    if _WATCH not in tuner.model.__dict__:
-        tuner.model.__dict__[_WATCH] = tuner.model.register_forward_pre_hook(_UndrivenWatch(tuner))
+    for entry in _forward_entries(tuner):
+        if _WATCH not in entry.__dict__:
+            entry.__dict__[_WATCH] = entry.register_forward_pre_hook(_UndrivenWatch(tuner))
 
 
 def _unwatch(model: nn.Module) -> None:
@@ -595,8 +603,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
     def check_deferred_load(self) -> None:
         """Run the check of loaded weights that :func:`deferred_load_check` put off, if it did (a warning
         naming layers whose LoRA weights show training although the schedule so far leaves them out)."""
-        hook = self.__dict__.pop("_load_check_hook", None)
-        if hook is not None:
+        for hook in self.__dict__.pop("_load_check_hook", None) or []:
             hook.remove()
         if self.__dict__.pop("_load_check_pending", False):
             _check_hidden_weights(self)
@@ -841,6 +848,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         else:
             checkpointing.remove(self.model)
             _unwatch(self.model)
+            _unwatch(self)
         return result
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:

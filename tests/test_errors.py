@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import PretrainedConfig
 
 from peft_layersched import ScheduledLoraConfig, export_lora, schedule_lora
 
@@ -298,6 +299,7 @@ class _Flat(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self.config = PretrainedConfig()  # PEFT < 0.4 reads model.config
         self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
 
     def forward(self, x):
@@ -309,6 +311,7 @@ class _Heads(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self.config = PretrainedConfig()
         self.heads = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
 
     def forward(self, x):
@@ -339,11 +342,12 @@ def test_a_model_without_layer_stacks_is_refused_with_the_fix(build, message):
     with pytest.raises(ValueError, match=message):
         get_peft_model(base, ScheduledLoraConfig(target_modules=targets, layer_schedule={0: [0]}))
     assert not any("lora_" in name for name, _ in base.named_parameters())
-    plain = get_peft_model(build(), LoraConfig(r=4, target_modules=targets))
+    plain = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     with pytest.raises(ValueError, match=message):
         schedule_lora(plain, layer_schedule={0: [0]})
     # Without a schedule the same config is plain LoRA, which needs no layers.
-    assert get_peft_model(build(), ScheduledLoraConfig(r=4, target_modules=targets)).active_adapter == "default"
+    plain_lora = ScheduledLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    assert get_peft_model(build(), plain_lora).active_adapter == "default"
 
 
 def test_targets_outside_the_layers_are_refused_alike_by_both_ways_in():
@@ -351,7 +355,7 @@ def test_targets_outside_the_layers_are_refused_alike_by_both_ways_in():
     targets = ["q_proj", "lm_head"]
     with pytest.raises(ValueError, match=r"outside the layer stacks"):
         case.build(target_modules=targets)
-    plain = get_peft_model(case.base(), LoraConfig(r=4, target_modules=targets))
+    plain = get_peft_model(case.base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     assert "lm_head" in [name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in lora_params(plain).items()]
     with pytest.raises(ValueError, match=r"outside the layer stacks.*\['lm_head'\]"):
         schedule_lora(plain, layer_schedule={0: [-1]})

@@ -10,13 +10,18 @@ import os
 
 import pytest
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, export_lora
 
 from helpers.toy_training import ToyClassification, scheduled_bert, training_args
 
 LAYERS = 4
+
+# transformers < 4.41 calls it evaluation_strategy
+EVAL_STRATEGY = "eval_strategy" if "eval_strategy" in TrainingArguments.__dataclass_fields__ else "evaluation_strategy"
+cpu_grad_scaler = pytest.mark.skipif(not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"),
+                                     reason="a CPU GradScaler (torch.amp.GradScaler) needs torch >= 2.3")
 
 
 def bert(schedule, unit="step"):
@@ -102,7 +107,7 @@ def test_early_stopping_lists_only_layers_that_trained(tmp_path):
         calls.append(1)
         return {"score": scores[len(calls) - 1]}
 
-    args = training_args(tmp_path / "run", max_steps=8, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+    args = training_args(tmp_path / "run", max_steps=8, **{EVAL_STRATEGY: "steps"}, eval_steps=1, save_strategy="steps",
                          save_steps=1, load_best_model_at_end=True, metric_for_best_model="score",
                          greater_is_better=True)
     trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(), eval_dataset=ToyClassification(n=4),
@@ -157,9 +162,9 @@ def best_at(step):
 
 def test_best_checkpoint_brings_back_its_decision_log_and_signal_state(tmp_path):
     model = scheduled_bert(TOP_K, unit="step", num_layers=LAYERS, dropout=0.0)
-    args = training_args(tmp_path / "run", max_steps=12, eval_strategy="steps", eval_steps=1, save_strategy="steps",
-                         save_steps=1, load_best_model_at_end=True, metric_for_best_model="score",
-                         greater_is_better=True, logging_steps=100)
+    args = training_args(tmp_path / "run", max_steps=12, **{EVAL_STRATEGY: "steps"}, eval_steps=1,
+                         save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                         metric_for_best_model="score", greater_is_better=True, logging_steps=100)
     trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(), eval_dataset=ToyClassification(n=4),
                       compute_metrics=best_at(4), callbacks=[LayerScheduleCallback()])
     trainer.train()
@@ -198,7 +203,7 @@ def test_best_checkpoint_brings_back_its_decision_log_and_signal_state(tmp_path)
 
 def test_best_checkpoint_saved_right_after_a_switch_lists_only_trained_layers(tmp_path):
     model = bert({0: [3], 2: [2, 3], 3: [1, 2, 3]})
-    args = training_args(tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+    args = training_args(tmp_path / "run", max_steps=4, **{EVAL_STRATEGY: "steps"}, eval_steps=1, save_strategy="steps",
                          save_steps=1, load_best_model_at_end=True, metric_for_best_model="score",
                          greater_is_better=True)
     trainer = Trainer(model=model, args=args, train_dataset=ToyClassification(), eval_dataset=ToyClassification(n=4),
@@ -215,7 +220,7 @@ def test_best_checkpoint_saved_right_after_a_switch_lists_only_trained_layers(tm
     # The best checkpoint of a later step keeps every layer that trained by then.
     later = bert({0: [3], 2: [2, 3], 3: [1, 2, 3]})
     trainer = Trainer(model=later, args=training_args(tmp_path / "later", **{k: getattr(args, k) for k in (
-        "max_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "load_best_model_at_end",
+        "max_steps", EVAL_STRATEGY, "eval_steps", "save_strategy", "save_steps", "load_best_model_at_end",
         "metric_for_best_model", "greater_is_better")}), train_dataset=ToyClassification(),
         eval_dataset=ToyClassification(n=4), compute_metrics=best_at(3), callbacks=[LayerScheduleCallback()])
     trainer.train()
@@ -328,6 +333,7 @@ def _amp_loop(unscale, steps=6, skip_at=2):
     return model, seen
 
 
+@cpu_grad_scaler
 def test_a_skipped_amp_step_counts_and_the_lr_factors_stay_exact_with_unscale_lrs():
     import warnings
 
@@ -349,6 +355,7 @@ def test_a_skipped_amp_step_counts_and_the_lr_factors_stay_exact_with_unscale_lr
     assert trained_layers(model) == [2, 3] == model.ever_active_layers
 
 
+@cpu_grad_scaler
 def test_a_skipped_amp_step_without_unscale_lrs_is_reported_with_the_fix():
     with pytest.warns(UserWarning, match=r"optimizer step was skipped.*sched\.unscale_lrs\(\) right before "
                                          r"lr_scheduler\.step\(\)"):
