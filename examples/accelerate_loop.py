@@ -136,6 +136,11 @@ def main(argv=None) -> int:
         print("rank {}: {}".format(accelerator.process_index, line), file=sys.stderr)
     if not wrong:
         accelerator.print("LoRA changed in exactly the scheduled layers at every step")
+    # Leave together and shut the process group down: a rank that exits while gloo's threads still run
+    # can abort ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 1 if wrong else 0
 
 
