@@ -284,8 +284,7 @@ class LayerScheduler(ScheduleOptions):
             )
         self._still.steps += 1
         self.steps += 1
-        if self.meter is not None and not self._measured:
-            self.meter.end_step(self.current or [])
+        self.measure()  # (a no-op if the driver measured this step already)
         self._measured = False
         # What this step's metrics report: the layers it trained, the LRs it used (before any switch).
         self._record = (self.active_layers, dict(self._next_lrs), None)
