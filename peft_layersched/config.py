@@ -7,9 +7,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from . import _compat, adaptive, progressive  # noqa: F401  (register their schedule kinds with parse_schedule)
+from . import _compat
 from ._model_card import add_loading_note
-from .schedule import CallableSpec, LayerId, ScheduleSpec, check_layer_list, check_time, check_unit, parse_schedule
+from .schedules import (  # noqa: F401  (register their schedule kinds with parse_schedule)
+    CallableSpec,
+    LayerId,
+    ScheduleSpec,
+    adaptive,
+    check_layer_list,
+    check_time,
+    check_unit,
+    parse_schedule,
+    progressive,
+)
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
 _DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from torch import nn
 
 from . import _compat
-from .schedule import LayerId, LayerStack, StackIndex, short_layer_list
+from .schedules import LayerId, LayerStack, StackIndex, short_layer_list
 
 ALL_LINEAR = "all-linear"
 

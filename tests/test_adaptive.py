@@ -18,9 +18,9 @@ from peft import PeftModel
 from transformers import TrainerCallback
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, export_lora
-from peft_layersched.adaptive import percentile
 from peft_layersched.cli import main as cli_main
-from peft_layersched.schedule import parse_schedule
+from peft_layersched.schedules.adaptive import percentile
+from peft_layersched.schedules.base import parse_schedule
 
 from helpers import tiny_models
 from helpers.toy_training import ToyClassification, scheduled_bert, train
@@ -385,7 +385,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
 def test_the_adaptive_core_is_pure_python():
     import ast
 
-    import peft_layersched.adaptive as adaptive
+    import peft_layersched.schedules.adaptive as adaptive
 
     tree = ast.parse(open(adaptive.__file__).read())
     nodes = list(ast.walk(tree))

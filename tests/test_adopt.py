@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, ScheduledLoraConfig, schedule_lora
-from peft_layersched.engines import LAYER_KEY
+from peft_layersched.training.engines import LAYER_KEY
 
 from helpers import tiny_models
 from helpers.toy_training import ToyClassification, training_args

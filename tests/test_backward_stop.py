@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_layersched import ScheduledLoraConfig, _compat, checkpointing
+from peft_layersched import ScheduledLoraConfig, _compat, backward_stop
 
 from helpers import tiny_models
 
@@ -108,7 +108,7 @@ def _layers(model, path):
 
 
 def _where(model):
-    stop = checkpointing.backward_stop(model.get_base_model())
+    stop = backward_stop.backward_stop(model.get_base_model())
     return None if stop is None else stop.where
 
 
@@ -166,7 +166,7 @@ def test_backward_never_enters_frozen_layers_below_the_lowest_active_one(family,
         model.zero_grad(set_to_none=True)
         # transformers < 4.52 with reentrant checkpointing and lo == 1: the leaf is the embedding output,
         # so layer 0 runs in backward too (for its input gradient only).
-        stop = checkpointing.backward_stop(model.get_base_model())
+        stop = backward_stop.backward_stop(model.get_base_model())
         floor = 0 if kind == "re" and stop.leaf == "input-embeddings" else lo
         assert recomputed[:floor] == [0] * floor, (t, recomputed)
         if kind is not None:
@@ -204,7 +204,7 @@ def test_frozen_layers_below_keep_no_activations(family):
         return {i for i in saved if i is not None}
 
     assert saved_by_layer() == set(range(4, len(layers)))
-    checkpointing.remove(model.get_base_model())  # the hook is back: every layer keeps activations
+    backward_stop.remove(model.get_base_model())  # the hook is back: every layer keeps activations
     assert saved_by_layer() == set(range(len(layers)))
 
 
@@ -213,7 +213,7 @@ def test_input_require_grads_hooks_come_off_and_back():
     base = model.get_base_model()
     model.activate_layers(0)
     assert _compat.input_require_grads_hooks(base) == []
-    before = len(checkpointing.backward_stop(base)._stashed)
+    before = len(backward_stop.backward_stop(base)._stashed)
     assert before >= 1
     # Trainable input embeddings: the gradient must reach the bottom, the model's own hooks return.
     embeddings = base.get_input_embeddings()
@@ -226,9 +226,9 @@ def test_input_require_grads_hooks_come_off_and_back():
     assert _compat.input_require_grads_hooks(base) == []
     merged = model.merge_and_unload()
     assert len(_compat.input_require_grads_hooks(merged)) == before
-    assert checkpointing.backward_stop(merged) is None
+    assert backward_stop.backward_stop(merged) is None
     assert not [m for m in merged.modules() if any(
-        type(h).__module__ == checkpointing.__name__ for h in list(m._forward_hooks.values())
+        type(h).__module__ == backward_stop.__name__ for h in list(m._forward_hooks.values())
         + list(m._forward_pre_hooks.values()))]
 
 
@@ -288,7 +288,7 @@ def test_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
         train(model, tmp_path / str(checkpointing_on), num_train_epochs=3, gradient_checkpointing=checkpointing_on)
         final = {layer: [p.detach().clone() for p in ps] for layer, ps in model.base_model.layer_parameters().items()}
         assert all(any(not torch.equal(a, b) for a, b in zip(initial[k], final[k])) for k in (2, 5))
-        stop = checkpointing.backward_stop(model.get_base_model())
+        stop = backward_stop.backward_stop(model.get_base_model())
         assert stop is not None and stop.where == ("bert.encoder.layer", 2)
         runs[checkpointing_on] = final
     for layer in (2, 5):

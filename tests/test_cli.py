@@ -297,7 +297,7 @@ def test_help_version_and_subcommand_registry(capsys):
     assert cli.main([]) == 0
     help_text = capsys.readouterr().out
     assert "plan" in help_text and "inspect" in help_text
-    assert ("demo" in help_text) == (importlib.util.find_spec("peft_layersched.demo") is not None)
+    assert ("demo" in help_text) == (importlib.util.find_spec("peft_layersched.cli.demo") is not None)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0
@@ -310,7 +310,7 @@ def test_help_version_and_subcommand_registry(capsys):
     try:
         assert cli.main(["echo-test", "--times", "2"]) == 3
     finally:
-        cli._SUBCOMMANDS[:] = [entry for entry in cli._SUBCOMMANDS if entry[0] != "echo-test"]
+        cli.program._SUBCOMMANDS[:] = [entry for entry in cli.program._SUBCOMMANDS if entry[0] != "echo-test"]
 
 
 

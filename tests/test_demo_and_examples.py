@@ -21,8 +21,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from peft_layersched import cli
-from peft_layersched._demo_data import sentiment_splits
-from peft_layersched.demo import shipped_model_dir
+from peft_layersched.cli._demo_data import sentiment_splits
+from peft_layersched.cli.demo import shipped_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peft_layersched import cli
-from peft_layersched.plot import (
+from peft_layersched.cli.plot import (
     ACTIVE,
     FROZEN,
     NO_ADAPTER,
@@ -50,7 +50,7 @@ def plan_args(tmp_path, config_folders):
 def test_plan_plot_draws_every_state(tmp_path, plan_args, capsys):
     import matplotlib.image
 
-    from peft_layersched.plot import _COLOURS
+    from peft_layersched.cli.plot import _COLOURS
 
     out = str(tmp_path / "timeline.png")
     assert cli.main(plan_args + ["--plot", out]) == 0
@@ -98,7 +98,7 @@ def test_accuracy_over_time_starts_at_zero_and_adds_up_the_epochs():
 def test_accuracy_plot_draws_both_runs(tmp_path):
     import matplotlib.image
 
-    from peft_layersched.plot import _RUN_COLOURS
+    from peft_layersched.cli.plot import _RUN_COLOURS
 
     out = str(tmp_path / "accuracy.png")
     assert plot_accuracy(out, RUNS, 0.5, "demo: test accuracy against training time") == out

@@ -304,7 +304,7 @@ def _amp_loop(unscale, steps=6, skip_at=2):
     """A plain loop with AMP's GradScaler (CPU) and a chainable LR scheduler (x0.5 per step); the gradients of
     step ``skip_at`` are made inf, so the scaler skips that optimizer step.  Returns the model, each step's
     layer-group LRs (after sched.step(): those of the next step), active layers and LoRA weights."""
-    from peft_layersched.engines import LAYER_KEY
+    from peft_layersched.training.engines import LAYER_KEY
 
     torch.manual_seed(0)
     model = bert({0: [3], 3: [2, 3]})

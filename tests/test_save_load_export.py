@@ -17,7 +17,7 @@ from packaging.version import Version
 from peft import PeftModel, get_peft_model
 
 from peft_layersched import _compat, export_lora
-from peft_layersched.tuner import ScheduledLoraModel
+from peft_layersched.tuner.model import ScheduledLoraModel
 
 from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
 

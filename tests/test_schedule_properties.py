@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from peft_layersched import ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedule import check_time, parse_schedule
+from peft_layersched.schedules.base import check_time, parse_schedule
 
 SETTINGS = settings(max_examples=300, deadline=None)
 LIGHT = settings(max_examples=100, deadline=None)

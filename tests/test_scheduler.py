@@ -14,7 +14,7 @@ from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArgume
 
 import peft_layersched
 from peft_layersched import LayerScheduleCallback, LayerScheduler, LayerScheduleTrainerMixin
-from peft_layersched.engines import LAYER_KEY, LrZeroEngine, RequiresGradEngine
+from peft_layersched.training.engines import LAYER_KEY, LrZeroEngine, RequiresGradEngine
 
 from helpers.toy_training import ToyClassification, scheduled_bert, training_args
 
@@ -287,7 +287,7 @@ def test_the_package_modules_import_one_another_without_a_circle():
     # The package __init__ and _compat's own __init__ re-export their submodules: importing them is fine.
     graph = {m: {d for d in deps if d not in ("peft_layersched", "peft_layersched._compat") or m == d}
              for m, deps in graph.items()}
-    assert "peft_layersched.scheduler" in graph and "peft_layersched.callback" in graph
+    assert "peft_layersched.training.scheduler" in graph and "peft_layersched.integrations.hf_trainer.callback" in graph
 
     def cycle_from(start):
         stack, seen = [(start, [start])], set()

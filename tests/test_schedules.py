@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from transformers import TrainerCallback
 
-import peft_layersched.schedule as schedule_module
+import peft_layersched.schedules.base as schedule_module
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
-from peft_layersched._describe import describe_schedule, preview_span
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedule import CyclicSchedule, CyclicSpec, GradualSchedule, SampledSchedule, parse_schedule
+from peft_layersched.schedules.base import CyclicSchedule, CyclicSpec, GradualSchedule, SampledSchedule, parse_schedule
+from peft_layersched.schedules.describe import describe_schedule, preview_span
 
 from helpers import tiny_models
 from helpers.toy_training import train

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peft_layersched import LayerScheduleCallback, LayerScheduleTrainerMixin, ScheduledLoraConfig
-from peft_layersched.engines import LAYER_KEY
+from peft_layersched.training.engines import LAYER_KEY
 
 from helpers import tiny_models
 

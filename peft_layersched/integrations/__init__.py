@@ -1,7 +1,7 @@
 """Integrations with training frameworks.
 
-Each submodule imports its framework and is imported only by that framework (or by you): importing
-``peft_layersched`` imports none of them.
-
-* :mod:`peft_layersched.integrations.axolotl`: the axolotl plugin (``adapter: scheduled_lora``).
+* :mod:`peft_layersched.integrations.hf_trainer`: the HF Trainer callback and hooks (imported by the package).
+* :mod:`peft_layersched.integrations.lightning`: the Lightning callback (imports Lightning; import it yourself,
+  or ``peft_layersched.lightning``).
+* :mod:`peft_layersched.integrations.axolotl`: the axolotl plugin (``adapter: scheduled_lora``; imports axolotl).
 """

@@ -41,10 +41,10 @@ from typing import Any, Dict, List, Optional, Union
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from pydantic import BaseModel, Field, model_validator
 
-from ..callback import LayerScheduleCallback
 from ..config import ScheduledLoraConfig
-from ..schedule import LayerId, check_layer_list, check_unit, parse_schedule
-from ..scheduler import check_options
+from ..schedules import LayerId, check_layer_list, check_unit, parse_schedule
+from ..training import check_options
+from .hf_trainer import LayerScheduleCallback
 
 ADAPTER = "scheduled_lora"
 # axolotl's own LoRA adapters, which the callback adopts (bring your own LoRA)

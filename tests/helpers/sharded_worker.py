@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
-from peft_layersched.engines import LAYER_KEY
+from peft_layersched.training.engines import LAYER_KEY
 
 from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train
 

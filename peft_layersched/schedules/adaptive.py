@@ -35,7 +35,7 @@ import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .schedule import (
+from .base import (
     Canonicalizer,
     LayerId,
     Schedule,

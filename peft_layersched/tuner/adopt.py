@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from peft.tuners.lora import LoraModel
 
-from . import _compat
-from .config import ScheduledLoraConfig
-from .layers import LayerIndex, exact_names_regex, no_stacks_message
-from .schedule import LayerId, check_unit, parse_schedule
-from .tuner import ScheduledLoraModel, _check_loaded_weights, _Plan, _zero_at_init_part
+from .. import _compat
+from ..config import ScheduledLoraConfig
+from ..layers import LayerIndex, exact_names_regex, no_stacks_message
+from ..schedules import LayerId, check_unit, parse_schedule
+from .model import ScheduledLoraModel, _check_loaded_weights, _Plan, _zero_at_init_part
 
 # ScheduledLoraConfig's own fields: the schedule's, given here or written by the tuner, never copied.
 _SCHEDULE_FIELDS = ("layer_schedule", "schedule_unit", "preallocate_layers", "init_seed", "ever_active_layers",

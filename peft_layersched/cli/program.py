@@ -26,7 +26,7 @@ import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._describe import describe_schedule, format_layers, preview_span
+from ..schedules import describe_schedule, format_layers, preview_span
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -44,7 +44,7 @@ def register_subcommand(name: str, add_arguments: AddArguments, run: Run, help: 
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -143,7 +143,7 @@ def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
     Keys of a saved config that the installed PEFT does not know (written by a newer PEFT) are dropped
     and listed in ``ignored``; in a hand-written dict they are an error (a typo must not pass).
     """
-    from .config import ScheduledLoraConfig
+    from ..config import ScheduledLoraConfig
 
     data, path = _read_config_data(path)
     if not isinstance(data, dict):
@@ -266,7 +266,7 @@ def _model_config(name: str) -> Any:
 
 def _build_model(path: str, task_type: Any) -> Tuple[Any, str]:
     """The model ``--model path`` names (see :func:`_model_config`) with empty weights, and the device name."""
-    from . import _compat
+    from .. import _compat
 
     config = _model_config(path)
     cls = _model_class(config, task_type)
@@ -409,7 +409,7 @@ def _compute_plan(
 
 
 def _stack_index(plan: Dict[str, Any]) -> Any:
-    from .layers import LayerIndex, LayerStack
+    from ..layers import LayerIndex, LayerStack
 
     return LayerIndex([LayerStack(s["name"], s["path"], s["length"]) for s in plan["stacks"]])
 
@@ -531,7 +531,7 @@ def _uses_stack_names(config: Any) -> bool:
 
 def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str], Any]:
     """Canonical layer id of a saved module name, from the names alone (the model is not needed)."""
-    from .layers import _name_stacks
+    from ..layers import _name_stacks
 
     def split(name: str) -> Tuple[Optional[str], Optional[int]]:
         parts = name.split(".")
@@ -605,8 +605,8 @@ def _compute_inspect(folder: str) -> Dict[str, Any]:
     layer its modules, LoRA parameter count and whether its weights show training."""
     import torch
 
-    from .schedule import parse_schedule
-    from .tuner import weights_show_training
+    from ..schedules import parse_schedule
+    from ..tuner import weights_show_training
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder; give the folder written by model.save_pretrained(...).")
@@ -746,6 +746,3 @@ register_subcommand(
     "inspect", _add_inspect_arguments, _run_inspect, help="show a saved adapter's schedule and which adapters trained"
 )
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Union
 
 from .adaptive import AdaptiveSchedule, AdaptiveSpec, AutofreezeSpec
-from .schedule import (
+from .base import (
     CallableSpec,
     CyclicSchedule,
     CyclicSpec,

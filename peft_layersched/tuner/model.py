@@ -24,11 +24,14 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import _compat, checkpointing, engines
-from .adaptive import AdaptiveSchedule
-from .config import ScheduledLoraConfig
-from .layers import ALL_LINEAR, LayerIndex, exact_names_regex, match_targets, no_stacks_message, select_targets
-from .schedule import LayerId, Schedule, check_time, parse_schedule, short_layer_list, stable_int
+from .. import _compat, backward_stop
+from ..config import ScheduledLoraConfig
+from ..layers import ALL_LINEAR, LayerIndex, exact_names_regex, match_targets, no_stacks_message, select_targets
+from ..schedules import AdaptiveSchedule, LayerId, Schedule, check_time, parse_schedule, short_layer_list, stable_int
+
+# The freezing modes: frozen layers get requires_grad=False, or the optimizer's per-layer LR freezes them.
+REQUIRES_GRAD = "requires_grad"
+OPTIMIZER = "optimizer"
 
 
 class ScheduledAdapter(object):
@@ -651,13 +654,13 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         ``grad=None``) or ``"optimizer"`` (every preallocated parameter keeps ``requires_grad=True``; the
         optimizer's per-layer LR freezes it, for engines such as DeepSpeed ZeRO that fix the trainable
         set when they initialize).  Never-active adapters are left out of the forward either way."""
-        return self.__dict__.get("_freezing", engines.REQUIRES_GRAD)
+        return self.__dict__.get("_freezing", REQUIRES_GRAD)
 
     def set_freezing(self, mode: str) -> None:
-        if mode not in (engines.REQUIRES_GRAD, engines.OPTIMIZER):
+        if mode not in (REQUIRES_GRAD, OPTIMIZER):
             raise ValueError(
-                f"freezing={mode!r} is not supported; use {engines.REQUIRES_GRAD!r} (frozen layers get "
-                f"requires_grad=False) or {engines.OPTIMIZER!r} (the optimizer's per-layer LR freezes them)."
+                f"freezing={mode!r} is not supported; use {REQUIRES_GRAD!r} (frozen layers get "
+                f"requires_grad=False) or {OPTIMIZER!r} (the optimizer's per-layer LR freezes them)."
             )
         self.__dict__["_freezing"] = mode
         self._reapply()
@@ -682,7 +685,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         own state.
         """
         model_active = _compat.tuner_active_adapters(self)
-        by_optimizer = self.freezing == engines.OPTIMIZER
+        by_optimizer = self.freezing == OPTIMIZER
         bypassed: Dict[str, Set[str]] = {}
         scheduled = undriven = False
         for name, plan in self._plans.items():
@@ -711,7 +714,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
             _compat.route_layer(self.model.get_submodule(module_name), model_active, names)
         if scheduled:
             # Backward (with or without gradient checkpointing) ends at the lowest layer that now trains.
-            checkpointing.update(self.model, self._stacks())
+            backward_stop.update(self.model, self._stacks())
             _watch_undriven(self)
         self.__dict__["_undriven"] = undriven
 
@@ -846,7 +849,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         if self._plans:
             self._reapply()
         else:
-            checkpointing.remove(self.model)
+            backward_stop.remove(self.model)
             _unwatch(self.model)
             _unwatch(self)
         return result
@@ -862,7 +865,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
                     with torch.no_grad():
                         weights[2].zero_()
         merged = super().merge_and_unload(*args, **kwargs)
-        checkpointing.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
+        backward_stop.remove(merged)  # the plain model gets its input-require-grads hooks back, none of ours
         _unwatch(merged)
         return merged
 
@@ -896,7 +899,7 @@ class ScheduledLoraModel(_compat.TunerHooks, LoraModel):
         return idle
 
     def _unloaded(self, model: nn.Module) -> None:  # after PEFT's unload() (_compat.TunerHooks)
-        checkpointing.remove(model)
+        backward_stop.remove(model)
         _unwatch(model)
 
 

@@ -136,7 +136,7 @@ class LayerLRs(object):
         self.restored = True  # False from apply() until restore(): a skipped optimizer step leaves it False
         self._hook = None
         if any(layer_key in group for group in optimizer.param_groups):
-            from . import _compat
+            from .. import _compat
 
             self._hook = _compat.register_step_post_hook(inner(optimizer), self.restore)
 

@@ -27,13 +27,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional
 
+from ..tuner import OPTIMIZER, REQUIRES_GRAD  # noqa: F401  (the freezing modes, named by the tuner)
+
 # The key this package adds to the param groups it splits off: the layer id whose LoRA parameters the
 # group holds.  torch optimizers (and ZeRO, which keeps the group dicts) carry unknown keys along, into
 # optimizer.state_dict() too.
 LAYER_KEY = "peft_layersched_layer"
-
-REQUIRES_GRAD = "requires_grad"
-OPTIMIZER = "optimizer"
 
 
 class Engine(object):

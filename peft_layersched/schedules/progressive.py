@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
-from .schedule import (
+from .base import (
     Canonicalizer,
     LayerId,
     Schedule,

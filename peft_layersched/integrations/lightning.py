@@ -1,0 +1,287 @@
+"""``LayerScheduleFinetuning``: a Lightning ``Trainer`` drives the schedule stored in the model's config.
+
+A translator of Lightning events into :class:`~peft_layersched.scheduler.LayerScheduler` calls (as
+:class:`~peft_layersched.callback.LayerScheduleCallback` is for the HF Trainer):
+
+==================================== =========================================================================
+``setup`` (fit)                      every preallocated LoRA parameter requires grad, so the optimizer that
+                                     ``configure_optimizers`` builds next (and DDP) holds them all
+``on_fit_start``                     refuses the strategies the schedule cannot work under, with the fix
+``on_train_start``                   the run's ``LayerScheduler`` (after Lightning restored the optimizer and
+                                     LR-scheduler state of a ``ckpt_path``; with this callback's saved state)
+``on_train_epoch_start``             the epoch unit's switch
+``on_train_batch_end``               ``LayerScheduler.step()`` once per optimizer step (``global_step``
+                                     advanced: not inside an accumulation window); tracker numbers logged
+``on_before_optimizer_step``         the layers' LR factors go into their param groups; outside the optimizer
+                                     step the groups hold the LR scheduler's own LRs, so a plateau scheduler
+                                     (stepped after validation / at the epoch's end) reduces every layer's LR
+``on_train_end``                     the no-update check of the last phase; a switch made after the last
+                                     optimizer step (``EarlyStopping``, ``should_stop``) is undone
+``state_dict`` / ``load_state_dict`` the schedule's position in every Lightning checkpoint
+==================================== =========================================================================
+
+Lightning (2.6) steps non-plateau LR schedulers (``"step"`` and ``"epoch"`` interval) right after the
+optimizer step and before ``on_train_batch_end``, plateau ones after it, and steps the optimizer on the last
+batch of every epoch whatever ``accumulate_grad_batches`` is: no accumulation window spans an epoch switch.
+``ModelCheckpoint`` always runs after the other callbacks, so a checkpoint holds the schedule as it is after
+the step it was saved at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, Optional
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package (pytorch_lightning) is the same code under another name
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError:
+        raise ImportError(
+            "peft_layersched.lightning needs PyTorch Lightning, and neither `lightning` nor `pytorch_lightning` "
+            "is installed. Install it with `pip install lightning`, or use LayerScheduleCallback (HF Trainer) "
+            "or LayerScheduler (any training loop) instead."
+        ) from None
+
+from ..training import LayerScheduler, ScheduleOptions, engines
+from ..tuner import deferred_load_check, find_scheduled_tuner
+
+# Lightning strategies whose sharding the requires_grad engine cannot reach (their optimizer state or
+# parameters are flattened / partitioned); tested: one device and DDP.
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+
+
+class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
+    """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during Lightning's ``Trainer.fit()``.
+
+    The ``LightningModule`` holds the scheduled ``PeftModel`` (as an attribute, or anywhere among its
+    modules).  Its ``configure_optimizers`` builds the optimizer over
+    :meth:`LayerScheduler.param_groups` (one param group per scheduled layer): required for
+    ``new_layer_lr_scale`` / ``new_layer_warmup_steps``, and it keeps the LR scheduler's LRs exact for each
+    layer.  An optimizer over ``[p for p in self.parameters() if p.requires_grad]`` works too when neither
+    is used.  One optimizer; any LR scheduler (``"step"`` or ``"epoch"`` interval, ``ReduceLROnPlateau``).
+
+    Args:
+        new_layer_lr_scale (`float`): learning-rate multiplier for layers that join after the first
+            phase.  1.0 (default) = same LR.
+        new_layer_warmup_steps (`int`): linear warm-up of such layers' LR over this many optimizer
+            steps after they join.  0 (default) = none.
+        frozen_optimizer_state (`str`): ``"keep"`` (default), ``"drop"`` or ``"offload"`` the optimizer
+            state of a layer while it is frozen (as for ``LayerScheduleCallback``).
+        reactivated_state (`str`, *optional*): ``"keep"`` or ``"reset"`` the optimizer state of a layer
+            that rejoins; default ``"keep"`` (``"reset"`` with ``frozen_optimizer_state="drop"``).
+        warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
+            over a phase.
+        adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
+        schedule_start (`str`): ``"restart"`` (default): the schedule begins at this fit's step/epoch 0;
+            ``"continue"``: where the loaded adapter's schedule stood (``schedule_position``).
+        log_metrics (`bool`): log :meth:`LayerScheduler.metrics` (``layer_schedule/...``: active layers,
+            per-layer LRs, trainable parameters, optimizer-state bytes) with ``pl_module.log_dict`` after
+            every optimizer step, when the Trainer has a logger.  Default ``True``.
+
+    Runs on one device and under DDP with ``strategy="ddp_find_unused_parameters_true"`` (frozen layers
+    get no gradient).  Resume with ``trainer.fit(module, ckpt_path=...)``: the schedule's position is
+    saved in every checkpoint and the run goes on bitwise as if uninterrupted (with checkpoints at epoch
+    ends, or a resumable dataloader: Lightning restarts a plain dataloader's epoch from its first batch).
+
+    Example:
+
+    ```py
+    >>> from peft_layersched import LayerScheduler, ScheduledLoraConfig
+    >>> from peft_layersched.lightning import LayerScheduleFinetuning
+    >>> class Module(lightning.pytorch.LightningModule):
+    ...     def __init__(self, peft_model):
+    ...         super().__init__()
+    ...         self.model = peft_model
+    ...     def training_step(self, batch, batch_idx):
+    ...         return self.model(**batch).loss
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.AdamW(LayerScheduler.param_groups(self.model), lr=1e-3)
+    >>> model = get_peft_model(bert, ScheduledLoraConfig(target_modules=["query", "value"],
+    ...                                                  layer_schedule={0: [11], 300: [1, 11]},
+    ...                                                  schedule_unit="step"))
+    >>> trainer = lightning.pytorch.Trainer(max_steps=1000,
+    ...                                     callbacks=[LayerScheduleFinetuning(new_layer_warmup_steps=50)])
+    >>> trainer.fit(Module(model), loader)
+    ```
+    """
+
+    def __init__(
+        self,
+        new_layer_lr_scale: float = 1.0,
+        new_layer_warmup_steps: int = 0,
+        frozen_optimizer_state: str = "keep",
+        reactivated_state: Optional[str] = None,
+        warn_on_no_update: bool = True,
+        adapter_name: Optional[str] = None,
+        schedule_start: str = "restart",
+        log_metrics: bool = True,
+    ) -> None:
+        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
+                          warn_on_no_update, adapter_name, schedule_start)
+        if not isinstance(log_metrics, bool):
+            raise TypeError(f"log_metrics must be True or False, got {log_metrics!r}.")
+        self.log_metrics = log_metrics
+        self.scheduler: Optional[LayerScheduler] = None  # the run's core, from on_train_start on
+        self._saved: Optional[Dict[str, Any]] = None  # the scheduler state of the checkpoint resumed from
+        self._last_step = 0
+        self._deferred: Optional[contextlib.ExitStack] = None
+
+    @property
+    def state_key(self) -> str:
+        # One instance per scheduled adapter may run in a Trainer: each has its own entry in a checkpoint.
+        return self._generate_state_key(adapter_name=self.adapter_name)
+
+    # ------------------------------------------------------------------------------------ events
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        tuner = find_scheduled_tuner(pl_module, "LayerScheduleFinetuning")
+        self.scheduler, self._saved = None, None
+        tuner.set_freezing(self._engine(trainer).freezing)
+        # configure_optimizers (and DDP) come next, building from `requires_grad` as it is then: make it all.
+        tuner.register_all_for_optimizer(self.adapter_name)
+        # A ckpt_path's weights load before the schedule is at the checkpoint's step: layers that joined
+        # later would look as if they carried weights the schedule never trained.  Check at on_train_start.
+        self._end_deferral()
+        self._deferred = contextlib.ExitStack()
+        self._deferred.enter_context(deferred_load_check())
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._check_ddp(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = list(trainer.optimizers)
+        if len(optimizers) > 1:
+            raise ValueError(
+                f"LayerScheduleFinetuning drives one optimizer, and configure_optimizers returned "
+                f"{len(optimizers)}; Lightning's global_step counts the steps of them all. Train the scheduled "
+                f"PeftModel with one optimizer (other modules may be param groups of the same one)."
+            )
+        saved = self._saved  # (LayerScheduler refuses a state saved with another schedule unit)
+        total_steps, total_epochs, steps_per_epoch = _run_length(trainer)
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        self.scheduler = LayerScheduler(
+            pl_module, optimizers[0] if optimizers else None, engine=self._engine(trainer), **self.options(),
+            total_steps=total_steps, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch,
+            start_step=step, start_epoch=epoch, state_dict=saved,
+            calibration_data=getattr(trainer, "train_dataloader", None),
+        )
+        self._last_step = step
+        self.scheduler.unscale_lrs()
+        self._end_deferral()
+        self.scheduler.tuner.check_deferred_load()
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        sched = self.scheduler
+        if sched is not None and sched.unit == "epoch":
+            sched.set_time(int(trainer.current_epoch))
+            sched.unscale_lrs()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.scale_lrs()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        sched = self.scheduler
+        step = int(trainer.global_step)
+        if sched is None or step == self._last_step:
+            return  # inside an accumulation window (or a skipped batch): no optimizer step yet
+        for _ in range(step - self._last_step):
+            sched.step()
+        self._last_step = step
+        # Plateau LR schedulers step after this hook (after validation, at the epoch's end): the layer groups
+        # hold the LR scheduler's own LRs until on_before_optimizer_step.
+        sched.unscale_lrs()
+        if self.log_metrics and trainer.loggers:
+            metrics = sched.metrics()
+            if metrics:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._end_deferral()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._end_deferral()
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The schedule's position (:meth:`LayerScheduler.state_dict`): Lightning saves it in checkpoints."""
+        if self.scheduler is not None:
+            return self.scheduler.state_dict()
+        return dict(self._saved or {})
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep a checkpoint's schedule state for ``on_train_start`` (the optimizer's is restored after
+        callbacks' state, and the scheduler needs both)."""
+        self._saved = dict(state_dict)
+
+    # ---------------------------------------------------------------------------------- internals
+
+    def _engine(self, trainer: Any) -> engines.Engine:
+        names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+        unsupported = [name for name in _UNSUPPORTED_STRATEGIES if name in names]
+        if unsupported:
+            raise ValueError(
+                f"LayerScheduleFinetuning does not support Lightning's {unsupported[0]} yet (it shards the "
+                f"parameters or their optimizer state, which per-layer freezing must reach). Supported: one "
+                f"device, and DDP with strategy='ddp_find_unused_parameters_true'. For DeepSpeed ZeRO or FSDP "
+                f"use the HF Trainer with LayerScheduleCallback."
+            )
+        engine = engines.RequiresGradEngine()
+        engine.check_options(self.frozen_optimizer_state, self.reactivated_state, user_optimizer=True)
+        return engine
+
+    @staticmethod
+    def _check_ddp(trainer: Any) -> None:
+        """Refuse the DDP settings a changing trainable set breaks (the model is wrapped by now)."""
+        import torch
+
+        wrapped = getattr(trainer.strategy, "model", None)
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return
+        if getattr(wrapped, "static_graph", False):
+            raise ValueError(
+                "LayerScheduleFinetuning under DDP cannot use static_graph=True: the set of parameters that get "
+                "gradients changes with the schedule. Use DDPStrategy(find_unused_parameters=True) without "
+                "static_graph."
+            )
+        if not wrapped.find_unused_parameters:
+            raise ValueError(
+                "LayerScheduleFinetuning under DDP needs find_unused_parameters=True: frozen and not-yet-active "
+                "layers get no gradient, and DDP without it fails at the next step. Use "
+                "Trainer(strategy='ddp_find_unused_parameters_true') or "
+                "Trainer(strategy=DDPStrategy(find_unused_parameters=True)) instead of strategy='ddp'."
+            )
+
+    def _end_deferral(self) -> None:
+        if self._deferred is not None:
+            self._deferred.close()
+            self._deferred = None
+
+
+def _run_length(trainer: Any) -> Any:
+    """``(total_steps, total_epochs, steps_per_epoch)`` of a fit, each ``None`` where Lightning does not know
+    it (an iterable dataset without ``max_steps``, ``max_epochs=-1``)."""
+    estimated = trainer.estimated_stepping_batches
+    total_steps = int(estimated) if math.isfinite(estimated) and estimated > 0 else None
+    batches = trainer.num_training_batches
+    steps_per_epoch = None
+    if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
+        if batches > 0:
+            # Lightning steps on the last batch of an epoch even inside an accumulation window.
+            steps_per_epoch = int(math.ceil(batches / float(trainer.accumulate_grad_batches)))
+    total_epochs = None
+    if total_steps is not None and steps_per_epoch:
+        total_epochs = int(math.ceil(total_steps / float(steps_per_epoch)))
+    elif trainer.max_epochs is not None and trainer.max_epochs > 0:
+        total_epochs = int(trainer.max_epochs)
+    return total_steps, total_epochs, steps_per_epoch
