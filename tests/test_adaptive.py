@@ -23,18 +23,11 @@ from peft_layersched.schedules.adaptive import percentile
 from peft_layersched.schedules.base import parse_schedule
 
 from helpers import tiny_models
+from helpers.snapshots import lora, same
 from helpers.toy_training import ToyClassification, scheduled_bert, train
 
 LAYERS = list(range(6))
 TOP = {"type": "adaptive", "k": 2, "every": 3, "policy": "top", "explore": 0}
-
-
-def lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def assert_top_k(decision, k):

@@ -20,6 +20,8 @@ from peft_layersched import LayerScheduleCallback, LayerScheduler, ScheduledLora
 from peft_layersched.training.engines import LAYER_KEY
 
 from helpers import tiny_models
+from helpers.snapshots import lora as lora_state
+from helpers.snapshots import same
 from helpers.toy_training import ToyClassification, training_args
 
 
@@ -83,19 +85,11 @@ ROWS = [
 ]
 
 
-def lora_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def by_layer(row, state):
     grouped = {}
     for name, value in state.items():
         grouped.setdefault(row.layer_of(name), {})[name] = value
     return grouped
-
-
-def same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def eval_logits(model, row):

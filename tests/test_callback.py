@@ -12,19 +12,11 @@ from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
+from helpers.snapshots import lora as lora_of
+from helpers.snapshots import same
 from helpers.toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers
-
-
-def lora_of(model, layer):
-    return {
-        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".layer.{}.".format(layer) in n
-    }
-
-
-def same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class Probe(TrainerCallback):

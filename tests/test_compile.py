@@ -21,6 +21,7 @@ from peft import get_peft_model
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
 from helpers import tiny_models
+from helpers.snapshots import lora
 from helpers.toy_training import training_args
 
 if os.environ.get("TOX_ENV_NAME") and os.environ.get("PEFT_LAYERSCHED_COMPILE_TESTS") != "1":
@@ -39,10 +40,6 @@ BACKEND = "aot_eager"
 
 def _close(a, b):
     return all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a) and set(a) == set(b)
-
-
-def _lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def _fresh_counters():
@@ -80,12 +77,12 @@ def test_compiled_plain_loop_follows_eager_phase_by_phase_without_graph_breaks()
         _step(eager, optimizers[0], ids)
         _step(compiled, optimizers[1], ids)
         if t % 2:
-            assert _close(_lora(eager), _lora(twin)), "phase ending at t={}".format(t)
+            assert _close(lora(eager), lora(twin)), "phase ending at t={}".format(t)
             graphs_per_phase.append(_graphs())
     assert _breaks() == 0  # (vanilla PEFT LoRA on these models compiles to one graph, no break, too)
     # one graph per phase: a switch recompiles once (requires_grad guards), and never inside a phase
     assert graphs_per_phase == [1, 2, 3]
-    assert _lora(eager) != {} and not _close(_lora(eager), _lora(get_peft_model(tiny_models.llama(LAYERS), config)))
+    assert lora(eager) != {} and not _close(lora(eager), lora(get_peft_model(tiny_models.llama(LAYERS), config)))
 
 
 class _Data(torch.utils.data.Dataset):
@@ -122,4 +119,4 @@ def test_trainer_torch_compile_trains_like_eager(tmp_path):
     assert _breaks() == 0
     assert _graphs() == PHASES  # one graph per phase: a recompile at each switch, none inside a phase
     assert compiled.base_model.active_layers == [0]
-    assert _close(_lora(eager), _lora(compiled))
+    assert _close(lora(eager), lora(compiled))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
+from helpers.snapshots import lora, same
 from helpers.toy_training import scheduled_bert, train, training_args
 
 # 16 samples / batch 4 = 4 optimizer steps per epoch; 3 epochs = 12 steps; a switch every 2 steps.
@@ -24,14 +24,6 @@ LAYERS = 4
 
 def _model():
     return scheduled_bert(ROTATION, unit="step", num_layers=LAYERS)
-
-
-def _lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def _same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class StateProbe(TrainerCallback):
@@ -90,15 +82,15 @@ def test_drop_keeps_state_of_active_layers_only_and_trains_like_reset(tmp_path):
 
     kept, keep_probe, _ = _run(tmp_path / "keep", "keep")
     assert keep_probe.with_state[12] == {0, 1, 2, 3}  # keep: every layer the rotation visited
-    assert not _same(_lora(kept), _lora(dropped))
+    assert not same(lora(kept), lora(dropped))
     reset, _, _ = _run(tmp_path / "reset", "keep", reactivated_state="reset")
-    assert _same(_lora(reset), _lora(dropped))
+    assert same(lora(reset), lora(dropped))
 
 
 def test_offload_trains_like_keep(tmp_path):
     kept, _, _ = _run(tmp_path / "keep", "keep")
     offloaded, probe, _ = _run(tmp_path / "offload", "offload")
-    assert _same(_lora(kept), _lora(offloaded))
+    assert same(lora(kept), lora(offloaded))
     # offloaded state stays in the optimizer (as CPU tensors: on a CPU-only model nothing moves)
     assert probe.with_state[12] == {0, 1, 2, 3}
 
@@ -111,7 +103,7 @@ def test_resume_after_a_switch_is_bitwise_identical(tmp_path, policy):
     assert os.path.isdir(checkpoint)
     resumed, probe, _ = _run(tmp_path / "first", policy, resume=checkpoint)
     assert min(probe.with_state) == 9
-    assert _same(_lora(straight), _lora(resumed))
+    assert same(lora(straight), lora(resumed))
 
 
 def test_bad_policies_are_refused_with_the_fix(tmp_path, monkeypatch):

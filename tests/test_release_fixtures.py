@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import plain_resume, release_fixtures, tiny_models
+from helpers.snapshots import lora
 
 SETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "release-*")))
 
@@ -47,7 +48,7 @@ def test_a_release_trainer_checkpoint_resumes_bitwise(tmp_path, root, kind):
     checkpoint = tmp_path / "checkpoint-{}".format(release_fixtures.TRAINER_SAVE)
     shutil.copytree(os.path.join(root, "trainer-" + kind), str(checkpoint))
     model = release_fixtures.trainer_run(kind, tmp_path, resume=str(checkpoint))
-    assert_same(expected(os.path.join(root, "trainer-" + kind)), release_fixtures.lora(model))
+    assert_same(expected(os.path.join(root, "trainer-" + kind)), lora(model))
 
 
 @pytest.mark.parametrize("root", SETS, ids=os.path.basename)
@@ -58,7 +59,7 @@ def test_a_release_plain_loop_checkpoint_resumes_bitwise_and_quietly(root, kind)
     run, said = plain_resume.resume(kind, os.path.join(folder, "checkpoint.pt"), "docs")
     assert said == []
     plain_resume.train(run, plain_resume.RESUME_AT, plain_resume.STEPS)
-    assert_same(expected(folder), release_fixtures.lora(run[0]))
+    assert_same(expected(folder), lora(run[0]))
 
 
 @pytest.mark.parametrize("root", SETS, ids=os.path.basename)

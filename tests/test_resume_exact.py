@@ -20,17 +20,10 @@ from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig, _compat,
 
 from helpers import tiny_models
 from helpers.jit import SigtermAt, needs_jit
+from helpers.snapshots import lora, same
 from helpers.toy_training import ToyClassification, scheduled_bert, train, training_args
 
 TOP = 11  # tiny_models.bert() has 12 layers; ToyClassification(16) with batch 4: 4 optimizer steps per epoch
-
-
-def lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def entries(trainer):

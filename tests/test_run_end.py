@@ -14,6 +14,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, export_lora
 
+from helpers.snapshots import lora
 from helpers.toy_training import ToyClassification, scheduled_bert, training_args
 
 LAYERS = 4
@@ -40,10 +41,6 @@ def trained_layers(model):
 def exported_layers(model, folder):
     config = export_lora(model, str(folder))
     return sorted({int(name.split(".layer.")[1].split(".")[0]) for name in config.target_modules})
-
-
-def lora_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def saved_config(folder):
@@ -91,7 +88,7 @@ def test_a_callback_stopping_the_run_at_a_switch_step_ends_like_max_steps(tmp_pa
     ref.save_pretrained(str(tmp_path / "b"))
     for key in ("ever_active_layers", "schedule_position"):
         assert saved_config(tmp_path / "a")[key] == saved_config(tmp_path / "b")[key], key
-    a, b = lora_state(model), lora_state(ref)
+    a, b = lora(model), lora(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -268,7 +265,7 @@ def test_lightning_should_stop_at_a_switch_step_ends_like_max_steps(lt, tmp_path
     assert model.ever_active_layers == [3] == trained_layers(model) == ref.ever_active_layers
     assert model.active_layers == [3] == ref.active_layers
     assert model.peft_config["default"].schedule_position == 2 == ref.peft_config["default"].schedule_position
-    a, b = lora_state(model), lora_state(ref)
+    a, b = lora(model), lora(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert exported_layers(model, tmp_path / "export") == [3]
 
@@ -314,7 +311,7 @@ def _amp_loop(unscale, steps=6, skip_at=2):
     sched = LayerScheduler(model, optimizer)
     data = ToyClassification()
     seen = [({g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}, model.active_layers,
-             lora_state(model))]
+             lora(model))]
     for step in range(1, steps + 1):
         rows = [(4 * step + i) % len(data) for i in range(4)]
         batch = {k: torch.stack([data[i][k] for i in rows]) for k in ("input_ids", "labels")}
@@ -329,7 +326,7 @@ def _amp_loop(unscale, steps=6, skip_at=2):
         sched.step()
         optimizer.zero_grad(set_to_none=True)
         seen.append(({g[LAYER_KEY]: g["lr"] for g in optimizer.param_groups if LAYER_KEY in g}, model.active_layers,
-                     lora_state(model)))
+                     lora(model)))
     return model, seen
 
 

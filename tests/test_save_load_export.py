@@ -19,7 +19,8 @@ from peft import PeftModel, get_peft_model
 from peft_layersched import _compat, export_lora
 from peft_layersched.tuner.model import ScheduledLoraModel
 
-from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, snapshot, trainable
+from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, trainable
+from helpers.snapshots import lora
 
 PEFT = Version(Version(peft.__version__).base_version)
 
@@ -57,7 +58,7 @@ def test_save_then_from_pretrained_continues_the_schedule(case, saved_at, tmp_pa
         model.activate_layers(t)
         perturb(model)
     ever = case.first if saved_at == 0 else case.later
-    expected, weights = logits(model, case), snapshot(model)
+    expected, weights = logits(model, case), lora(model)
     model.save_pretrained(str(tmp_path))
     assert model.peft_config["default"].peft_type == "LORA"  # saving does not change the running tuner
 
@@ -77,7 +78,7 @@ def test_save_then_from_pretrained_continues_the_schedule(case, saved_at, tmp_pa
     assert loaded.preallocated_layers == model.preallocated_layers
     assert loaded.scheduled_modules() == model.scheduled_modules()
     assert loaded.ever_active_layers == ever
-    assert all(torch.equal(value, weights[name]) for name, value in snapshot(loaded).items())
+    assert all(torch.equal(value, weights[name]) for name, value in lora(loaded).items())
     assert torch.equal(logits(loaded, case), expected)
     assert trainable(loaded) == sorted(lora_params(loaded))  # as after get_peft_model: all registered
 
@@ -86,7 +87,7 @@ def test_save_then_from_pretrained_continues_the_schedule(case, saved_at, tmp_pa
     assert loaded.ever_active_layers == case.later
     assert trainable(loaded) == sorted(n for n in lora_params(loaded) if case.layer_of(n) in case.later)
     optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    before = snapshot(loaded)
+    before = lora(loaded)
     loaded.train()
     loss(loaded, case, seed=0).backward()
     optimizer.step()
@@ -140,7 +141,7 @@ def test_saved_weights_of_layers_the_config_no_longer_preallocates_warn_on_load(
     model = case.build(preallocate_layers=_spare_prealloc(case))
     model.activate_layers(2)
     perturb(model)
-    weights = snapshot(model)
+    weights = lora(model)
     model.save_pretrained(str(tmp_path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -158,7 +159,7 @@ def test_saved_weights_of_layers_the_config_no_longer_preallocates_warn_on_load(
         loaded, name = load(case, str(tmp_path))
     assert loaded.base_model.scheduled_adapter(name).preallocated_layers == [case.top]
     own = ".{}.".format(name)
-    kept = {key.replace(own, ".default."): value for key, value in snapshot(loaded).items() if own in key}
+    kept = {key.replace(own, ".default."): value for key, value in lora(loaded).items() if own in key}
     assert kept and all(torch.equal(value, weights[key]) for key, value in kept.items())
 
 

@@ -16,17 +16,10 @@ import peft_layersched
 from peft_layersched import LayerScheduleCallback, LayerScheduler, LayerScheduleTrainerMixin
 from peft_layersched.training.engines import LAYER_KEY, LrZeroEngine, RequiresGradEngine
 
+from helpers.snapshots import lora, same
 from helpers.toy_training import ToyClassification, scheduled_bert, training_args
 
 ROTATION = {0: [0], 3: [1], 6: [0, 2], 9: [3]}  # step unit, 4 layers: layer 0 freezes at 3 and rejoins at 6
-
-
-def lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def same(a, b):
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def batch(step, n=4):

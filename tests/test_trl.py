@@ -9,6 +9,7 @@ from peft_layersched import LayerScheduleCallback, LayerScheduleTrainerMixin, Sc
 from peft_layersched.training.engines import LAYER_KEY
 
 from helpers import tiny_models
+from helpers.snapshots import lora
 
 trl = pytest.importorskip("trl", reason="TRL is installed only in the newest tox env (peft0212-tf5)")
 datasets = pytest.importorskip("datasets", reason="TRL's datasets dependency is missing")
@@ -89,10 +90,6 @@ def test_sft_trainer_runs_the_schedule(tmp_path, mixin, plain):
 SCHEDULE = {0: [3], 2: [1, 3]}  # layer 2 carries LoRA (preallocated) but is never scheduled, layer 0 too
 
 
-def _lora_weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def _layer(name):
     return int(name.split("layers.")[1].split(".")[0])
 
@@ -117,7 +114,7 @@ def _trainer_model(how):
 
 def _check_schedule_held(trainer, before):
     model = trainer.model
-    after = _lora_weights(model)
+    after = lora(model)
     changed = {_layer(n) for n in after if ".default." in n and not torch.equal(after[n], before[n])}
     assert changed == {1, 3}, "frozen layers moved, or an active one did not train"
     assert all(torch.equal(after[n], before[n]) for n in after if ".default." not in n)  # TRL's "ref" copy
@@ -140,13 +137,13 @@ def _run_each_way(make_trainer):
         trainer = make_trainer(model, peft_config, callback, how)
         assert ("ref" in trainer.model.peft_config) == (how != "peft_config")  # TRL copies a pre-built adapter
         if start is None:
-            start = {n: v for n, v in _lora_weights(trainer.model).items() if ".default." in n}
+            start = {n: v for n, v in lora(trainer.model).items() if ".default." in n}
         else:
             trainer.model.load_state_dict(start, strict=False)
-        before = _lora_weights(trainer.model)
+        before = lora(trainer.model)
         trainer.train()
         _check_schedule_held(trainer, before)
-        ends[how] = {n: v for n, v in _lora_weights(trainer.model).items() if ".default." in n}
+        ends[how] = {n: v for n, v in lora(trainer.model).items() if ".default." in n}
     for how in HOWS[1:]:
         assert all(torch.equal(ends[how][n], ends[HOWS[0]][n]) for n in start), how
 

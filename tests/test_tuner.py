@@ -18,9 +18,9 @@ from helpers.scheduled_cases import (
     lora_params,
     loss,
     perturb,
-    snapshot,
     trainable,
 )
+from helpers.snapshots import lora as snapshot
 
 
 def _requires_grad(model):

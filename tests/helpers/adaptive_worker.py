@@ -22,7 +22,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from peft_layersched import LayerScheduleCallback  # noqa: E402
 
-from helpers.ddp_worker import layer_hashes  # noqa: E402
+from helpers.snapshots import layer_hashes  # noqa: E402
 from helpers.toy_training import scheduled_bert, train  # noqa: E402
 
 SPEC = {"type": "adaptive", "k": 2, "every": 2, "policy": "sample", "explore": 0.1, "seed": 3}

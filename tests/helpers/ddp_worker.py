@@ -9,7 +9,6 @@ hash of each layer's LoRA weights as they were after that step; for "refuse", th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
+from helpers.snapshots import layer_hashes
 from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train, training_args
 
 LAYERS = 4
@@ -32,16 +32,6 @@ SCHEDULES = {
     # seeded draws with a chance rising to 1 at half the run (its length from the Trainer's max_steps)
     "progressive": ({"type": "progressive", "start": 0.2, "full_at": 0.5, "seed": 5}, "step"),
 }
-
-
-def layer_hashes(model):
-    out = {}
-    for layer, params in model.base_model.layer_parameters().items():
-        digest = hashlib.sha256()
-        for param in params:
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-        out[str(layer)] = digest.hexdigest()[:16]
-    return out
 
 
 class Recorder(TrainerCallback):

@@ -6,17 +6,15 @@ Imports lightning: import this module only where lightning is installed.
 
 from __future__ import annotations
 
-import hashlib
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from peft import get_peft_model
 from torch.utils.data import DataLoader
 
-from peft_layersched import LayerScheduler, ScheduledLoraConfig
+from peft_layersched import LayerScheduler
 
-from helpers import tiny_models
+from helpers import toy_training
+from helpers.snapshots import layer_hashes
 from helpers.toy_training import ToyClassification
 
 LAYERS = 4
@@ -26,12 +24,8 @@ BATCH = 4
 def scheduled_bert(schedule, unit):
     """A 4-layer scheduled BERT without any dropout: Lightning checkpoints hold no RNG state, so only a
     run without randomness resumes bitwise."""
-    base = tiny_models.bert(num_layers=LAYERS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = ScheduledLoraConfig(
-        r=4, target_modules=["query", "value"], layer_schedule=schedule, schedule_unit=unit, task_type="SEQ_CLS",
-        lora_dropout=0.0, init_seed=0,
-    )
-    return get_peft_model(base, config)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return toy_training.scheduled_bert(schedule, unit, dropout=0.0, num_layers=LAYERS, base_fields=no_dropout)
 
 
 def loader(n=16):
@@ -54,16 +48,6 @@ class ScheduledModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(LayerScheduler.param_groups(self.model), lr=self.lr, weight_decay=0.1)
         decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 100.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
-
-
-def layer_hashes(model):
-    out = {}
-    for layer, params in model.base_model.layer_parameters().items():
-        digest = hashlib.sha256()
-        for param in params:
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-        out[str(layer)] = digest.hexdigest()[:16]
-    return out
 
 
 class Recorder(pl.Callback):

@@ -17,6 +17,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_layersched import LayerScheduler
 
+from helpers.snapshots import lora
 from helpers.toy_training import ToyClassification, scheduled_bert
 
 SIGNALS = ("grad_norm", "update", "outlier", "weight_norm")
@@ -114,10 +115,6 @@ def resume(kind, path, order):
             set_peft_model_state_dict(model, saved["weights"])
     said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     return (model, wrapped, optimizer, lr_scheduler, sched), said
-
-
-def lora(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def differences(whole, run):

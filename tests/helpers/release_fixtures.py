@@ -50,16 +50,13 @@ def trainer_run(kind, out, resume=None, save=False):
     return model
 
 
-def lora(model):
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def write(root):
     import shutil
 
     from safetensors.torch import save_file
 
     from helpers import plain_resume
+    from helpers.snapshots import lora
 
     os.makedirs(root, exist_ok=True)
     scratch = os.path.join(root, "_scratch")

@@ -78,16 +78,18 @@ class Case(object):
                     return layer
         return None
 
-    def base(self, seed=0):
-        return tiny_models.BUILDERS[self.family](seed=seed)
+    def base(self, seed=0, **fields):
+        """The family's tiny model; ``fields``: its builder's keywords, e.g. ``num_layers``."""
+        return tiny_models.BUILDERS[self.family](seed=seed, **fields)
 
     def config(self, **overrides):
         kwargs = dict(r=4, target_modules=self.targets, layer_schedule=self.schedule, init_seed=0)
         kwargs.update(overrides)
         return ScheduledLoraConfig(**kwargs)
 
-    def build(self, seed=0, **overrides):
-        return get_peft_model(self.base(seed), self.config(**overrides))
+    def build(self, seed=0, base=None, **overrides):
+        """The scheduled model: ``self.base(seed, **base)`` with ``self.config(**overrides)``."""
+        return get_peft_model(self.base(seed, **(base or {})), self.config(**overrides))
 
     def target_names(self, layers, targets=None):
         """Names (relative to the base model) of the target modules inside ``layers``."""
@@ -136,10 +138,6 @@ def lora_modules(model):
 
 def trainable(model):
     return sorted(name for name, param in model.named_parameters() if param.requires_grad)
-
-
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in lora_params(model).items()}
 
 
 def logits(model, case, seed=123):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from peft import get_peft_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
+from peft_layersched import LayerScheduleCallback
 
-from helpers import tiny_models
+from helpers.scheduled_cases import BY_FAMILY
 
 
 class ToyClassification(Dataset):
@@ -28,18 +27,19 @@ class ToyClassification(Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def scheduled_bert(schedule, unit="epoch", dropout=0.1, num_layers=12, **config):
-    cfg = ScheduledLoraConfig(
-        r=4,
-        target_modules=["query", "value"],
+def scheduled_bert(schedule, unit="epoch", dropout=0.1, num_layers=12, base_fields=None, **config):
+    """The Trainer tests' model: the case table's BERT as a sequence classifier, scheduled by ``schedule``.
+
+    ``base_fields``: more BertConfig fields; ``config``: more ScheduledLoraConfig fields.
+    """
+    return BY_FAMILY["bert"].build(
+        base=dict(num_layers=num_layers, **(base_fields or {})),
         layer_schedule=schedule,
         schedule_unit=unit,
         task_type="SEQ_CLS",
         lora_dropout=dropout,
-        init_seed=0,
         **config,
     )
-    return get_peft_model(tiny_models.bert(num_layers=num_layers), cfg)
 
 
 def cpu_flag():
