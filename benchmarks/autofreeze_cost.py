@@ -23,12 +23,12 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))  # examples/tiny_models.py
 
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
     PrinterCallback,
     ProgressCallback,
     Trainer,
@@ -69,8 +69,7 @@ class _StepClock(TrainerCallback):
 
 
 def run(schedule, steps, data, workdir):
-    torch.manual_seed(0)
-    model = get_peft_model(BertForSequenceClassification(BertConfig(**BERT)), ScheduledLoraConfig(
+    model = get_peft_model(tiny_models.bert(seed=0, **BERT), ScheduledLoraConfig(
         layer_schedule=schedule, schedule_unit="step", r=8, lora_alpha=16, lora_dropout=0.1,
         target_modules=["query", "value"], init_seed=0))
     clock = _StepClock()

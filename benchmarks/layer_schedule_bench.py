@@ -52,15 +52,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))  # examples/tiny_models.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import peft  # noqa: E402
+import tiny_models  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import peft_layersched  # noqa: E402
 from peft_layersched import LayerScheduleCallback, LayerScheduler, ScheduledLoraConfig, _compat  # noqa: E402
@@ -90,14 +91,9 @@ TARGET_MODULES = ["query", "value"]
 
 
 def _base(cfg, layers, seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        hidden_size=cfg["hidden"],
-        num_hidden_layers=layers,
-        num_attention_heads=cfg["heads"],
-        intermediate_size=cfg["intermediate"],
-    )
-    return BertForSequenceClassification(config)
+    # BertConfig's own vocabulary and positions, as bert-base has
+    return tiny_models.bert(layers, seed, hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
+                            intermediate_size=cfg["intermediate"], vocab_size=30522, max_position_embeddings=512)
 
 
 def _scheduled_config(schedule, r=8, **extra):

@@ -49,19 +49,19 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))  # examples/tiny_models.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import peft  # noqa: E402
+import tiny_models  # noqa: E402
 import transformers  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     PrinterCallback,
     ProgressCallback,
     Trainer,
@@ -188,8 +188,7 @@ class Llama(object):
         self.train = _Tokens(counting_sequences(cfg["train"], cfg["seq"], seed=1))
         self.test = _Tokens(counting_sequences(cfg["test"], cfg["seq"], seed=2))
         self.num_layers = LLAMA["num_hidden_layers"]
-        torch.manual_seed(0)
-        self._base = LlamaForCausalLM(LlamaConfig(**LLAMA))
+        self._base = tiny_models.llama(seed=0, **LLAMA)
         self.describe = (
             f"tiny LLaMA from config (seed 0; {LLAMA['num_hidden_layers']} layers, hidden {LLAMA['hidden_size']}, "
             f"vocab {LLAMA['vocab_size']}) on counting sequences (stride in {list(STRIDES)} mod {MODULO}, "

@@ -40,17 +40,18 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))  # examples/tiny_models.py
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PrinterCallback,
     ProgressCallback,
@@ -217,8 +218,7 @@ def pretrained_lm(recipe, log):
     log(f"pretraining the LM once ({recipe['steps']} steps on {len(corpus) / 1e6:.1f} MB of stdlib "
         f"sources), cached in {folder}")
     started = time.time()
-    torch.manual_seed(recipe["seed"])
-    model = LlamaForCausalLM(LlamaConfig(**LM))
+    model = tiny_models.llama(seed=recipe["seed"], **LM)
     seq = LM["max_position_embeddings"]
     data = _windows(corpus, seq, 10 ** 9)
     generator = torch.Generator().manual_seed(recipe["seed"])

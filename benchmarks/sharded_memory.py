@@ -22,20 +22,18 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
+import tiny_models  # noqa: E402  (examples/tiny_models.py)
 from peft import get_peft_model  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from peft_layersched import ScheduledLoraConfig  # noqa: E402
 from peft_layersched.sharded import set_layer_lrs, split_by_layer  # noqa: E402
 
 
 def build(layers, hidden, r, phase):
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * hidden,
-        vocab_size=1000, max_position_embeddings=64,
-    ))
+    base = tiny_models.bert(layers, seed=0, hidden_size=hidden, num_attention_heads=4, intermediate_size=4 * hidden,
+                            vocab_size=1000)
     active = [layers - 1] if phase == "top" else list(range(layers))
     config = ScheduledLoraConfig(r=r, target_modules=["query", "value"], layer_schedule={0: active},
                                  preallocate_layers=list(range(layers)), init_seed=0)

@@ -14,21 +14,24 @@ the reduction, the ``update`` comparison) plus the gradient hooks, timed around 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification
 
 from peft_layersched import LayerScheduler, ScheduledLoraConfig
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import tiny_models  # noqa: E402  (examples/tiny_models.py)
+
 
 def build(schedule, args, device):
-    torch.manual_seed(0)
-    config = BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
-                        intermediate_size=4 * args.hidden, vocab_size=1000, max_position_embeddings=args.seq)
-    model = get_peft_model(BertForSequenceClassification(config), ScheduledLoraConfig(
+    base = tiny_models.bert(args.layers, seed=0, hidden_size=args.hidden, num_attention_heads=4,
+                            intermediate_size=4 * args.hidden, vocab_size=1000, max_position_embeddings=args.seq)
+    model = get_peft_model(base, ScheduledLoraConfig(
         r=8, target_modules=["query", "key", "value", "dense"], layer_schedule=schedule, schedule_unit="step",
         task_type="SEQ_CLS", lora_dropout=0.0)).to(device)
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-4)

@@ -32,11 +32,11 @@ import json
 import os
 import sys
 
+import tiny_models  # examples/tiny_models.py, beside this script
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_layersched import LayerScheduler, ScheduledLoraConfig
 
@@ -44,18 +44,9 @@ SCHEDULE = {0: [3], 4: [2, 3], 8: [1]}  # optimizer steps
 STEPS, BATCH_SIZE, LR = 12, 4, 1e-2
 
 
-def build_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def build_model(seed: int = 0):
+    """A 4-layer LLaMA-style causal LM with a 64-token vocabulary (examples/tiny_models.py)."""
+    return tiny_models.llama(num_layers=4, seed=seed, vocab_size=64, num_attention_heads=4, num_key_value_heads=4)
 
 
 def toy_sequences(count: int) -> list:

@@ -20,10 +20,11 @@ import json
 import os
 import sys
 
+import tiny_models  # examples/tiny_models.py, beside this script
 import torch
 from peft import get_peft_model
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 
@@ -43,10 +44,8 @@ class Tokens(Dataset):
 
 def tiny_llama(path):
     if not os.path.isdir(path):
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                     num_key_value_heads=4, vocab_size=256, max_position_embeddings=64)
-                         ).save_pretrained(path)
+        tiny_models.llama(num_layers=4, seed=0, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=256).save_pretrained(path)
     return path
 
 

@@ -29,9 +29,9 @@ WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "a", "big", "red
 
 def write_model(folder):
     """A tiny LLaMA-style causal LM and a word-level tokenizer, saved as a model folder."""
-    import torch
+    import tiny_models  # examples/tiny_models.py, beside this script
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
     for word in WORDS:
@@ -40,11 +40,9 @@ def write_model(folder):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                         eos_token="[EOS]")
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = tiny_models.llama(num_layers=4, seed=0, vocab_size=len(vocab), pad_token_id=0, eos_token_id=2,
+                              bos_token_id=2)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

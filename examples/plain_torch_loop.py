@@ -29,27 +29,18 @@ import os
 import sys
 import tempfile
 
+import tiny_models  # examples/tiny_models.py, beside this script
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_layersched import LayerScheduler, ScheduledLoraConfig
 
 SCHEDULE = {0: [-1], 1: [-2, -1], 3: [1]}  # layer 3 (top), then 2 and 3, then layer 1 alone
 
 
-def build_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def build_model(seed: int = 0):
+    """A 4-layer LLaMA-style causal LM with a 64-token vocabulary (examples/tiny_models.py)."""
+    return tiny_models.llama(num_layers=4, seed=seed, vocab_size=64, num_attention_heads=4, num_key_value_heads=4)
 
 
 def batch(step: int) -> dict:

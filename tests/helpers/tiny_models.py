@@ -1,70 +1,28 @@
-"""Tiny real models built from configs (no hub): one per architecture family the package supports."""
+"""Tiny real models built from configs (no hub): one per architecture family the package supports.
+
+The builders are examples/tiny_models.py, which the examples and benchmarks use too; this module adds the
+tests' tables. It loads that file by its path: putting examples/ on sys.path would let its axolotl/
+folder pass for the axolotl package.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 
-def bert(num_layers=12, seed=0, num_labels=2, **config_fields):
-    """``config_fields``: more BertConfig fields (e.g. ``hidden_dropout_prob=0.0``)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        num_hidden_layers=num_layers,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        **config_fields,
-    )
-    return BertForSequenceClassification(config)
+def _shared_builders():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("tiny_models", os.path.join(root, "examples", "tiny_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def gpt2(num_layers=4, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=num_layers, n_embd=32, n_head=2, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config)
-
-
-def llama(num_layers=4, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        num_hidden_layers=num_layers,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=99,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def t5(num_layers=3, num_decoder_layers=2, seed=0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        num_layers=num_layers,
-        num_decoder_layers=num_decoder_layers,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_heads=2,
-        vocab_size=99,
-        decoder_start_token_id=0,
-    )
-    return T5ForConditionalGeneration(config)
-
+_shared = _shared_builders()
+bert, gpt2, llama, t5 = _shared.bert, _shared.gpt2, _shared.llama, _shared.t5
 
 BUILDERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5}
 
