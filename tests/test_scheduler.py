@@ -4,7 +4,6 @@ whose modules import one another without a circle."""
 
 from __future__ import annotations
 
-import ast
 import os
 import warnings
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
-import peft_layersched
 from peft_layersched import LayerScheduleCallback, LayerScheduler, LayerScheduleTrainerMixin
 from peft_layersched.training.engines import LAYER_KEY, LrZeroEngine, RequiresGradEngine
 
@@ -239,63 +237,6 @@ def test_the_trainer_mixin_splits_groups_and_reports_numbers_without_the_class_p
     assert layers == [10, 11]
     records = [r for r in trainer.state.log_history if "layer_schedule/active_layers" in r]
     assert records and records[-1]["layer_schedule/lr/10"] == pytest.approx(0.5 * records[-1]["layer_schedule/lr/11"])
-
-
-# ------------------------------------------------------------------------------- import graph
-
-def _imports(path, package):
-    """The package modules ``path`` imports (at any depth of the file: function-level imports count)."""
-    tree = ast.parse(open(path).read())
-    here = os.path.relpath(path, os.path.dirname(peft_layersched.__file__))
-    parts = ["peft_layersched"] + here[:-3].replace(os.sep, ".").split(".")
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    else:
-        parts = parts[:-1]
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            base = parts[: len(parts) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
-            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        found.update(name for name in names if name in package)
-    return found
-
-
-def test_the_package_modules_import_one_another_without_a_circle():
-    root = os.path.dirname(peft_layersched.__file__)
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            if name.endswith(".py"):
-                rel = os.path.relpath(os.path.join(folder, name), root)[:-3].replace(os.sep, ".")
-                module = "peft_layersched" + ("" if rel == "__init__" else "." + rel.replace(".__init__", ""))
-                files[module] = os.path.join(folder, name)
-    package = set(files)
-    graph = {m: _imports(path, package) - {m} for m, path in files.items()}
-    # The package __init__ and _compat's own __init__ re-export their submodules: importing them is fine.
-    graph = {m: {d for d in deps if d not in ("peft_layersched", "peft_layersched._compat") or m == d}
-             for m, deps in graph.items()}
-    assert "peft_layersched.training.scheduler" in graph and "peft_layersched.integrations.hf_trainer.callback" in graph
-
-    def cycle_from(start):
-        stack, seen = [(start, [start])], set()
-        while stack:
-            node, path = stack.pop()
-            for dep in graph.get(node, ()):
-                if dep == start:
-                    return path + [start]
-                if dep not in seen:
-                    seen.add(dep)
-                    stack.append((dep, path + [dep]))
-        return None
-
-    cycles = [c for c in (cycle_from(m) for m in sorted(graph)) if c]
-    assert not cycles, cycles
 
 
 class GroupLRs(TrainerCallback):
