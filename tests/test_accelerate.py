@@ -13,6 +13,8 @@ from helpers.launch import torchrun
 pytest.importorskip("accelerate", reason="examples/accelerate_loop.py needs accelerate")
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate_loop.py")
+
+pytestmark = pytest.mark.slow  # the example on 2 processes (torchrun)
 LR, STEPS, WARMUP = 1e-2, 12, 4  # the example's; schedule {0: [3], 4: [2, 3], 8: [1]} in optimizer steps
 
 

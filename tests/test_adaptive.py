@@ -355,6 +355,7 @@ def test_plain_loop_resume_from_state_dict_is_bitwise():
     assert same(lora(again), whole)
 
 
+@pytest.mark.slow  # processes of their own
 def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     """A real SIGKILL (no handler runs) after the checkpoint of step 8, in another process; the resumed run
     ends with the weights and the decisions of the run that was never interrupted."""

@@ -263,6 +263,8 @@ def test_relora_is_refused_by_axolotl_for_the_scheduled_adapter(workdir):
 
 
 DOCS_PAGE = os.path.join(ROOT, "docs", "integrations", "axolotl.md")
+
+pytestmark = pytest.mark.slow  # axolotl's train entry point, in processes of their own
 # the example config's keys that are not axolotl's model / data / training setup
 _ADAPTER_KEYS = ("plugins", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "layer_schedule",
                  "schedule_unit", "preallocate_layers", "init_seed", "layer_schedule_callback")

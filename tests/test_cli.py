@@ -52,6 +52,7 @@ def write_json(path, data):
 GRADUAL = {"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 3}
 
 
+@pytest.mark.slow  # a process of its own
 def test_plan_shows_stacks_targets_timeline_and_phases(tmp_path, config_folders):
     # The installed entry point in a process of its own (cwd: a temporary folder, so that nothing next to
     # the test is imported by accident); every other test calls cli.main.
@@ -367,6 +368,7 @@ def test_plan_model_type_and_inline_config_as_docs_cli_shows(capsys):
     assert phases[1:] == [["0-2", "11", "24,576"], ["3-4", "1,", "11", "49,152"]]
 
 
+@pytest.mark.slow  # a process of its own
 def test_plan_model_hub_id_from_the_local_cache(tmp_path, config_folders):
     # A Hub id whose config.json is in the local Hugging Face cache: read offline, as `plan` promises.  The
     # installed entry point in a process of its own (the cache location is read at import).

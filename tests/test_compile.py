@@ -32,6 +32,8 @@ if not hasattr(torch, "compile"):
 
 from torch._dynamo.utils import counters  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch.compile's tracing
+
 SCHEDULE = {0: [2], 2: [1, 2], 4: [0]}  # top, then the two top layers, then the bottom one (the stop moves)
 LAYERS = 3
 PHASES = 3

@@ -18,10 +18,13 @@ from helpers import xversion_worker
 LEGACY_PYTHON = os.environ.get("LEGACY_PYTHON", "")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-pytestmark = pytest.mark.skipif(
-    not (LEGACY_PYTHON and os.path.exists(LEGACY_PYTHON)),
-    reason="LEGACY_PYTHON (the PEFT 0.3.0 env's interpreter) is not set or missing; tox sets it",
-)
+pytestmark = [
+    pytest.mark.slow,  # another interpreter's processes
+    pytest.mark.skipif(
+        not (LEGACY_PYTHON and os.path.exists(LEGACY_PYTHON)),
+        reason="LEGACY_PYTHON (the PEFT 0.3.0 env's interpreter) is not set or missing; tox sets it",
+    ),
+]
 
 
 def _legacy(command, folder):

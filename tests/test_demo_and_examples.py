@@ -103,6 +103,7 @@ def _check_outputs(code, text, err, out_dir, epochs):
     return summary
 
 
+@pytest.mark.slow  # the demo, in a process of its own
 def test_demo_runs_on_a_local_model_folder(tmp_path, tiny_model_dir):
     # `python -m peft_layersched.cli demo` in a process of its own: the one subprocess run of the demo.
     out = tmp_path / "out"
@@ -125,6 +126,7 @@ def test_demo_refuses_bad_flags_with_the_library_message(tmp_path, tiny_model_di
 
 @pytest.mark.usefixtures("transformers_logging_restored")
 @pytest.mark.skipif(shipped_model_dir() is None, reason="the [demo] extra is installed only in peft0212-tf5")
+@pytest.mark.slow  # the demo on a real model
 def test_demo_quick_on_the_real_pretrained_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     code, text, err = demo_here(capsys, monkeypatch, tmp_path, "--quick", "--output-dir", out)
@@ -135,6 +137,7 @@ def test_demo_quick_on_the_real_pretrained_model(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.usefixtures("transformers_logging_restored")
+@pytest.mark.slow  # a demo run
 def test_demo_picks_its_threads_and_gives_the_callers_back(tmp_path, tiny_model_dir, capsys, monkeypatch):
     # torch's default is a thread per core; on a 2-core machine busy with other work that ran the demo 4x slower
     # than one thread.  The demo uses 1 unless told otherwise, and leaves the caller's setting as it was.
@@ -168,6 +171,7 @@ def test_demo_without_the_model_package_says_what_to_install(tmp_path, capsys, m
 # 20 (the default): saved mid-epoch 2, before layers 2-3 freeze and layer 1 joins; 26: during layer 1's warm-up,
 # after the frozen layers' optimizer state was dropped.
 @pytest.mark.parametrize("resume_at", [20, 26])
+@pytest.mark.slow  # the example, in processes of their own
 def test_plain_torch_loop_example(tmp_path, resume_at):
     out = tmp_path / "checkpoint"
     # One thread: torch >= 2.x on a loaded 2-core machine is 30x slower per step with its default threads.
@@ -194,6 +198,7 @@ def test_plain_torch_loop_example(tmp_path, resume_at):
 
 @pytest.mark.skipif(shipped_model_dir() is None or not HAS_MATPLOTLIB,
                     reason="run in the env with the [demo] and [plot] extras (peft0212-tf5)")
+@pytest.mark.slow  # a benchmark run
 def test_schedule_value_benchmark_quick_runs_the_whole_protocol(tmp_path):
     """`benchmarks/schedule_value.py --quick` on the LM task: pretraining (cached), the sweep, memory probes in
     fresh processes, equal steps and every budget for 2 seeds, then the report, the summary and the plot."""

@@ -11,6 +11,8 @@ from helpers.launch import two_ranks
 
 KINDS = ("epoch", "step")
 
+pytestmark = pytest.mark.slow  # 2 processes (torchrun)
+
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):

@@ -243,6 +243,7 @@ def test_without_lightning_the_import_says_how_to_install_it(monkeypatch):
 
 # ------------------------------------------------------------------------------- 2 DDP ranks
 
+@pytest.mark.slow  # 2 processes
 def test_two_ddp_ranks_train_identically_and_switch(lt, tmp_path):
     two_ranks("lightning_worker", tmp_path, ["step", "refuse"], timeout=240)
     ranks = []

@@ -24,6 +24,8 @@ def _llamafactory_imports():
 
 WHY_NOT = _llamafactory_imports()
 
+pytestmark = pytest.mark.slow  # the example in a process of its own
+
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 def test_run_exp_with_the_callback_schedules_llamafactorys_lora(tmp_path):

@@ -60,6 +60,7 @@ def _run(code_file, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
 
 
+@pytest.mark.slow  # a process of its own
 def test_the_model_card_says_to_import_the_package_and_its_snippet_loads_the_adapter(tmp_path):
     _train_and_save(tmp_path / "adapter")
     card_file = tmp_path / "adapter" / "README.md"

@@ -179,6 +179,7 @@ def test_the_users_config_is_left_as_given():
     assert spec == {"type": "progressive", "seed": 2}
 
 
+@pytest.mark.slow  # a process of its own
 def test_plan_shows_the_ramp(config_folders, tmp_path):
     config = json.dumps({"layer_schedule": {"type": "progressive", "start": 0.1, "full_at": 0.5, "seed": 0},
                          "schedule_unit": "step", "target_modules": ["query", "value"], "r": 4})

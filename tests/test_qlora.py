@@ -7,10 +7,13 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes is not installed in this env (the matrix installs it in peft0212-tf5)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a 4-bit training run
+    pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None,
+        reason="bitsandbytes is not installed in this env (the matrix installs it in peft0212-tf5)",
+    ),
+]
 
 
 def test_four_bit_base_trains_the_scheduled_layers_only(tmp_path):

@@ -276,6 +276,7 @@ ROTATION = {0: [0], 2: [1], 4: [2], 6: [0, 3]}  # step unit, 4 layers: layer 0 r
 
 @needs_jit
 @pytest.mark.parametrize("when", ["before-switch", "after-switch"])
+@pytest.mark.slow  # three Trainer runs each
 def test_just_in_time_checkpoint_carries_the_schedule(tmp_path, when):
     def run(out, resume=None, sigterm=None):
         model = scheduled_bert(ROTATION, unit="step", num_layers=4)

@@ -32,6 +32,7 @@ def test_plain_loop_resume_is_exact_and_quiet_in_every_order(tmp_path, kind):
     assert {order: found for order, found in results.items() if any(found.values())} == {}
 
 
+@pytest.mark.slow  # 2 processes
 def test_plain_loop_resume_is_exact_under_ddp_with_different_data_per_rank(tmp_path):
     out = two_ranks("plain_resume_worker", tmp_path, KINDS, timeout=420)
     for kind in KINDS:
@@ -74,6 +75,7 @@ def test_weights_loaded_into_a_fresh_model_without_a_scheduler_are_still_checked
 @needs_jit
 @pytest.mark.parametrize("signal_name", ["grad_norm", "update"])
 @pytest.mark.parametrize("when", ["before-switch", "after-switch"])
+@pytest.mark.slow  # three Trainer runs each
 def test_just_in_time_checkpoint_carries_the_current_signal_state(tmp_path, when, signal_name):
     """A SIGTERM at step 6 (a decision time), after a regular checkpoint at step 4: the just-in-time checkpoint
     must carry the signal as measured up to step 6, not as the step-4 save left it; the resumed run then

@@ -222,7 +222,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Every EXPORTS row exported, then loaded by vanilla PEFT in one subprocess (its imports cost ~10 s)."""
+    """Every EXPORTS row exported: ``({case id: (model, config, folder)}, the jobs file for vanilla PEFT)``."""
     root = tmp_path_factory.mktemp("exports")
     made, jobs = {}, []
     for case_id, family, kwargs, times, export_kwargs, _, _ in EXPORTS:
@@ -256,19 +256,26 @@ def exports(tmp_path_factory):
         )
     with open(str(root / "jobs.json"), "w") as handle:
         json.dump(jobs, handle)
+    return made, str(root / "jobs.json")
+
+
+@pytest.fixture(scope="module")
+def vanilla_loads(exports):
+    """Every export loaded by vanilla PEFT in one subprocess (its imports cost ~10 s)."""
+    jobs = exports[1]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        [sys.executable, "-c", _VANILLA, str(root / "jobs.json")],
+        [sys.executable, "-c", _VANILLA, jobs],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         universal_newlines=True,
-        cwd=str(root),
+        cwd=os.path.dirname(jobs),
         env=env,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return made, json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("case_id", EXPORT_IDS)
@@ -292,10 +299,11 @@ def test_export_writes_plain_lora_of_ever_active_modules(exports, case_id):
     assert {k[len(PREFIX) :].split(".")[0] for k in state if ".lora_" not in k} == set(saved)
 
 
+@pytest.mark.slow  # vanilla PEFT in a process of its own
 @pytest.mark.parametrize("case_id", EXPORT_IDS)
-def test_export_loads_in_vanilla_peft_without_this_package(exports, case_id):
+def test_export_loads_in_vanilla_peft_without_this_package(vanilla_loads, case_id):
     family, _, _, _, ever, _ = ROWS[case_id]
-    result = exports[1][case_id]
+    result = vanilla_loads[case_id]
     assert result["tuner"] == "LoraModel"
     assert result["peft_type"] == "LORA"
     assert result["lora_modules"] == [PREFIX + n for n in BY_FAMILY[family].target_names(ever)]

@@ -24,6 +24,8 @@ TORCH = Version(Version(torch.__version__).base_version)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 FSDP_KINDS = ("fsdp2", "fsdp1")
 ZERO_KINDS = ("zero1", "zero2", "zero3")
+
+pytestmark = pytest.mark.slow  # 2 processes per run (torchrun: FSDP, DeepSpeed)
 LR_SCALE = 0.5  # helpers.sharded_worker.LR_SCALE
 
 needs_fsdp = pytest.mark.skipif(TORCH < Version("2.4"), reason=f"torch {torch.__version__}: fully_shard needs >= 2.4")

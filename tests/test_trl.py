@@ -14,6 +14,8 @@ from helpers.snapshots import lora
 trl = pytest.importorskip("trl", reason="TRL is installed only in the newest tox env (peft0212-tf5)")
 datasets = pytest.importorskip("datasets", reason="TRL's datasets dependency is missing")
 
+pytestmark = pytest.mark.slow  # TRL trainer runs
+
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "a", "big", "red", "ball"]
 
 
