@@ -5,31 +5,14 @@
     plugins:
       - peft_layersched.integrations.axolotl.LayerSchedulePlugin
     adapter: scheduled_lora          # LoRA whose trainable layers follow layer_schedule
-    lora_r: 8
-    lora_alpha: 16
     lora_target_modules: [q_proj, v_proj]
     layer_schedule: {0: [-1], 20: [-2, -1]}   # any ScheduledLoraConfig layer_schedule
     schedule_unit: step                       # "epoch" (default) or "step"
     layer_schedule_callback:                  # optional: LayerScheduleCallback's options
       new_layer_lr_scale: 0.5
 
-Two ways in:
-
-* ``adapter: scheduled_lora`` (registered by the plugin, LoRA-like, no ReLoRA): the plugin builds the model in
-  axolotl's ``load_adapter`` hook with a :class:`~peft_layersched.ScheduledLoraConfig` made of the
-  ``LoraConfig`` axolotl computes from its ``lora_*`` / ``peft_*`` keys plus the schedule keys, so adapters sit
-  only on the layers the schedule uses (``preallocate_layers``, ``init_seed`` and ``layer_stacks`` apply).
-* ``adapter: lora`` or ``qlora`` with a ``layer_schedule:``: axolotl builds its plain LoRA (quantized base
-  included) as always, and the callback adopts it when the trainer is built (bring your own LoRA,
-  :func:`~peft_layersched.schedule_lora`): LoRA sits where axolotl put it, the schedule decides which of those
-  layers train.
-
-Either way the plugin adds a :class:`~peft_layersched.LayerScheduleCallback` to the trainer
-(``add_callbacks_pre_trainer``), with the options under ``layer_schedule_callback:``.  axolotl (0.19) builds
-``lora`` / ``qlora`` itself without asking plugins, and sets up bitsandbytes only for those two: hence a
-quantized base is refused with ``adapter: scheduled_lora`` (use ``adapter: qlora`` + ``layer_schedule``).
-
-This module imports axolotl; ``import peft_layersched`` does not import it.
+With ``adapter: lora`` or ``qlora`` and a ``layer_schedule:``, the callback schedules axolotl's own LoRA.
+This module imports axolotl; ``import peft_layersched`` does not.
 """
 
 from __future__ import annotations
