@@ -227,6 +227,7 @@ def test_the_standalone_pytorch_lightning_package_serves_where_lightning_is_miss
     for name in ("lightning", "lightning.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "peft_layersched.lightning", raising=False)
+    monkeypatch.delitem(sys.modules, "peft_layersched.integrations.lightning", raising=False)
     module = importlib.import_module("peft_layersched.lightning")
     import pytorch_lightning
 
@@ -237,6 +238,7 @@ def test_without_lightning_the_import_says_how_to_install_it(monkeypatch):
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` fails as if it were not installed
     monkeypatch.delitem(sys.modules, "peft_layersched.lightning", raising=False)
+    monkeypatch.delitem(sys.modules, "peft_layersched.integrations.lightning", raising=False)
     with pytest.raises(ImportError, match="pip install lightning"):
         importlib.import_module("peft_layersched.lightning")
 

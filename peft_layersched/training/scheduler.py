@@ -98,10 +98,11 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         self.optimizer = optimizer
         self._params = self.tuner.layer_parameters(self.adapter_name)
         self.switcher = Switcher(self.tuner, self.adapter_name, self.clock, self._params, on_switch)
-        self.adaptive = AdaptiveDriver.of(self.tuner, self.adapter_name, self._params, self.engine, optimizer,
-                                          calibration_data, on_decision)
         self.factors = LrFactors(optimizer, self.engine, self._params, self.new_layer_lr_scale,
                                  self.new_layer_warmup_steps)
+        # (After the optimizer checks: the driver hooks the optimizer.)
+        self.adaptive = AdaptiveDriver.of(self.tuner, self.adapter_name, self._params, self.engine, optimizer,
+                                          calibration_data, on_decision)
         self.policy = StatePolicy(optimizer, self.engine, self._params, self.frozen_optimizer_state,
                                   self.reactivated_state)
         self.record = StepRecord()
