@@ -24,3 +24,13 @@ __all__ = [
     "schedule_lora",
     "__version__",
 ]
+
+
+# PEP 562: ``from peft_layersched import LayerScheduleFinetuning`` imports Lightning only then (not in
+# __all__: a star import must not need Lightning).
+def __getattr__(name):
+    if name == "LayerScheduleFinetuning":
+        from .integrations.lightning import LayerScheduleFinetuning
+
+        return LayerScheduleFinetuning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -227,6 +227,7 @@ def test_the_standalone_pytorch_lightning_package_serves_where_lightning_is_miss
     for name in ("lightning", "lightning.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "peft_layersched.lightning", raising=False)
+    monkeypatch.delitem(sys.modules, "peft_layersched.integrations.lightning", raising=False)
     module = importlib.import_module("peft_layersched.lightning")
     import pytorch_lightning
 
@@ -237,8 +238,33 @@ def test_without_lightning_the_import_says_how_to_install_it(monkeypatch):
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` fails as if it were not installed
     monkeypatch.delitem(sys.modules, "peft_layersched.lightning", raising=False)
+    monkeypatch.delitem(sys.modules, "peft_layersched.integrations.lightning", raising=False)
     with pytest.raises(ImportError, match="pip install lightning"):
         importlib.import_module("peft_layersched.lightning")
+
+
+def test_the_top_level_name_imports_lightning_only_when_asked_for(monkeypatch):
+    import subprocess
+
+    code = ("import sys, peft_layersched; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    import peft_layersched
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "peft_layersched.integrations.lightning", raising=False)
+    with pytest.raises(ImportError, match="pip install lightning"):
+        getattr(peft_layersched, "LayerScheduleFinetuning")  # noqa: B009
+    with pytest.raises(AttributeError, match="no attribute 'LayerScheduleFinetunning'"):
+        getattr(peft_layersched, "LayerScheduleFinetunning")  # noqa: B009
+
+
+def test_the_top_level_name_is_the_lightning_callback(lt):
+    from peft_layersched import LayerScheduleFinetuning
+    from peft_layersched.lightning import LayerScheduleFinetuning as public
+
+    assert LayerScheduleFinetuning is public
 
 
 # ------------------------------------------------------------------------------- 2 DDP ranks

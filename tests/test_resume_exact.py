@@ -146,6 +146,30 @@ def test_resume_mid_epoch_after_a_rejoin_is_bitwise(tmp_path, policy, trainer_re
     assert int(inner.state[resumed.base_model.layer_parameters()[TOP][0]]["step"]) == 4  # epoch 2's steps
 
 
+def test_resume_reads_the_one_state_entry_not_the_switch_log(tmp_path):
+    # Resumed at epoch 2, where layer 11 rejoins: only the saved state says the optimizer's state was saved
+    # before the rejoin, so that "reset" drops layer 11's old moments as the uninterrupted run did.
+    def run(out, resume=None, save=False):
+        model = scheduled_bert(REJOIN)
+        train(model, out, callbacks=[LayerScheduleCallback(reactivated_state="reset")], resume=resume,
+              num_train_epochs=3, **({"save_strategy": "steps", "save_steps": 8} if save else {}))
+        return model
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "first", save=True)
+    checkpoint = os.path.join(str(tmp_path / "first"), "checkpoint-8")  # the end of epoch 1
+    path = os.path.join(checkpoint, "trainer_state.json")
+    with open(path) as handle:
+        saved = json.load(handle)
+    states = [e["layer_schedule_state"] for e in saved["log_history"] if "layer_schedule_state" in e]
+    assert len(states) == 1 and (states[0]["steps"], states[0]["time"]) == (8, 1)
+    # The switch entries are there for people and trackers; a resume does not need them.
+    saved["log_history"] = [e for e in saved["log_history"] if "schedule_time" not in e]
+    with open(path, "w") as handle:
+        json.dump(saved, handle)
+    assert same(lora(straight), lora(run(tmp_path / "resumed", resume=checkpoint)))
+
+
 class ChangeBatchProbe(TrainerCallback):
     """After each optimizer step: the Trainer's epoch of that step, and the layers that trained in it."""
 

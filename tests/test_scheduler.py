@@ -4,6 +4,9 @@ whose modules import one another without a circle."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import os
 import warnings
 
@@ -12,6 +15,8 @@ import torch
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, LayerScheduleTrainerMixin
+from peft_layersched.training import ScheduleOptions
+from peft_layersched.training import options as options_module
 from peft_layersched.training.engines import LAYER_KEY, LrZeroEngine, RequiresGradEngine
 
 from helpers.snapshots import lora, same
@@ -187,6 +192,53 @@ def test_engines_refuse_what_cannot_work_under_them(engine, options, message):
     assert not LrZeroEngine(zero3=True).whole_parameters and RequiresGradEngine().whole_parameters
     with pytest.raises(ValueError, match=r"engine='zero' is not supported.*'requires_grad'.*'lr-zero'"):
         LayerScheduler(model, optimizer, engine="zero")
+
+
+def test_the_tuners_name_of_the_lr_zero_freezing_mode_picks_the_same_engine():
+    model = model_({0: [0], 3: [1]})
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
+    sched = LayerScheduler(model, optimizer, engine="optimizer")
+    assert isinstance(sched.engine, LrZeroEngine) and model.base_model.freezing == "optimizer"
+
+
+# ----------------------------------------------------------------------------------- options
+
+def test_options_are_declared_once_keyword_only_and_checked_in_one_place():
+    fields = dataclasses.fields(ScheduleOptions)
+    assert [f.name for f in fields] == list(options_module.NAMES) and len(fields) == 7
+    assert all(f.metadata["help"].endswith(".") for f in fields)
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        ScheduleOptions(0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ScheduleOptions().new_layer_lr_scale = 2.0
+    assert ScheduleOptions(frozen_optimizer_state="drop").reactivated_state == "reset"
+    assert ScheduleOptions(new_layer_lr_scale=1).new_layer_lr_scale == 1.0
+    with pytest.raises(ValueError, match="frozen_optimizer_state='offload'"):
+        ScheduleOptions(frozen_optimizer_state="drop", reactivated_state="keep")
+    with pytest.raises(TypeError, match=r"LayerScheduleCallback\(\) got unexpected keyword argument\(s\) new_layer_lr"):
+        LayerScheduleCallback(new_layer_lr=0.5)
+    # Every driver takes them by keyword, with the dataclass's defaults.
+    for driver in (LayerScheduler, LayerScheduleCallback):
+        params = inspect.signature(driver).parameters
+        assert {f.name: f.default for f in fields} == {f.name: params[f.name].default for f in fields}
+        assert all(params[f.name].kind is inspect.Parameter.KEYWORD_ONLY for f in fields)
+    callback = LayerScheduleCallback(new_layer_warmup_steps=3, frozen_optimizer_state="offload")
+    assert callback.options() == dict(ScheduleOptions().as_dict(), new_layer_warmup_steps=3,
+                                      frozen_optimizer_state="offload")
+
+
+def test_the_docs_option_table_is_the_options_dataclass():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "trainer.md")
+    text = open(path).read().split("## Options", 1)[1].split("\n\n|", 1)[1]
+    table = ("|" + text).split("\n\n", 1)[0]  # the first table of the section
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    documented = {name.strip().strip("`"): default.strip() for name, default in rows}
+    fields = {f.name: f.default for f in dataclasses.fields(ScheduleOptions)}
+    assert set(documented) == set(fields)
+    for name, default in fields.items():
+        if default is not None:  # (None: the table says what it means, e.g. "active adapter")
+            shown = json.dumps(default) if isinstance(default, str) else repr(default)
+            assert documented[name].startswith("`{}`".format(shown)), (name, documented[name])
 
 
 def test_an_optimizer_without_layer_groups_is_refused_when_a_factor_needs_them():

@@ -5,45 +5,29 @@
     plugins:
       - peft_layersched.integrations.axolotl.LayerSchedulePlugin
     adapter: scheduled_lora          # LoRA whose trainable layers follow layer_schedule
-    lora_r: 8
-    lora_alpha: 16
     lora_target_modules: [q_proj, v_proj]
     layer_schedule: {0: [-1], 20: [-2, -1]}   # any ScheduledLoraConfig layer_schedule
     schedule_unit: step                       # "epoch" (default) or "step"
     layer_schedule_callback:                  # optional: LayerScheduleCallback's options
       new_layer_lr_scale: 0.5
 
-Two ways in:
-
-* ``adapter: scheduled_lora`` (registered by the plugin, LoRA-like, no ReLoRA): the plugin builds the model in
-  axolotl's ``load_adapter`` hook with a :class:`~peft_layersched.ScheduledLoraConfig` made of the
-  ``LoraConfig`` axolotl computes from its ``lora_*`` / ``peft_*`` keys plus the schedule keys, so adapters sit
-  only on the layers the schedule uses (``preallocate_layers``, ``init_seed`` and ``layer_stacks`` apply).
-* ``adapter: lora`` or ``qlora`` with a ``layer_schedule:``: axolotl builds its plain LoRA (quantized base
-  included) as always, and the callback adopts it when the trainer is built (bring your own LoRA,
-  :func:`~peft_layersched.schedule_lora`): LoRA sits where axolotl put it, the schedule decides which of those
-  layers train.
-
-Either way the plugin adds a :class:`~peft_layersched.LayerScheduleCallback` to the trainer
-(``add_callbacks_pre_trainer``), with the options under ``layer_schedule_callback:``.  axolotl (0.19) builds
-``lora`` / ``qlora`` itself without asking plugins, and sets up bitsandbytes only for those two: hence a
-quantized base is refused with ``adapter: scheduled_lora`` (use ``adapter: qlora`` + ``layer_schedule``).
-
-This module imports axolotl; ``import peft_layersched`` does not import it.
+With ``adapter: lora`` or ``qlora`` and a ``layer_schedule:``, the callback schedules axolotl's own LoRA.
+This module imports axolotl; ``import peft_layersched`` does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import typing
 from typing import Any, Dict, List, Optional, Union
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..config import ScheduledLoraConfig
 from ..schedules import LayerId, check_layer_list, check_unit, parse_schedule
-from ..training import check_options
+from ..training import ScheduleOptions, check_options
+from ..training.options import FIELDS
 from .hf_trainer import LayerScheduleCallback
 
 ADAPTER = "scheduled_lora"
@@ -55,11 +39,8 @@ ADOPTED = ("lora", "qlora")
 _CONFIG_KEYS = ("layer_schedule", "schedule_unit", "preallocate_layers", "layer_stacks", "init_seed")
 _ADOPTED_KEYS = ("layer_schedule", "schedule_unit")
 _CALLBACK_KEY = "layer_schedule_callback"
-_CALLBACK_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(LayerScheduleCallback.__init__).parameters.items()
-    if name not in ("self", "adapter_name") + _ADOPTED_KEYS
-}
+# LayerScheduleCallback's options under layer_schedule_callback: (the adapter is the one axolotl builds).
+_CALLBACK_DEFAULTS = {name: f.default for name, f in FIELDS.items() if name != "adapter_name"}
 
 
 def _plain(value: Any) -> Any:
@@ -145,28 +126,19 @@ def _callback_options(given: Any, with_defaults: bool = False) -> Dict[str, Any]
     return dict(_CALLBACK_DEFAULTS, **options) if with_defaults else options
 
 
-class LayerScheduleCallbackArgs(BaseModel):
+_HINTS = typing.get_type_hints(ScheduleOptions)
+# ``layer_schedule_callback:``: the options of ScheduleOptions, each optional (unset: the option's default).
+
+
+class _CallbackArgs(BaseModel):
     """``layer_schedule_callback:``: :class:`~peft_layersched.LayerScheduleCallback`'s options."""
 
-    new_layer_lr_scale: Optional[float] = Field(
-        default=None, description="LR multiplier for layers that join after the first phase (default 1.0)."
-    )
-    new_layer_warmup_steps: Optional[int] = Field(
-        default=None, description="Linear LR warm-up of newly joined layers over this many optimizer steps."
-    )
-    frozen_optimizer_state: Optional[str] = Field(
-        default=None, description="'keep' (default), 'drop' or 'offload' a frozen layer's optimizer state."
-    )
-    reactivated_state: Optional[str] = Field(
-        default=None, description="'keep' or 'reset' the optimizer state of a layer that rejoins."
-    )
-    warn_on_no_update: Optional[bool] = Field(
-        default=None, description="Warn when an active layer's LoRA weights did not change over a phase."
-    )
-    schedule_start: Optional[str] = Field(
-        default=None, description="'restart' (default): the schedule starts at t=0; 'continue': where a "
-        "loaded adapter's schedule stood (with lora_model_dir).",
-    )
+
+LayerScheduleCallbackArgs = create_model(
+    "LayerScheduleCallbackArgs", __base__=_CallbackArgs,
+    **{name: (Optional[_HINTS[name]], Field(default=None, description=FIELDS[name].metadata["help"]))
+       for name in _CALLBACK_DEFAULTS},
+)
 
 
 class LayerScheduleArgs(BaseModel):

@@ -1,30 +1,7 @@
 """``LayerScheduleFinetuning``: a Lightning ``Trainer`` drives the schedule stored in the model's config.
 
-A translator of Lightning events into :class:`~peft_layersched.scheduler.LayerScheduler` calls (as
-:class:`~peft_layersched.callback.LayerScheduleCallback` is for the HF Trainer):
-
-==================================== =========================================================================
-``setup`` (fit)                      every preallocated LoRA parameter requires grad, so the optimizer that
-                                     ``configure_optimizers`` builds next (and DDP) holds them all
-``on_fit_start``                     refuses the strategies the schedule cannot work under, with the fix
-``on_train_start``                   the run's ``LayerScheduler`` (after Lightning restored the optimizer and
-                                     LR-scheduler state of a ``ckpt_path``; with this callback's saved state)
-``on_train_epoch_start``             the epoch unit's switch
-``on_train_batch_end``               ``LayerScheduler.step()`` once per optimizer step (``global_step``
-                                     advanced: not inside an accumulation window); tracker numbers logged
-``on_before_optimizer_step``         the layers' LR factors go into their param groups; outside the optimizer
-                                     step the groups hold the LR scheduler's own LRs, so a plateau scheduler
-                                     (stepped after validation / at the epoch's end) reduces every layer's LR
-``on_train_end``                     the no-update check of the last phase; a switch made after the last
-                                     optimizer step (``EarlyStopping``, ``should_stop``) is undone
-``state_dict`` / ``load_state_dict`` the schedule's position in every Lightning checkpoint
-==================================== =========================================================================
-
-Lightning (2.6) steps non-plateau LR schedulers (``"step"`` and ``"epoch"`` interval) right after the
-optimizer step and before ``on_train_batch_end``, plateau ones after it, and steps the optimizer on the last
-batch of every epoch whatever ``accumulate_grad_batches`` is: no accumulation window spans an epoch switch.
-``ModelCheckpoint`` always runs after the other callbacks, so a checkpoint holds the schedule as it is after
-the step it was saved at.
+It translates Lightning events into :class:`~peft_layersched.training.scheduler.LayerScheduler` calls,
+and saves the scheduler's state in every Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -45,7 +22,8 @@ except ImportError:  # the standalone package (pytorch_lightning) is the same co
             "or LayerScheduler (any training loop) instead."
         ) from None
 
-from ..training import LayerScheduler, ScheduleOptions, engines
+from ..training import LayerScheduler, engines
+from ..training.options import OptionsHolder, with_options
 from ..tuner import deferred_load_check, find_scheduled_tuner
 
 # Lightning strategies whose sharding the requires_grad engine cannot reach (their optimizer state or
@@ -53,7 +31,7 @@ from ..tuner import deferred_load_check, find_scheduled_tuner
 _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
 
 
-class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
+class LayerScheduleFinetuning(OptionsHolder, pl.Callback):
     """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during Lightning's ``Trainer.fit()``.
 
     The ``LightningModule`` holds the scheduled ``PeftModel`` (as an attribute, or anywhere among its
@@ -64,19 +42,9 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
     is used.  One optimizer; any LR scheduler (``"step"`` or ``"epoch"`` interval, ``ReduceLROnPlateau``).
 
     Args:
-        new_layer_lr_scale (`float`): learning-rate multiplier for layers that join after the first
-            phase.  1.0 (default) = same LR.
-        new_layer_warmup_steps (`int`): linear warm-up of such layers' LR over this many optimizer
-            steps after they join.  0 (default) = none.
-        frozen_optimizer_state (`str`): ``"keep"`` (default), ``"drop"`` or ``"offload"`` the optimizer
-            state of a layer while it is frozen (as for ``LayerScheduleCallback``).
-        reactivated_state (`str`, *optional*): ``"keep"`` or ``"reset"`` the optimizer state of a layer
-            that rejoins; default ``"keep"`` (``"reset"`` with ``frozen_optimizer_state="drop"``).
-        warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
-            over a phase.
-        adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
-        schedule_start (`str`): ``"restart"`` (default): the schedule begins at this fit's step/epoch 0;
-            ``"continue"``: where the loaded adapter's schedule stood (``schedule_position``).
+        **options: the :class:`~peft_layersched.training.options.ScheduleOptions` (``new_layer_lr_scale``,
+            ``new_layer_warmup_steps``, ``frozen_optimizer_state``, ``reactivated_state``,
+            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``), by keyword.
         log_metrics (`bool`): log :meth:`LayerScheduler.metrics` (``layer_schedule/...``: active layers,
             per-layer LRs, trainable parameters, optimizer-state bytes) with ``pl_module.log_dict`` after
             every optimizer step, when the Trainer has a logger.  Default ``True``.
@@ -108,19 +76,9 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
     ```
     """
 
-    def __init__(
-        self,
-        new_layer_lr_scale: float = 1.0,
-        new_layer_warmup_steps: int = 0,
-        frozen_optimizer_state: str = "keep",
-        reactivated_state: Optional[str] = None,
-        warn_on_no_update: bool = True,
-        adapter_name: Optional[str] = None,
-        schedule_start: str = "restart",
-        log_metrics: bool = True,
-    ) -> None:
-        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
-                          warn_on_no_update, adapter_name, schedule_start)
+    @with_options
+    def __init__(self, *, log_metrics: bool = True, **options: Any) -> None:
+        self._take_options(options)
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be True or False, got {log_metrics!r}.")
         self.log_metrics = log_metrics
@@ -236,9 +194,7 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
                 f"device, and DDP with strategy='ddp_find_unused_parameters_true'. For DeepSpeed ZeRO or FSDP "
                 f"use the HF Trainer with LayerScheduleCallback."
             )
-        engine = engines.RequiresGradEngine()
-        engine.check_options(self.frozen_optimizer_state, self.reactivated_state, user_optimizer=True)
-        return engine
+        return engines.choose(options=self, user_optimizer=True)
 
     @staticmethod
     def _check_ddp(trainer: Any) -> None:
@@ -246,20 +202,13 @@ class LayerScheduleFinetuning(ScheduleOptions, pl.Callback):
         import torch
 
         wrapped = getattr(trainer.strategy, "model", None)
-        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            return
-        if getattr(wrapped, "static_graph", False):
-            raise ValueError(
-                "LayerScheduleFinetuning under DDP cannot use static_graph=True: the set of parameters that get "
-                "gradients changes with the schedule. Use DDPStrategy(find_unused_parameters=True) without "
-                "static_graph."
-            )
-        if not wrapped.find_unused_parameters:
-            raise ValueError(
-                "LayerScheduleFinetuning under DDP needs find_unused_parameters=True: frozen and not-yet-active "
-                "layers get no gradient, and DDP without it fails at the next step. Use "
-                "Trainer(strategy='ddp_find_unused_parameters_true') or "
-                "Trainer(strategy=DDPStrategy(find_unused_parameters=True)) instead of strategy='ddp'."
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            engines.check_ddp(
+                "LayerScheduleFinetuning", bool(wrapped.find_unused_parameters),
+                getattr(wrapped, "static_graph", False),
+                "Use Trainer(strategy='ddp_find_unused_parameters_true') or "
+                "Trainer(strategy=DDPStrategy(find_unused_parameters=True)) instead of strategy='ddp'.",
+                "Use DDPStrategy(find_unused_parameters=True) without static_graph.",
             )
 
     def _end_deferral(self) -> None:

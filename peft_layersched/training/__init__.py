@@ -1,5 +1,6 @@
 """The training core: the scheduler every loop drives, the freezing engines, the layer signals."""
 
-from .scheduler import LayerScheduler, ScheduleOptions, check_options
+from .options import ScheduleOptions, check_options
+from .scheduler import LayerScheduler
 
 __all__ = ["LayerScheduler", "ScheduleOptions", "check_options"]

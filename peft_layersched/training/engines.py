@@ -1,31 +1,13 @@
-"""Engines: how a frozen layer is frozen under each training engine, as objects chosen once per run.
+"""Engines: how a frozen layer is frozen under each training engine, chosen once per run (:func:`choose`).
 
-* :class:`RequiresGradEngine` (one process, DDP, FSDP1 with ``use_orig_params=True``, FSDP2): a frozen
-  layer's LoRA parameters get ``requires_grad=False`` and ``grad=None``; torch optimizers skip a parameter
-  without a gradient (no momentum, no weight decay), so it stays bitwise still.  FSDP keeps its optimizer
-  state as sharded DTensors: ``sharded_state=True`` refuses the policies that move one layer's state.
-* :class:`LrZeroEngine` (DeepSpeed ZeRO 1/2/3): ZeRO fixes the trainable set when it initializes (it hooks
-  the gradients of the parameters that require grad then, and zero-fills the ones it does not get), so
-  ``requires_grad`` never changes after the optimizer was built.  A frozen layer's param group runs at
-  LR 0 instead: AdamW/Adam/SGD with ``lr == 0`` leave a parameter bitwise unchanged, whatever its gradient
-  and momentum.  What frozen layers cost there: their optimizer state exists from the start, and a layer
-  that trained and is frozen still gets a gradient and a moment update at LR 0.
-
-Under both, every scheduled layer's LoRA parameters have an optimizer param group of their own
-(:func:`split_by_layer`, :func:`layer_param_groups`), whose LR the scheduler sets to the scheduled LR x
-the layer's factor (0 frozen, ``new_layer_lr_scale`` / warm-up joining, 1 otherwise).
-
-Example::
-
-    >>> engine = LrZeroEngine(zero3=True)
-    >>> engine.check_options("keep", "keep", user_optimizer=False)   # raises ValueError for what cannot work
-    >>> tuner.set_freezing(engine.freezing)
+:class:`RequiresGradEngine` sets ``requires_grad=False`` (one process, DDP, FSDP).
+:class:`LrZeroEngine` runs the layer's param group at LR 0 (DeepSpeed ZeRO).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 from ..tuner import OPTIMIZER, REQUIRES_GRAD  # noqa: F401  (the freezing modes, named by the tuner)
 
@@ -151,13 +133,42 @@ def layer_groups(optimizer: Any) -> Dict[Any, List[int]]:
     return found
 
 
-def engine_named(name: Optional[str]) -> Engine:
-    """The engine ``"requires_grad"`` (default) or ``"lr-zero"`` (DeepSpeed ZeRO 1/2, plain loops)."""
-    if name is None or name == RequiresGradEngine.name:
-        return RequiresGradEngine()
-    if name == LrZeroEngine.name:
-        return LrZeroEngine()
-    raise ValueError(
-        f"engine={name!r} is not supported; use 'requires_grad' (one process, DDP, FSDP) or 'lr-zero' "
-        f"(DeepSpeed ZeRO: the optimizer's per-layer LR freezes a layer), or pass an Engine object."
-    )
+# The tuner names the freezing mode of LrZeroEngine "optimizer": accepted here as the same engine.
+_ALIASES = {"optimizer": "lr-zero"}
+
+
+def choose(engine: Any = None, deepspeed: bool = False, zero3: bool = False, sharded_state: bool = False,
+           options: Any = None, user_optimizer: bool = False) -> Engine:
+    """The run's engine, checked against its ``options`` (a ``ScheduleOptions``): ``engine`` when given (an
+    :class:`Engine`, ``"requires_grad"`` or ``"lr-zero"``), else the one the runtime needs (``deepspeed``:
+    ZeRO, ``zero3``: its stage 3; ``sharded_state``: FSDP)."""
+    if isinstance(engine, Engine):
+        chosen = engine
+    elif engine is None:
+        chosen = LrZeroEngine(zero3=zero3) if deepspeed else RequiresGradEngine(sharded_state=sharded_state)
+    elif _ALIASES.get(engine, engine) == RequiresGradEngine.name:
+        chosen = RequiresGradEngine()
+    elif _ALIASES.get(engine, engine) == LrZeroEngine.name:
+        chosen = LrZeroEngine()
+    else:
+        raise ValueError(
+            f"engine={engine!r} is not supported; use 'requires_grad' (one process, DDP, FSDP) or 'lr-zero' "
+            f"(DeepSpeed ZeRO: the optimizer's per-layer LR freezes a layer), or pass an Engine object."
+        )
+    if options is not None:
+        chosen.check_options(options.frozen_optimizer_state, options.reactivated_state, user_optimizer)
+    return chosen
+
+
+def check_ddp(who: str, find_unused_parameters: Any, static_graph: Any, fix_unused: str, fix_static: str) -> None:
+    """Refuse the DDP settings a changing trainable set breaks (``find_unused_parameters=None``: not set)."""
+    if static_graph:
+        raise ValueError(
+            f"{who} under DDP cannot use static_graph=True: the set of parameters that get gradients changes "
+            f"with the schedule. {fix_static}"
+        )
+    if find_unused_parameters is False:
+        raise ValueError(
+            f"{who} under DDP needs find_unused_parameters=True: frozen and not-yet-active layers get no "
+            f"gradient, and DDP without it fails at the next backward. {fix_unused}"
+        )

@@ -25,7 +25,6 @@ from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
 
-FROZEN_STATES = ("keep", "drop", "offload")
 _CPU = torch.device("cpu")
 
 

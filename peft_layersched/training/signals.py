@@ -1,20 +1,7 @@
-"""The signals adaptive schedules choose from, measured per layer on the layer's LoRA parameters (torch).
+"""The signals adaptive schedules choose from, measured per layer on its LoRA parameters.
 
-:class:`SignalMeter` measures one signal for the layers of a scheduled adapter:
-
-* ``grad_norm``: per optimizer step, ``sqrt(sum of ||grad||^2)`` over the layer's LoRA parameters and the
-  micro-batches of the step (tensor hooks on the parameters: every engine, gradient accumulation
-  included), summed over ranks; averaged over steps (EMA, weight ``ema`` on the past);
-* ``update``: per optimizer step, ``||W_after - W_before||`` over the layer's LoRA parameters (ZeRO-3 /
-  FSDP: the local shards' squares summed over ranks); EMA over steps;
-* ``outlier`` (once, before the first decision): the layer's share of *outlier* entries of
-  ``|W_base| * ||X||`` (an entry above ``outlier_m`` x its matrix's mean; ``||X||`` the input feature norms
-  over ``calibration_batches`` batches, summed over ranks), over the base weights its LoRA modules wrap;
-* ``weight_norm`` (once): the RMS of those base weights.
-
-Only layers that are active when a measurement is taken get it: a layer that is not active keeps its
-last value.  Every reduction is in float64; before a decision the values are broadcast from rank 0, so
-every rank decides on the same bits.  ``state_dict()`` (plain floats: exact in JSON) resumes it bitwise.
+:class:`SignalMeter` measures ``grad_norm``, ``update``, ``outlier`` or ``weight_norm`` for the layers
+of a scheduled adapter. Reductions are in float64, and every rank decides on the same bits.
 """
 
 from __future__ import annotations

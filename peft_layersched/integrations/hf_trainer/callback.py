@@ -1,22 +1,7 @@
 """``LayerScheduleCallback``: the HF Trainer drives the schedule stored in the model's config.
 
-A translator of Trainer events into :class:`~peft_layersched.scheduler.LayerScheduler` calls (the core that
-plain loops and Lightning drive too), plus what only a Trainer run has:
-
-* **Newly active layers train.**  ``Trainer.create_optimizer`` keeps only parameters that require grad
-  *when it runs*; the callback puts the model back into "every preallocated parameter requires grad" at
-  ``on_init_end``, and the optimizer gets one param group per scheduled layer as it is built
-  (:mod:`peft_layersched.trainer`), so the LR scheduler covers every layer.  At ``on_train_begin`` it checks
-  that the optimizer holds every preallocated parameter; if not it adds them to the optimizer's existing
-  groups (with a warning), or refuses a user-built optimizer.
-* **Switches at optimizer-step boundaries only**: ``on_step_end`` for step schedules (not after the run's
-  last step, however it ends: one made before a callback stopped the run is undone at ``on_train_end``),
-  ``on_epoch_begin`` for epoch ones, deferred to the next ``on_step_end`` when an accumulation
-  window spans the epoch boundary (transformers <= 4.46).  A log record made after step ``n`` describes step
-  ``n`` (the layers it trained, the LRs it used).
-* **Resume** reads what it needs (the run's offset, the set the optimizer state was saved with, the step at
-  which each schedule time was applied) from the callback's entries in the checkpoint's log history
-  (``trainer_state.json``: regular, DeepSpeed and just-in-time checkpoints alike).
+It translates Trainer events into :class:`~peft_layersched.training.scheduler.LayerScheduler` calls.
+Switches happen at optimizer-step boundaries only. The scheduler's state rides in every checkpoint.
 """
 
 from __future__ import annotations
@@ -28,47 +13,25 @@ from transformers import TrainerCallback
 
 from ... import _compat
 from ...schedules import format_layers
-from ...training import LayerScheduler, ScheduleOptions, engines
+from ...training import LayerScheduler, engines
+from ...training.options import OptionsHolder, with_options
 from ...tuner import adopt, find_scheduled_tuner
-from . import hooks
+from .hooks import engine_for, ensure_optimized, install_trainer_hooks, read_json, split_trainer_optimizer
+from .run_state import keep_state, saved_state
 
 
-class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
+class LayerScheduleCallback(OptionsHolder, TrainerCallback):
     """Runs the layer schedule of the model's ``ScheduledLoraConfig`` during ``Trainer.train()``.
 
     Args:
-        new_layer_lr_scale (`float`): learning-rate multiplier for layers that join after the first
-            phase (a lower LR for newly added modules is common advice).  1.0 (default) = same LR.
-        new_layer_warmup_steps (`int`): linear warm-up of such layers' LR over this many optimizer
-            steps after they join.  0 (default) = none.
-        frozen_optimizer_state (`str`): what happens to the optimizer state (Adam moments, step count)
-            of a layer while it is frozen.  ``"keep"`` (default): it stays where it is, so with cyclic or
-            sampled schedules optimizer memory grows to that of LoRA on every layer the schedule visits.
-            ``"drop"``: freed when the layer freezes; the layer starts with fresh state when it rejoins
-            (as with ``reactivated_state="reset"``), and optimizer memory is that of the active layers.
-            ``"offload"``: moved to the CPU when the layer freezes and back to the layer's device when it
-            rejoins (training as with ``"keep"``; accelerator memory holds the active layers' state).
-            Resume is exact with each: dropped state is not in the checkpoint, offloaded state is (as
-            CPU tensors in ``optimizer.pt``) and is offloaded again as training resumes.
-        reactivated_state (`str`): ``"keep"`` (default) the optimizer state of a layer that is frozen
-            and later active again, or ``"reset"`` it when the layer rejoins.  With
-            ``frozen_optimizer_state="drop"`` a rejoining layer always starts afresh.
-        warn_on_no_update (`bool`): warn when an active layer's LoRA weights did not change at all
-            over a phase (a silent no-update).
-        adapter_name (`str`, *optional*): the scheduled adapter; default the active one.
-        layer_schedule / schedule_unit (*optional*): for a model built from a plain ``LoraConfig`` (by a tool
-            that takes only callbacks): ``on_init_end`` schedules its LoRA with
-            :func:`~peft_layersched.schedule_lora` (``schedule_unit`` default ``"epoch"``).
-        schedule_start (`str`): where the schedule starts when this Trainer's run begins.
-            ``"restart"`` (default): at ``t = 0`` (the Trainer's own epoch/step).  ``"continue"``: where
-            the adapter's schedule stood when it was saved (``schedule_position`` in its
-            ``adapter_config.json``), for a second training stage on a loaded adapter; the Trainer's
-            epoch/step ``t`` then runs the schedule at ``position + 1 + t`` (epochs) or
-            ``position + t`` (steps).  The choice is logged, with a warning when ``"restart"`` starts
-            over an adapter that had been trained further.
+        **options: the :class:`~peft_layersched.training.options.ScheduleOptions` (``new_layer_lr_scale``,
+            ``new_layer_warmup_steps``, ``frozen_optimizer_state``, ``reactivated_state``,
+            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``), by keyword.
+        layer_schedule / schedule_unit (*optional*): for a model built from a plain ``LoraConfig``:
+            ``on_init_end`` schedules its LoRA with :func:`~peft_layersched.schedule_lora`.
 
     Each scheduled layer has its own optimizer param group, whose LR is the scheduled LR x the layer's
-    factor (0 while frozen): the LR multiplier and warm-up are exact for every optimizer.
+    factor (0 while frozen).
 
     Example:
 
@@ -80,22 +43,11 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
     ```
     """
 
-    def __init__(
-        self,
-        new_layer_lr_scale: float = 1.0,
-        new_layer_warmup_steps: int = 0,
-        reactivated_state: Optional[str] = None,
-        warn_on_no_update: bool = True,
-        adapter_name: Optional[str] = None,
-        schedule_start: str = "restart",
-        frozen_optimizer_state: str = "keep",
-        layer_schedule: Any = None,
-        schedule_unit: Optional[str] = None,
-    ) -> None:
+    @with_options
+    def __init__(self, *, layer_schedule: Any = None, schedule_unit: Optional[str] = None, **options: Any) -> None:
+        self._take_options(options)
         adopt.check_schedule_options(layer_schedule, schedule_unit, "LayerScheduleCallback")
         self._adopted_schedule = (layer_schedule, schedule_unit)
-        self._set_options(new_layer_lr_scale, new_layer_warmup_steps, frozen_optimizer_state, reactivated_state,
-                          warn_on_no_update, adapter_name, schedule_start)
         self.scheduler: Optional[LayerScheduler] = None  # the run's core, from on_train_begin on
         self._user_optimizer = False
         self._next_epoch = 0
@@ -103,7 +55,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         self._micro_steps = 0
         self._unscaled = False  # the layer groups hold the LR scheduler's own LRs since an evaluation
         self._decision_due = False  # an adaptive decision not logged yet
-        hooks.install_trainer_hooks()
+        install_trainer_hooks()
 
     # ------------------------------------------------------------------------------------ events
 
@@ -120,7 +72,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         engine = self._engine(args)
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and not engine.needs_layer_groups:
-            hooks.ensure_optimized(optimizer, args, tuner.layer_parameters(self.adapter_name), self._user_optimizer)
+            ensure_optimized(optimizer, args, tuner.layer_parameters(self.adapter_name), self._user_optimizer)
         loader = kwargs.get("train_dataloader")
         steps_per_epoch = _compat.update_steps_per_epoch(loader, args.gradient_accumulation_steps)
         step, max_steps = int(state.global_step), int(getattr(state, "max_steps", 0) or 0)
@@ -128,11 +80,9 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         # checkpoint's batch size was); without a dataloader length, the checkpoint's epoch.
         epoch = step // steps_per_epoch if steps_per_epoch else int(math.floor((state.epoch or 0.0) + 1e-6))
         self._next_epoch, self._pending_epoch, self._micro_steps = epoch, None, 0
-        record = hooks.RunRecord.of(state)
-        resumed = None if record.offset is None else {
-            "offset": record.offset, "steps": step, "epoch": epoch, "time": record.last_time,
-            "switch_steps": sorted(record.switch_steps.items()), "adaptive": record.adaptive,
-        }
+        saved = saved_state(state.log_history, step)
+        # The Trainer's own counts govern (a just-in-time checkpoint counts the step it was taken in).
+        resumed = None if saved is None else dict(saved, steps=step, epoch=epoch)
 
         def log_switch(entry: Dict[str, Any]) -> None:
             # ever_active_layers: what a checkpoint saved after the next step trained (load_best_model_at_end).
@@ -171,6 +121,8 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         if self.scheduler is not None:
             self.scheduler.unscale_lrs()
             self._unscaled = True
+            # save_strategy="best" decides to save after this evaluation.
+            keep_state(state, self.scheduler.state_dict())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is not None and self._unscaled:
@@ -183,10 +135,10 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         sched = self.scheduler
         if sched is not None and sched.unit == "step":
             sched.tuner.set_schedule_position(sched.offset + int(state.global_step) + 1, sched.adapter_name)
-        if sched is not None and sched.meter is not None and _jit(args):
+        if sched is not None and _jit(args):
             # ... and with the step's signal measured: what on_step_end would fold in comes in now.
             sched.measure()
-            hooks.keep_adaptive_state(state, sched.adaptive_state())
+            keep_state(state, dict(sched.state_dict(), trained=sched.switcher.trained(stepped=True)))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None:
@@ -213,9 +165,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         best = getattr(state, "best_model_checkpoint", None)
         if getattr(args, "load_best_model_at_end", False) and best:
             self._restore_checkpoint_state(best)
-        adaptive = self.scheduler.adaptive_state()
-        if adaptive is not None:
-            hooks.keep_adaptive_state(state, adaptive)
+        keep_state(state, self.scheduler.state_dict())
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         if model is not None:  # transformers 4.30 resumes only from a full weights file: write the trainable part
@@ -235,7 +185,7 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
 
     def _peft_layersched_split(self, trainer_: Any) -> None:
         tuner = find_scheduled_tuner(trainer_.model, "LayerScheduleCallback")
-        hooks.split_trainer_optimizer(trainer_, tuner.layer_parameters(self.adapter_name))
+        split_trainer_optimizer(trainer_, tuner.layer_parameters(self.adapter_name))
 
     def _peft_layersched_log(self, trainer_: Any, logs: Dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:  # training records, not evaluation ones
@@ -247,44 +197,36 @@ class LayerScheduleCallback(ScheduleOptions, TrainerCallback):
         self._decision_due = True
 
     def _report(self, args: Any, state: Any, control: Any) -> Any:
-        """An adaptive schedule's decision is logged at once (its scores reach every tracker), and its
-        state rides in the log history of the checkpoint about to be saved (with just-in-time checkpoints,
-        which the Trainer saves from its own callback at any step's start or end, at every event)."""
-        if self.scheduler is None or self.scheduler.meter is None:
+        """An adaptive decision is logged at once; the scheduler's state goes into the log history for the
+        checkpoint saved next (every time for other schedules: it is cheap and no save can miss it)."""
+        sched = self.scheduler
+        if sched is None:
             return None
         if self._decision_due:
             control.should_log, self._decision_due = True, False
-        if control.should_save or _jit(args):
-            hooks.keep_adaptive_state(state, self.scheduler.adaptive_state())
+        if control.should_save or _jit(args) or sched.adaptive is None:
+            keep_state(state, sched.state_dict())
         return control
 
     def _engine(self, args: Any) -> engines.Engine:
-        engine = hooks.engine_for(args)
-        engine.check_options(self.frozen_optimizer_state, self.reactivated_state, self._user_optimizer)
-        hooks.check_ddp(args)
-        return engine
+        return engine_for(args, self, self._user_optimizer)
 
     def _restore_checkpoint_state(self, checkpoint: str) -> None:
         """After ``load_best_model_at_end`` the weights are the best checkpoint's: so is the schedule, as it
-        stood after the checkpoint's last optimizer step.  A switch made right before the save (at that same
-        step) trained nothing yet: its layers are neither active nor ever-active.  An adaptive schedule's
-        decision log and signal state are the checkpoint's (later decisions were taken on discarded weights)."""
+        stood after the checkpoint's last optimizer step (a switch made at that same step trained nothing)."""
         assert self.scheduler is not None
-        saved = hooks.read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
+        saved = read_json(checkpoint, self.scheduler.adapter_name, "adapter_config.json")
         position = saved.get("schedule_position")
         if position is None:
             return
-        trainer_state = hooks.read_json(checkpoint, None, "trainer_state.json")
-        history = trainer_state.get("log_history") or []
-        record = hooks.RunRecord.of_history(history)
-        step = int(trainer_state.get("global_step") or 0)
-        # The switches that some optimizer step up to the checkpoint trained after (each entry records the
-        # ever-active set it left); a checkpoint of the run's last step was saved without the next switch.
-        trained = [e for e in history if "schedule_time" in e and int(e["step"]) < step]
-        applied, ever = record.last_time, saved.get("ever_active_layers")
-        if trained and "ever_active_layers" in trained[-1]:
-            applied, ever = int(trained[-1]["schedule_time"]), trained[-1]["ever_active_layers"]
-        self.scheduler.restore(position, position if applied is None else applied, ever, adaptive=record.adaptive)
+        trainer_state = read_json(checkpoint, None, "trainer_state.json")
+        state = saved_state(trainer_state.get("log_history") or [], int(trainer_state.get("global_step") or 0))
+        state = state or {}
+        applied, ever = state.get("time"), saved.get("ever_active_layers")
+        if state.get("trained") and state["trained"].get("time") is not None:
+            applied, ever = state["trained"]["time"], state["trained"]["ever_active_layers"]
+        self.scheduler.restore(position, position if applied is None else applied, ever,
+                               adaptive=state.get("adaptive"))
 
 
 def _jit(args: Any) -> bool:

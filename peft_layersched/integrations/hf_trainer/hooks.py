@@ -1,24 +1,8 @@
-"""The HF ``Trainer`` side of ``LayerScheduleCallback``: the engine a run uses, and the three Trainer methods the
-schedule needs to reach.
+"""The HF ``Trainer`` side of ``LayerScheduleCallback``: the run's engine, and three Trainer methods it reaches.
 
-A ``TrainerCallback`` sees events, not the Trainer; three things happen inside Trainer methods:
-
-============================== ============================================================================
-``Trainer.create_optimizer``   right after the optimizer is built (before accelerate / DeepSpeed wrap it),
-                               its param groups are split by layer (one group per scheduled layer), so each
-                               layer's LR factor is exact and a DeepSpeed-frozen layer runs at LR 0
-``Trainer.log``                each training record gets the tracker numbers before the ``report_to``
-                               integrations (which run before user callbacks) see it
-``Trainer._load_from_checkpoint`` a resume's weights are checked against the schedule only once the callback
-                               has moved it to the checkpoint's step (no false "carry trained LoRA weights")
-============================== ============================================================================
-
-Two ways to get them: subclass with :class:`LayerScheduleTrainerMixin` first
-(``class MyTrainer(LayerScheduleTrainerMixin, SFTTrainer)``), or let the callback install the same three
-wrappers on ``transformers.Trainer`` itself (:func:`install_trainer_hooks`, done when a
-``LayerScheduleCallback`` is created): for a Trainer class you do not choose (TRL's, axolotl's, ...).  The
-wrappers act only for a Trainer that holds a ``LayerScheduleCallback`` (and is not a mixin subclass); any
-other Trainer runs the original methods unchanged.
+``create_optimizer`` splits the groups by layer, ``log`` adds the tracker numbers, and
+``_load_from_checkpoint`` defers the weight check. Get them with :class:`LayerScheduleTrainerMixin`,
+or from the wrappers the callback installs on ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -68,18 +52,17 @@ def zero_stage(args: Any) -> int:
     return int(deepspeed_config(args).get("zero_optimization", {}).get("stage", 0) or 0)
 
 
-def engine_for(args: Any) -> engines.Engine:
-    """The engine of a Trainer run, refusing the settings the schedule cannot work under (with the fix)."""
+def engine_for(args: Any, options: Any, user_optimizer: bool) -> engines.Engine:
+    """The engine of a Trainer run (checked against its ``options``), refusing the settings the schedule
+    cannot work under, with the fix."""
     kind = engine_kind(args)
-    if kind == "DeepSpeed":
-        if "optimizer" in deepspeed_config(args):
-            raise ValueError(
-                "LayerScheduleCallback under DeepSpeed needs the Trainer to build the optimizer (it gives each "
-                "layer its own param group, whose LR freezes the layer): remove the 'optimizer' section from the "
-                "DeepSpeed config and choose it with TrainingArguments(optim=..., learning_rate=..., "
-                "weight_decay=...) instead."
-            )
-        return engines.LrZeroEngine(zero3=zero_stage(args) == 3)
+    if kind == "DeepSpeed" and "optimizer" in deepspeed_config(args):
+        raise ValueError(
+            "LayerScheduleCallback under DeepSpeed needs the Trainer to build the optimizer (it gives each "
+            "layer its own param group, whose LR freezes the layer): remove the 'optimizer' section from the "
+            "DeepSpeed config and choose it with TrainingArguments(optim=..., learning_rate=..., "
+            "weight_decay=...) instead."
+        )
     if kind == "FSDP":
         # TrainingArguments(fsdp_config=...), or the variables `accelerate launch --use_fsdp` sets.
         fsdp_config = getattr(args, "fsdp_config", None) or {}
@@ -95,8 +78,10 @@ def engine_for(args: Any) -> engines.Engine:
                 "TrainingArguments(fsdp_config={'use_orig_params': True, ...}), or use FSDP2 "
                 "(fsdp_config={'version': 2})."
             )
-        return engines.RequiresGradEngine(sharded_state=True)
-    return engines.RequiresGradEngine()
+    engine = engines.choose(deepspeed=kind == "DeepSpeed", zero3=kind == "DeepSpeed" and zero_stage(args) == 3,
+                            sharded_state=kind == "FSDP", options=options, user_optimizer=user_optimizer)
+    check_ddp(args)
+    return engine
 
 
 def _hooks(trainer: Any, name: str) -> List[Any]:
@@ -235,17 +220,12 @@ def check_ddp(args: Any) -> None:
     """Refuse the DDP settings a changing trainable set breaks; find unused parameters by default."""
     if not distributed(args) or engine_kind(args) is not None:
         return
-    if getattr(args, "ddp_static_graph", None):
-        raise ValueError(
-            "LayerScheduleCallback under DDP cannot use ddp_static_graph=True: the set of parameters that "
-            "get gradients changes with the schedule. Set TrainingArguments(ddp_static_graph=False)."
-        )
-    if getattr(args, "ddp_find_unused_parameters", None) is False:
-        raise ValueError(
-            "LayerScheduleCallback under DDP needs ddp_find_unused_parameters=True: frozen and not-yet-"
-            "active layers get no gradient, and DDP without it fails at the next forward. Set "
-            "TrainingArguments(ddp_find_unused_parameters=True) (or leave it None)."
-        )
+    engines.check_ddp(
+        "LayerScheduleCallback", getattr(args, "ddp_find_unused_parameters", None),
+        getattr(args, "ddp_static_graph", None),
+        "Set TrainingArguments(ddp_find_unused_parameters=True) (or leave it None).",
+        "Set TrainingArguments(ddp_static_graph=False).",
+    )
     if getattr(args, "ddp_find_unused_parameters", None) is None:
         args.ddp_find_unused_parameters = True
 
@@ -253,62 +233,3 @@ def check_ddp(args: Any) -> None:
 def distributed(args: Any) -> bool:
     # Not local_rank: transformers 4.30 reports 0 (not -1) in a single process.
     return int(getattr(args, "world_size", 1) or 1) > 1
-
-
-class RunRecord(object):
-    """What a resumed run's Trainer state says of the schedule: the log-history entries the callback
-    appended at each switch (``schedule_time``, ``schedule_offset``, ``step``), saved in every checkpoint's
-    ``trainer_state.json``.
-
-    ``offset``: the schedule time of the run's Trainer ``t = 0`` (``None``: a new run, or entries from a
-    version that did not record it); ``last_time``: the schedule time whose active set the checkpoint was
-    saved with; ``switch_steps``: schedule time -> the global step at which it was applied; ``adaptive``:
-    an adaptive schedule's decision log and signal state as the checkpoint was saved (the one entry
-    ``ADAPTIVE_KEY`` that the callback keeps up to date before each save).
-    """
-
-    def __init__(self, offset: Optional[int], last_time: Optional[int], switch_steps: Dict[int, int],
-                 adaptive: Optional[Dict[str, Any]] = None) -> None:
-        self.offset, self.last_time, self.switch_steps = offset, last_time, switch_steps
-        self.adaptive = adaptive
-
-    @classmethod
-    def of(cls, state: Any) -> "RunRecord":
-        if not int(getattr(state, "global_step", 0) or 0):
-            return cls(None, None, {})
-        return cls.of_history(getattr(state, "log_history", None) or [])
-
-    @classmethod
-    def of_history(cls, log_history: List[Dict[str, Any]]) -> "RunRecord":
-        entries = [e for e in log_history if "schedule_time" in e]
-        if not entries or "schedule_offset" not in entries[-1]:
-            return cls(None, None, {})
-        steps: Dict[int, int] = {}
-        for entry in entries:
-            steps.setdefault(int(entry["schedule_time"]), int(entry["step"]))
-        adaptive = adaptive_entry(log_history)
-        return cls(int(entries[-1]["schedule_offset"]), int(entries[-1]["schedule_time"]), steps,
-                   None if adaptive is None else adaptive[ADAPTIVE_KEY])
-
-
-ADAPTIVE_KEY = "layer_schedule_adaptive"
-
-
-def adaptive_entry(log_history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The log-history entry that holds an adaptive schedule's state (``None``: there is none yet)."""
-    for entry in log_history:
-        if ADAPTIVE_KEY in entry:
-            return entry
-    return None
-
-
-def keep_adaptive_state(state: Any, adaptive: Dict[str, Any]) -> None:
-    """Put an adaptive schedule's state into the Trainer state's log history, for the checkpoint that
-    is saved next (``trainer_state.json``): one entry, updated in place, so the history grows by one entry
-    however many checkpoints there are."""
-    entry = adaptive_entry(state.log_history)
-    if entry is None:
-        entry = {}
-        state.log_history.append(entry)
-    entry[ADAPTIVE_KEY] = adaptive
-    entry["step"] = int(state.global_step)
