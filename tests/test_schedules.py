@@ -287,6 +287,25 @@ def test_descriptions_and_preview_spans(spec, epochs, steps, span):
     assert describe_schedule(parse_schedule(schedule), "step") == steps
 
 
+def test_every_registered_kind_keeps_the_contract():
+    for kind, spec_class in schedules_package.registered_kinds().items():
+        assert spec_class.kind == kind
+        assert spec_class.describe is not schedules_package.ScheduleSpec.describe, kind  # it words itself
+        assert issubclass(spec_class.runtime, schedules_package.Schedule), kind
+    assert schedules_package.kind_names() == ["gradual", "cyclic", "sampled", "progressive", "adaptive", "autofreeze"]
+
+
+@pytest.mark.parametrize("spec, named", [
+    ({0: [-1], 3: [1, -1]}, [-1, 1]),
+    ({"type": "gradual"}, []),
+    ({"type": "sampled", "layers": [0, 1, 2], "always": [-1]}, [0, 1, 2, -1]),
+    ({"type": "autofreeze", "layers": ["decoder.0"]}, ["decoder.0"]),
+    ({"type": "callable", "name": "m.f"}, []),
+])
+def test_a_spec_lists_the_layers_it_names(spec, named):
+    assert parse_schedule(spec).named_layers() == named
+
+
 def test_a_callable_is_described_by_its_name():
     parsed = parse_schedule(_alternate)
     name = f"{_alternate.__module__}._alternate"

@@ -12,7 +12,7 @@ import pickle
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..schedules import describe_schedule, format_layers
+from ..schedules import describe_schedule, format_layers, parse_schedule
 from .program import _count, _emit, _load_config, _table, register_subcommand
 
 _LORA_KEY = re.compile(
@@ -60,12 +60,8 @@ def _load_weights(folder: str) -> Tuple[str, Dict[str, Any]]:
 
 def _uses_stack_names(config: Any) -> bool:
     ids: List[Any] = list(config.ever_active_layers or []) + list(config.preallocate_layers or [])
-    spec = config.layer_schedule
-    if isinstance(spec, dict):
-        if "type" in spec:
-            ids += list(spec.get("layers") or []) + list(spec.get("always") or [])
-        else:
-            ids += [layer for layers in spec.values() for layer in layers]
+    if isinstance(config.layer_schedule, dict):  # (a callable is not saved)
+        ids += parse_schedule(config.layer_schedule).named_layers()
     return any(isinstance(layer, str) and "." in layer for layer in ids)
 
 
@@ -145,7 +141,6 @@ def _compute_inspect(folder: str) -> Dict[str, Any]:
     layer its modules, LoRA parameter count and whether its weights show training."""
     import torch
 
-    from ..schedules import parse_schedule
     from ..tuner import weights_show_training
 
     if not os.path.isdir(folder):

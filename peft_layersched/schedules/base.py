@@ -150,6 +150,10 @@ class ScheduleSpec(object):
         """One line for people on what the schedule does, time in ``unit``s."""
         return self.kind
 
+    def named_layers(self) -> List[LayerId]:
+        """The layer ids the spec names, raw, as written (its candidates and ``always`` layers)."""
+        return [layer for key in ("layers", "always") if key in self.FIELDS for layer in getattr(self, key) or []]
+
     def with_run_length(self, length: int) -> "ScheduleSpec":
         """This spec for a run of ``length`` epochs/steps (kinds that need no length: itself)."""
         return self

@@ -141,6 +141,9 @@ class MilestoneSpec(ScheduleSpec):
     def boundaries(self) -> List[int]:
         return [start for start, _ in self.phases]
 
+    def named_layers(self) -> List[LayerId]:
+        return self.all_layers()
+
     def to_json(self) -> Dict[int, List[LayerId]]:
         return {start: list(layers) for start, layers in self.phases}
 
