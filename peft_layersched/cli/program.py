@@ -37,7 +37,9 @@ def _register_demo() -> None:
     # demo.py imports torch, transformers and PEFT at the top: imported when a parser is built, not with cli.
     if any(entry[0] == "demo" for entry in _SUBCOMMANDS):
         return
-    from . import demo  # noqa: F401  (registers itself)
+    from .demo import HELP, add_arguments, run
+
+    register_subcommand("demo", add_arguments, run, help=HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .base import Schedule, ScheduleSpec, register_kind
+from .base import Schedule, ScheduleSpec, kind_names, register_kind
 from .ids import Canonicalizer, LayerId, check_layer_list, short_layer_list
 
 
@@ -59,7 +59,8 @@ class UnsavedCallableSchedule(CallableSchedule):
             f"layer_schedule was the Python callable {self.name}, which is not saved with the adapter "
             f"(adapter_config.json only records its name). Give it back before training: "
             f"model.set_layer_schedule({_fn_hint(self.name)}) on the loaded PeftModel, or set "
-            f"layer_schedule to a milestone/gradual/cyclic/sampled dict, which are saved."
+            f"layer_schedule to a milestone dict {{start: layers}} or a dict with a 'type' "
+            f"({', '.join(kind_names())}), which are saved."
         )
 
     def initial_layers(self) -> List[LayerId]:
