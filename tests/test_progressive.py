@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_layersched import LayerScheduler, ScheduledLoraConfig, export_lora
-from peft_layersched.schedules.base import parse_schedule
+from peft_layersched.schedules import parse_schedule
 
 from helpers.toy_training import ToyClassification, scheduled_bert, train
 

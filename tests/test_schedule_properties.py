@@ -1,6 +1,7 @@
-"""Property tests (hypothesis) for the torch-free milestone schedules, time checks and layer addressing.
+"""Property tests (hypothesis) for the torch-free schedules, time checks and layer addressing.
 
-The typed schedules (gradual, cyclic, sampled) bound to a model's layers: ``test_schedules.py``.
+The history of every registered kind is checked against brute force here; the typed schedules' own
+promises, errors and Trainer runs: ``test_schedules.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from peft_layersched import ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedules.base import check_time, parse_schedule
+from peft_layersched.schedules import check_time, parse_schedule, registered_kinds
 
 SETTINGS = settings(max_examples=300, deadline=None)
 LIGHT = settings(max_examples=100, deadline=None)
@@ -258,43 +259,45 @@ def _decision_times(draw, every):
     return sorted(set(times))
 
 
-@st.composite
-def specs_of_every_kind(draw):
-    """(index, spec): a spec of any kind that binds on the model by construction."""
-    index = _history_index(draw)
-    layers = index.all_layers()
-    kind = draw(st.sampled_from(["milestones", "gradual", "cyclic", "sampled", "progressive", "adaptive", "autofreeze",
-                                 "callable"]))
-    every = draw(st.integers(1, 5))
-    candidates = _subset(draw, layers, min_size=1) if draw(st.booleans()) else None
-    pool = candidates if candidates is not None else layers
-    if kind == "milestones":
-        return index, {start: _subset(draw, layers) for start in draw(st.lists(st.integers(0, 40), min_size=1,
-                                                                               max_size=4, unique=True))}
-    if kind == "callable":
-        seed = draw(st.integers(0, 2 ** 20))
-        choices = pool
+def _milestones_case(draw, layers, pool, every):
+    starts = draw(st.lists(st.integers(0, 40), min_size=1, max_size=4, unique=True))
+    return {start: _subset(draw, layers) for start in starts}
 
-        def pure(t, seed=seed, choices=choices):
-            return [layer for i, layer in enumerate(choices) if (seed >> ((t // every + i) % 20)) & 1]
 
-        return index, pure
-    spec = {"type": kind}
-    if kind == "gradual":
-        spec.update(k=draw(st.integers(1, len(pool))), n=draw(st.integers(0, 3)), every=every,
-                    **{"from": draw(st.sampled_from(["top", "bottom"]))})
-    elif kind == "cyclic":
-        spec.update(block=draw(st.integers(1, len(pool))), every=every, seed=draw(st.integers(0, 99)),
-                    order=draw(st.sampled_from(["ascending", "descending", "random"])))
-    elif kind == "sampled":
-        spec.update(k=draw(st.integers(1, len(pool))), every=every, seed=draw(st.integers(0, 99)))
-    elif kind == "progressive":
-        spec.update(start=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])), full_at=draw(st.sampled_from([0.25, 0.75, 1.0])),
-                    steps=draw(st.integers(1, 50)), every=every, seed=draw(st.integers(0, 99)))
-    else:
+def _callable_case(draw, layers, pool, every):
+    seed = draw(st.integers(0, 2 ** 20))
+
+    def pure(t, seed=seed, choices=pool):
+        return [layer for i, layer in enumerate(choices) if (seed >> ((t // every + i) % 20)) & 1]
+
+    return pure
+
+
+def _gradual_case(draw, layers, pool, every):
+    return {"type": "gradual", "k": draw(st.integers(1, len(pool))), "n": draw(st.integers(0, 3)), "every": every,
+            "from": draw(st.sampled_from(["top", "bottom"]))}
+
+
+def _cyclic_case(draw, layers, pool, every):
+    return {"type": "cyclic", "block": draw(st.integers(1, len(pool))), "every": every,
+            "seed": draw(st.integers(0, 99)), "order": draw(st.sampled_from(["ascending", "descending", "random"]))}
+
+
+def _sampled_case(draw, layers, pool, every):
+    return {"type": "sampled", "k": draw(st.integers(1, len(pool))), "every": every, "seed": draw(st.integers(0, 99))}
+
+
+def _progressive_case(draw, layers, pool, every):
+    return {"type": "progressive", "start": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+            "full_at": draw(st.sampled_from([0.25, 0.75, 1.0])), "steps": draw(st.integers(1, 50)), "every": every,
+            "seed": draw(st.integers(0, 99))}
+
+
+def _decided_case(kind):
+    def case(draw, layers, pool, every):
         always = _subset(draw, pool[:-1])[:2] if len(pool) > 1 and draw(st.booleans()) else []
         rest = [layer for layer in pool if layer not in always]
-        spec.update(every=every, always=always)
+        spec = {"type": kind, "every": every, "always": always}
         times = _decision_times(draw, every)
         if kind == "adaptive":
             weights = {layer: draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])) for layer in rest}
@@ -313,7 +316,39 @@ def specs_of_every_kind(draw):
                 kept = kept[draw(st.integers(0, len(kept) - 1)):]
                 log.append(list(kept))
         spec["decisions"] = [{"t": t, "layers": chosen} for t, chosen in zip(times, log)]
-    if candidates is not None:
+        return spec
+
+    return case
+
+
+# kind -> (draw, layers, candidates, every) -> a layer_schedule of that kind that binds on the model.
+HISTORY_CASES = {
+    "milestones": _milestones_case,
+    "callable": _callable_case,
+    "gradual": _gradual_case,
+    "cyclic": _cyclic_case,
+    "sampled": _sampled_case,
+    "progressive": _progressive_case,
+    "adaptive": _decided_case("adaptive"),
+    "autofreeze": _decided_case("autofreeze"),
+}
+
+
+def test_every_registered_kind_has_a_history_case():
+    # A new kind registers itself; the brute-force history test below draws from the registry.
+    assert set(HISTORY_CASES) == set(registered_kinds())
+
+
+@st.composite
+def specs_of_every_kind(draw):
+    """(index, spec): a spec of any registered kind that binds on the model by construction."""
+    index = _history_index(draw)
+    layers = index.all_layers()
+    kind = draw(st.sampled_from(list(registered_kinds())))
+    every = draw(st.integers(1, 5))
+    candidates = _subset(draw, layers, min_size=1) if draw(st.booleans()) else None
+    spec = HISTORY_CASES[kind](draw, layers, candidates if candidates is not None else layers, every)
+    if candidates is not None and isinstance(spec, dict) and "type" in spec:
         spec["layers"] = candidates
     return index, spec
 
@@ -340,7 +375,7 @@ def test_history_queries_of_every_kind_match_brute_force(case, horizon, rng, dat
     if rng.random() < 0.5:
         rng.shuffle(queries)  # the caches must not depend on a monotone order
     _check_history(schedule, index, horizon, queries)
-    if schedule.kind in ("adaptive", "autofreeze"):
+    if hasattr(schedule, "decide"):  # the adaptive kinds
         # A decision made now (LayerScheduler's) changes the history from its time on: the queries follow.
         t = data.draw(st.integers(0, horizon))
         measured = {layer: data.draw(st.one_of(st.none(), st.floats(0.0, 5.0))) for layer in schedule.pool}

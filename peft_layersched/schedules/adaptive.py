@@ -1,32 +1,7 @@
-"""Adaptive schedules: the layers that train are chosen from signals the package measures (pure Python).
+"""The adaptive kind: ``k`` layers chosen from measured signals; the shared adaptive runtime. No torch.
 
-Two kinds of ``layer_schedule``, validated like the others:
-
-* ``{"type": "adaptive", ...}`` (:class:`AdaptiveSpec`): every ``every`` epochs/steps, ``k`` layers are
-  picked (plus the ``always`` layers) from per-layer scores: the highest (``policy: "top"``) or drawn with
-  probabilities ~ ``score ** (1 / temperature)`` (``"sample"``), each pick uniform over the rest with
-  probability ``explore``.  Scores are a measured ``signal`` (``grad_norm``, ``update``, ``outlier``,
-  ``weight_norm``) times the user's ``weights`` (default 1; 0: never chosen), or the ``weights`` alone
-  (``signal: "weights"``).  A layer not measured yet scores twice the best measured score, so every
-  candidate is tried; a layer that is not active keeps its last score.
-* ``{"type": "autofreeze", ...}`` (:class:`AutofreezeSpec`): every candidate trains at first; every
-  ``every`` epochs/steps each active layer's signal over the interval is compared with the previous
-  interval's, and the bottom-most layers whose rate of change ``|prev - cur| / prev`` is under the
-  ``percentile``-th percentile of the active layers' rates leave, bottom-up, for good (AutoFreeze's rule).
-
-**Decisions are data.**  The runtime of either kind (:class:`AdaptiveSchedule`) holds a *decision log*:
-one entry per decision, ``{"t": time, "layers": chosen, "scores": {layer: score}}`` (autofreeze adds the
-``rates`` and the ``threshold``).  ``active_at(t)`` replays it: the layers of the last decision at or
-before ``t``.  The log is part of the spec (``to_json()`` writes it under ``"decisions"``), so the
-adapter's ``adapter_config.json`` holds the realized schedule, a resumed or reloaded run replays it, and
-the saved spec can be trained again as a fixed schedule.  Before its first decision an adaptive schedule
-shows the pick its prior scores give (``weights``, else a seeded tie-break): what the first decision will
-be unless a signal measured by then says otherwise.
-
-Decisions are made by :meth:`AdaptiveSchedule.decide` from scores the caller measured (the
-``LayerScheduler`` core, which reduces them across ranks first); every draw is seeded by
-``(seed, t, slot)`` through :func:`~peft_layersched.schedule.stable_int`, so the same scores give the same
-decision on every rank, platform and run.
+A decision log (``{"t", "layers", "scores"}`` entries) is part of the spec: ``active_at`` replays it,
+so a resumed or reloaded run computes the same sets. Draws are seeded by ``(seed, t, slot)``.
 """
 
 from __future__ import annotations
@@ -35,18 +10,14 @@ import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .base import (
+from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, candidates_text, register_kind
+from .decision_log import Decision, check_decisions, json_decision
+from .ids import (
     Canonicalizer,
     LayerId,
-    Schedule,
-    ScheduleSpec,
-    _bind_candidates,
-    _seeded_permutation,
-    _Spec,
     check_layer_id,
-    check_layer_list,
     check_time,
-    register_kind,
+    seeded_permutation,
     short_layer_list,
     stable_int,
 )
@@ -56,9 +27,6 @@ ADAPTIVE_SIGNALS = MEASURED_SIGNALS + ("weights",)
 CALIBRATION_SIGNALS = ("outlier", "weight_norm")  # measured once, before the first decision
 INTERVAL_SIGNALS = ("grad_norm", "update")  # what autofreeze can compare between intervals
 POLICIES = ("sample", "top")
-
-Decision = Dict[str, Any]
-
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ``values`` with linear interpolation (numpy's default)."""
@@ -74,18 +42,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 def _unit_float(*key: Any) -> float:
     """A number in [0, 1) that depends only on ``key``."""
     return stable_int(*key) / float(1 << 64)
-
-
-def _number(check: _Spec, key: str, default: float, low: float, high: Optional[float], meaning: str,
-            low_open: bool = False) -> float:
-    value = check.spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{check.where}: '{key}' must be a finite number ({meaning}), got {value!r}.")
-    too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value > high):
-        bounds = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
-        raise ValueError(f"{check.where}: '{key}' must be {bounds} ({meaning}), got {value}.")
-    return float(value)
 
 
 def _check_weights(check: _Spec) -> Optional[Dict[LayerId, float]]:
@@ -111,46 +67,14 @@ def _check_weights(check: _Spec) -> Optional[Dict[LayerId, float]]:
     return weights
 
 
-def _check_decisions(check: _Spec, with_rates: bool) -> List[Decision]:
-    raw = check.spec.get("decisions")
-    if raw is None:
-        return []
-    where = f"{check.where} 'decisions'"
-    if not isinstance(raw, list):
-        raise TypeError(
-            f"{where} must be a list of {{'t', 'layers', 'scores'}} entries (the decision log), got {raw!r}."
-        )
-    out: List[Decision] = []
-    last = -1
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or "t" not in entry or "layers" not in entry:
-            raise ValueError(f"{where}[{i}] must be a dict with 't' and 'layers' (and 'scores'), got {entry!r}.")
-        t = check_time(entry["t"], f"{where}[{i}]['t']")
-        if t <= last:
-            raise ValueError(f"{where}: times must increase, but entry {i} has t={t} after t={last}.")
-        last = t
-        decision: Decision = {"t": t, "layers": check_layer_list(entry["layers"], f"{where}[{i}]['layers']")}
-        for key in ("scores", "rates"):
-            scores = entry.get(key)
-            if scores is None:
-                continue
-            if not isinstance(scores, dict):
-                raise TypeError(f"{where}[{i}]['{key}'] must be a dict {{layer: number}}, got {scores!r}.")
-            decision[key] = {check_layer_id(k, f"{where}[{i}]['{key}']"): float(v) for k, v in scores.items()}
-        if with_rates and entry.get("threshold") is not None:
-            decision["threshold"] = float(entry["threshold"])
-        out.append(decision)
-    return out
-
-
-def _json_decision(decision: Decision) -> Decision:
-    out: Decision = {"t": decision["t"], "layers": list(decision["layers"])}
-    for key in ("scores", "rates"):
-        if key in decision:
-            out[key] = {str(layer): value for layer, value in decision[key].items()}
-    if "threshold" in decision:
-        out["threshold"] = decision["threshold"]
-    return out
+_COMMON_FIELDS = {
+    "every": "epochs/steps between decisions, default 1",
+    "ema": "weight of the past in the per-step average of the signal, default 0.9",
+    "always": "layers active at every time, default none",
+    "layers": "candidate layers, default every layer",
+    "decisions": "the decision log (written by training; replayed)",
+    "state": "the signal meter's state (written by training)",
+}
 
 
 class _AdaptiveSpecBase(ScheduleSpec):
@@ -161,29 +85,50 @@ class _AdaptiveSpecBase(ScheduleSpec):
     ema = 0.9
     calibration_batches = 8
     outlier_m = 5.0
+    compares_intervals = False  # True: decisions compare the signal of an interval with the previous one
+    always: List[LayerId]
+    layers: Optional[List[LayerId]]
     decisions: List[Decision]
     state: Optional[Dict[str, Any]]
 
-    def _check_state(self, check: _Spec) -> None:
+    def _check_common(self, check: _Spec, signals: Tuple[str, ...], default_signal: str) -> None:
+        self.every = check.integer("every", 1, 1, _COMMON_FIELDS["every"])
+        self.layers = check.layers("layers", allow_empty=False)
+        self.always = check.layers("always", allow_empty=True) or []
+        self.signal = check.choice("signal", default_signal, signals)
+        self.ema = check.number("ema", 0.9, 0.0, 1.0, _COMMON_FIELDS["ema"])
+        if self.ema >= 1.0:
+            raise ValueError(
+                f"{check.where}: 'ema' must be < 1 (1 would never take a new measurement), got {self.ema}."
+            )
         state = check.spec.get("state")
         if state is not None and not isinstance(state, dict):
             raise TypeError(f"{check.where}: 'state' (the signal meter's saved state) must be a dict, got {state!r}.")
         self.state = state
 
-    def _common_json(self, spec: Dict[str, Any]) -> Dict[str, Any]:
-        if self.always:
-            spec["always"] = list(self.always)
-        if self.layers is not None:
-            spec["layers"] = list(self.layers)
-        if self.decisions:
-            spec["decisions"] = [_json_decision(d) for d in self.decisions]
-        if self.state is not None:
-            spec["state"] = self.state
-        return spec
+    def _json_field(self, key: str) -> Any:
+        if key == "always":
+            return list(self.always) or None
+        if key == "decisions":
+            return [json_decision(d) for d in self.decisions] or None
+        return super()._json_field(key)
 
     @property
     def needs_calibration(self) -> bool:
         return self.signal in CALIBRATION_SIGNALS
+
+    def _head(self, unit: str) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    prior_note = ""  # what describe() says a schedule shows before its first decision
+
+    def describe(self, unit: str) -> str:
+        head = self._head(unit) + (", always {}".format(self.always) if self.always else "")
+        if not self.decisions:
+            return head + " ({}; decided during training{})".format(candidates_text(self.layers), self.prior_note)
+        last = self.decisions[-1]
+        return head + " ({} decision(s) made, the last at {} {}: {})".format(
+            len(self.decisions), unit, last["t"], list(last["layers"]))
 
 
 class AdaptiveSchedule(Schedule):
@@ -200,8 +145,8 @@ class AdaptiveSchedule(Schedule):
         super().__init__(spec, layers)
         self.every = self.granule = spec.every
         where = f"layer_schedule (type {spec.kind!r})"
-        self.fixed = _bind_candidates(spec.always or None, f"{where} 'always'", layers, canonical, [])
-        candidates = _bind_candidates(spec.layers, f"{where} 'layers'", layers, canonical, default)
+        self.fixed = bind_candidates(spec.always or None, f"{where} 'always'", layers, canonical, [])
+        candidates = bind_candidates(spec.layers, f"{where} 'layers'", layers, canonical, default)
         self.pool = [layer for layer in candidates if layer not in set(self.fixed)]
         if not self.pool:
             raise ValueError(
@@ -246,10 +191,10 @@ class AdaptiveSchedule(Schedule):
     def load_decisions(self, decisions: Sequence[Decision]) -> None:
         """Replace the log with ``decisions`` (JSON form, e.g. from a checkpoint)."""
         check = _Spec({"decisions": list(decisions)}, self.kind, {"decisions": "the decision log"})
-        self._bind_log(_check_decisions(check, with_rates=True))
+        self._bind_log(check_decisions(check, with_rates=True))
 
     def decisions_json(self) -> List[Decision]:
-        return [_json_decision(d) for d in self.decisions]
+        return [json_decision(d) for d in self.decisions]
 
     def _last(self, t: int) -> Optional[Decision]:
         found = None
@@ -298,9 +243,8 @@ class AdaptiveSchedule(Schedule):
         return layer in self.fixed
 
     def _first_preview(self, layer: LayerId, periods: int) -> Optional[int]:
-        """The first period ``p <= periods`` whose layers before any decision (``_before_decisions(p *
-        every)``) hold ``layer`` (``None``: none).  Periods are walked once and remembered: a preview depends
-        only on the spec, never on the log."""
+        """The first period ``p <= periods`` whose preview holds ``layer`` (``None``: none).
+        A preview depends only on the spec, so periods are walked once and remembered."""
         if not self._previews_vary():
             return 0 if layer in self._before_decisions(0) else None
         found, done = self._previews
@@ -356,6 +300,10 @@ class AdaptiveSchedule(Schedule):
     def first_idle(self, start: int, end: int, budget: int = 100000) -> Optional[int]:
         return None  # every decision keeps at least one layer (k >= 1, min_active >= 1)
 
+    def preview_span(self) -> int:
+        last = self.decisions[-1]["t"] if self.decisions else 0
+        return last + 2 * self.every
+
 
 class AdaptiveImportance(AdaptiveSchedule):
     """``{"type": "adaptive"}`` on a model."""
@@ -382,7 +330,7 @@ class AdaptiveImportance(AdaptiveSchedule):
                 f"({short_layer_list(self.eligible)}: 'always' layers and weight-0 layers excluded); lower 'k', "
                 f"widen 'layers' or give fewer layers weight 0."
             )
-        self._tie = {layer: i for i, layer in zip(_seeded_permutation(len(self.pool), "adaptive-ties", self.seed),
+        self._tie = {layer: i for i, layer in zip(seeded_permutation(len(self.pool), "adaptive-ties", self.seed),
                                                   self.pool)}
 
     def _before_decisions(self, t: int) -> List[LayerId]:
@@ -458,109 +406,40 @@ class AdaptiveImportance(AdaptiveSchedule):
         return decision
 
 
-class AutofreezeSchedule(AdaptiveSchedule):
-    """``{"type": "autofreeze"}`` on a model: candidates in model order, bottom first."""
-
-    def __init__(self, spec: "AutofreezeSpec", layers: Sequence[LayerId], canonical: Canonicalizer,
-                 default: Sequence[LayerId]) -> None:
-        super().__init__(spec, layers, canonical, default)
-        self.pct, self.min_active = spec.percentile, spec.min_active
-        if self.min_active > len(self.pool):
-            raise ValueError(
-                f"layer_schedule (type 'autofreeze'): 'min_active' is {self.min_active} but there are only "
-                f"{len(self.pool)} candidate layers ({short_layer_list(self.pool)}); lower 'min_active'."
-            )
-        for before, after in zip(self.decisions, self.decisions[1:]):
-            back = [layer for layer in after["layers"] if layer not in set(before["layers"])]
-            if back:
-                raise ValueError(
-                    f"layer_schedule (type 'autofreeze') 'decisions': layer(s) {back} come back at t={after['t']} "
-                    f"after being frozen; autofreeze only freezes."
-                )
-
-    def _decides_at(self, t: int) -> bool:
-        return t > 0
-
-    def _before_decisions(self, t: int) -> List[LayerId]:
-        return list(self.pool)  # every candidate trains until the first decision
-
-    def decide(self, t: int, measured: Dict[LayerId, Optional[float]]) -> Decision:
-        """Compare each active layer's signal over the interval ending at ``t`` (``measured``) with the
-        previous interval's (the last decision's ``scores``) and freeze the converged bottom layers."""
-        t = check_time(t, "decide(t): t")
-        previous = self._last(t - 1) if t > 0 else None
-        active = self._chosen(t - 1 if t > 0 else 0)
-        current = {layer: measured.get(layer) for layer in active}
-        scores = {layer: float(v) for layer, v in current.items() if v is not None}
-        decision: Decision = {"t": t, "layers": list(active), "scores": scores}
-        prior = previous.get("scores") if previous is not None else None
-        if prior:
-            rates: Dict[LayerId, float] = {}
-            for layer in active:
-                before, now = prior.get(layer), current.get(layer)
-                if before is not None and before > 0 and now is not None:
-                    rates[layer] = abs(before - now) / before
-            if rates:
-                threshold = percentile(list(rates.values()), self.pct)
-                keep = list(active)
-                while len(keep) > self.min_active and keep[0] in rates and rates[keep[0]] < threshold:
-                    keep.pop(0)
-                decision.update(layers=keep, rates=rates, threshold=threshold)
-        self.decisions = [d for d in self.decisions if d["t"] < t] + [decision]
-        return decision
-
-
-_COMMON_FIELDS = {
-    "every": "epochs/steps between decisions, default 1",
-    "layers": "candidate layers, default every layer",
-    "always": "layers active at every time, default none",
-    "decisions": "the decision log (written by training; replayed)",
-    "state": "the signal meter's state (written by training)",
-    "ema": "weight of the past in the per-step average of the signal, default 0.9",
-}
-
-
-def _common(self: _AdaptiveSpecBase, check: _Spec, signals: Tuple[str, ...], default_signal: str) -> None:
-    self.every = check.integer("every", 1, 1, _COMMON_FIELDS["every"])
-    self.layers = check.layers("layers", allow_empty=False)
-    self.always = check.layers("always", allow_empty=True) or []
-    self.signal = check.choice("signal", default_signal, signals)
-    self.ema = _number(check, "ema", 0.9, 0.0, 1.0, _COMMON_FIELDS["ema"])
-    if self.ema >= 1.0:
-        raise ValueError(f"{check.where}: 'ema' must be < 1 (1 would never take a new measurement), got {self.ema}.")
-    self._check_state(check)
-
-
+@register_kind
 class AdaptiveSpec(_AdaptiveSpecBase):
     """Importance-driven choice of ``k`` layers every ``every`` epochs/steps.
 
-    ``{"type": "adaptive", "k": 2, "every": 50, "signal": "grad_norm", "policy": "sample", "explore": 0.1,
-    "temperature": 1.0, "always": [-1], "seed": 0}``; ``"weights": {"0": 0, "5": 2.0}`` multiplies the
-    scores (0: never chosen; with ``"signal": "weights"`` the weights are the scores).
+    ``{"type": "adaptive", "k": 2, "every": 50, "signal": "grad_norm", "policy": "sample"}``.
+    ``"weights": {"0": 0, "5": 2.0}`` multiplies the scores (0: never chosen).
     """
 
     kind = "adaptive"
     runtime = AdaptiveImportance
-    FIELDS = dict(
-        {
-            "k": "layers chosen at each decision, default 1",
-            "signal": f"what scores a layer: one of {list(ADAPTIVE_SIGNALS)}, default 'grad_norm'",
-            "policy": "'sample' (default: drawn ~ score ** (1/temperature)) or 'top' (the k highest)",
-            "explore": "chance that a pick is uniform over the other candidates, default 0.1",
-            "temperature": "sharpness of 'sample' (lower: closer to 'top'), default 1.0",
-            "seed": "seed of the draws and tie-breaks, default 0",
-            "weights": "{layer: weight >= 0} multiplying the scores (0: never chosen)",
-            "calibration_batches": "batches the 'outlier' signal measures before the first decision, default 8",
-            "outlier_m": "'outlier': an entry counts when |W| x ||X|| > outlier_m x its mean, default 5",
-        },
-        **_COMMON_FIELDS,
-    )
+    prior_note = "; before training: what the prior scores alone choose"
+    FIELDS = {
+        "k": "layers chosen at each decision, default 1",
+        "every": _COMMON_FIELDS["every"],
+        "signal": f"what scores a layer: one of {list(ADAPTIVE_SIGNALS)}, default 'grad_norm'",
+        "policy": "'sample' (default: drawn ~ score ** (1/temperature)) or 'top' (the k highest)",
+        "explore": "chance that a pick is uniform over the other candidates, default 0.1",
+        "temperature": "sharpness of 'sample' (lower: closer to 'top'), default 1.0",
+        "seed": "seed of the draws and tie-breaks, default 0",
+        "ema": _COMMON_FIELDS["ema"],
+        "weights": "{layer: weight >= 0} multiplying the scores (0: never chosen)",
+        "calibration_batches": "batches the 'outlier' signal measures before the first decision, default 8",
+        "outlier_m": "'outlier': an entry counts when |W| x ||X|| > outlier_m x its mean, default 5",
+        "always": _COMMON_FIELDS["always"],
+        "layers": _COMMON_FIELDS["layers"],
+        "decisions": _COMMON_FIELDS["decisions"],
+        "state": _COMMON_FIELDS["state"],
+    }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
         check = _Spec(spec, self.kind, self.FIELDS)
         self.k = check.integer("k", 1, 1, self.FIELDS["k"])
         self.weights = _check_weights(check)
-        _common(self, check, ADAPTIVE_SIGNALS, "weights" if self.weights is not None else "grad_norm")
+        self._check_common(check, ADAPTIVE_SIGNALS, "weights" if self.weights is not None else "grad_norm")
         if self.signal == "weights" and self.weights is None:
             raise ValueError(
                 f"{check.where}: signal 'weights' scores layers by the 'weights' you give, but there is no "
@@ -568,60 +447,20 @@ class AdaptiveSpec(_AdaptiveSpecBase):
                 f"({', '.join(MEASURED_SIGNALS)})."
             )
         self.policy = check.choice("policy", "sample", POLICIES)
-        self.explore = _number(check, "explore", 0.1, 0.0, 1.0, self.FIELDS["explore"])
-        self.temperature = _number(check, "temperature", 1.0, 0.0, None, self.FIELDS["temperature"], low_open=True)
+        self.explore = check.number("explore", 0.1, 0.0, 1.0, self.FIELDS["explore"])
+        self.temperature = check.number("temperature", 1.0, 0.0, None, self.FIELDS["temperature"], low_open=True)
         self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
         self.calibration_batches = check.integer("calibration_batches", 8, 1, self.FIELDS["calibration_batches"])
-        self.outlier_m = _number(check, "outlier_m", 5.0, 0.0, None, self.FIELDS["outlier_m"], low_open=True)
-        self.decisions = _check_decisions(check, with_rates=False)
+        self.outlier_m = check.number("outlier_m", 5.0, 0.0, None, self.FIELDS["outlier_m"], low_open=True)
+        self.decisions = check_decisions(check, with_rates=False)
 
-    def to_json(self) -> Dict[str, Any]:
-        spec: Dict[str, Any] = {
-            "type": self.kind, "k": self.k, "every": self.every, "signal": self.signal, "policy": self.policy,
-            "explore": self.explore, "temperature": self.temperature, "seed": self.seed, "ema": self.ema,
-        }
-        if self.weights is not None:
-            spec["weights"] = {str(layer): weight for layer, weight in self.weights.items()}
-        if self.signal == "outlier":
-            spec["calibration_batches"] = self.calibration_batches
-            spec["outlier_m"] = self.outlier_m
-        return self._common_json(spec)
+    def _json_field(self, key: str) -> Any:
+        if key == "weights":
+            return None if self.weights is None else {str(layer): w for layer, w in self.weights.items()}
+        if key in ("calibration_batches", "outlier_m") and self.signal != "outlier":
+            return None
+        return super()._json_field(key)
 
-
-class AutofreezeSpec(_AdaptiveSpecBase):
-    """AutoFreeze: layers leave bottom-up, for good, once their signal stops changing.
-
-    ``{"type": "autofreeze", "every": 50, "percentile": 50, "signal": "grad_norm", "min_active": 1}``.
-    """
-
-    kind = "autofreeze"
-    runtime = AutofreezeSchedule
-    FIELDS = dict(
-        {
-            "signal": f"what is compared between intervals: one of {list(INTERVAL_SIGNALS)}, default 'grad_norm'",
-            "percentile": "a layer has converged when its rate of change is under this percentile (0-100) of "
-                          "the active layers' rates, default 50",
-            "min_active": "candidate layers that always stay active, default 1",
-        },
-        **_COMMON_FIELDS,
-    )
-    always: List[LayerId]
-    layers: Optional[List[LayerId]]
-
-    def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
-        _common(self, check, INTERVAL_SIGNALS, "grad_norm")
-        self.percentile = _number(check, "percentile", 50, 0.0, 100.0, self.FIELDS["percentile"])
-        self.min_active = check.integer("min_active", 1, 1, self.FIELDS["min_active"])
-        self.decisions = _check_decisions(check, with_rates=True)
-
-    def to_json(self) -> Dict[str, Any]:
-        spec: Dict[str, Any] = {
-            "type": self.kind, "every": self.every, "signal": self.signal, "percentile": self.percentile,
-            "min_active": self.min_active, "ema": self.ema,
-        }
-        return self._common_json(spec)
-
-
-register_kind(AdaptiveSpec)
-register_kind(AutofreezeSpec)
+    def _head(self, unit: str) -> str:
+        return "adaptive: {} layer(s) by {} ({}, explore {}), every {} {}(s)".format(
+            self.k, self.signal, self.policy, self.explore, self.every, unit)

@@ -1,39 +1,16 @@
-"""The progressive schedule kind: every layer trains together by the end of the run (CoTo-like).
+"""The progressive kind (CoTo-like): each layer trains with a chance rising to 1. No torch.
 
-At each period every candidate layer trains with a probability that rises linearly from ``start`` to 1 at
-``full_at`` of the run. Draws are seeded by ``(seed, period, layer)``: the same on every rank and on resume.
-Pure Python, no torch.
+Draws are seeded by ``(seed, period, layer)``: the same on every rank and on resume.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
-from .base import (
-    Canonicalizer,
-    LayerId,
-    Schedule,
-    ScheduleSpec,
-    _bind_candidates,
-    _Spec,
-    register_kind,
-    stable_int,
-)
+from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, register_kind
+from .ids import Canonicalizer, LayerId, stable_int
 
 _TWO_64 = float(2 ** 64)
-
-
-def _fraction(check: _Spec, key: str, default: float, meaning: str, zero_ok: bool) -> float:
-    value = check.spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{check.where}: '{key}' must be a number ({meaning}), got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    low_ok = value >= 0.0 if zero_ok else value > 0.0
-    if not (low_ok and value <= 1.0) or math.isnan(value):
-        bound = "0 <= x <= 1" if zero_ok else "0 < x <= 1"
-        raise ValueError(f"{check.where}: '{key}' must be a fraction, {bound} ({meaning}), got {value!r}.")
-    return value
 
 
 class ProgressiveSchedule(Schedule):
@@ -47,7 +24,7 @@ class ProgressiveSchedule(Schedule):
         self.every, self.seed = spec.every, spec.seed
         self.granule = spec.every
         where = "layer_schedule (type 'progressive') 'layers'"
-        self._pool = _bind_candidates(spec.layers, where, layers, canonical, default)
+        self._pool = bind_candidates(spec.layers, where, layers, canonical, default)
         if not self._pool:
             raise ValueError("layer_schedule (type 'progressive'): there are no candidate layers.")
 
@@ -87,14 +64,12 @@ class ProgressiveSchedule(Schedule):
         return self.steps if self.steps is not None else 100 * self.every
 
 
+@register_kind
 class ProgressiveSpec(ScheduleSpec):
-    """Progressive layer training (CoTo-like): each candidate layer trains at a period with probability
-    ``p(t)``, rising linearly from ``start`` at time 0 to 1 at ``full_at`` of the run; at least one layer
-    trains at every period, and every layer trains from ``full_at`` on.
+    """Each layer trains with a chance rising from ``start`` at time 0 to 1 at ``full_at`` of the run.
 
-    ``{"type": "progressive", "start": 0.1, "full_at": 0.75, "seed": 0}``.  The run's length comes from
-    the driver (the Trainer's ``max_steps``, ``LayerScheduler(total_steps=...)``) and is saved with the
-    adapter as ``steps``; give ``steps`` yourself to fix it.
+    At least one layer trains at every period. ``{"type": "progressive", "start": 0.1, "full_at": 0.75}``.
+    The run's length comes from the driver and is saved as ``steps``.
     """
 
     kind = "progressive"
@@ -102,16 +77,16 @@ class ProgressiveSpec(ScheduleSpec):
     FIELDS = {
         "start": "chance that a layer trains at time 0, default 0.1",
         "full_at": "fraction of the run from which every layer trains, default 0.75",
-        "steps": "the run's length in epochs/steps, default: from the driver",
         "every": "epochs/steps between draws, default 1",
         "seed": "seed of the draws, default 0",
+        "steps": "the run's length in epochs/steps, default: from the driver",
         "layers": "candidate layers, default every layer",
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
         check = _Spec(spec, self.kind, self.FIELDS)
-        self.start = _fraction(check, "start", 0.1, self.FIELDS["start"], zero_ok=True)
-        self.full_at = _fraction(check, "full_at", 0.75, self.FIELDS["full_at"], zero_ok=False)
+        self.start = check.fraction("start", 0.1, self.FIELDS["start"], zero_ok=True)
+        self.full_at = check.fraction("full_at", 0.75, self.FIELDS["full_at"], zero_ok=False)
         self.steps: Optional[int] = check.integer("steps", None, 1, self.FIELDS["steps"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])
         self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
@@ -132,15 +107,3 @@ class ProgressiveSpec(ScheduleSpec):
         return ("progressive: each layer trains with a chance rising from {} to 1 at {:g} % of {}, drawn every "
                 "{} {}(s), seed {} (candidates: {})".format(
                     self.start, 100 * self.full_at, length, self.every, unit, self.seed, candidates))
-
-    def to_json(self) -> Dict[str, Any]:
-        spec: Dict[str, Any] = {"type": self.kind, "start": self.start, "full_at": self.full_at,
-                                "every": self.every, "seed": self.seed}
-        if self.steps is not None:
-            spec["steps"] = self.steps
-        if self.layers is not None:
-            spec["layers"] = list(self.layers)
-        return spec
-
-
-register_kind(ProgressiveSpec)
