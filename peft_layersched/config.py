@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
+
+from peft import LoraConfig
 
 from . import _compat
 from ._model_card import add_loading_note
@@ -23,6 +27,31 @@ from .schedules import (  # noqa: F401  (register their schedule kinds with pars
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
 _DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
+
+# ScheduledLoraConfig's own fields: the schedule's. A copy of LoRA fields never takes them.
+SCHEDULE_FIELDS = ("layer_schedule", "schedule_unit", "preallocate_layers", "init_seed", "ever_active_layers",
+                   "layer_stacks", "schedule_position")
+
+
+def _lora_fields(source: Any, target: type, given: Dict[str, Any]) -> Dict[str, Any]:
+    """``target``'s init fields: deep copies of ``source``'s LoRA fields, then ``given``.
+
+    A ``given`` field that ``target`` lacks on this PEFT is dropped when ``None``, else refused.
+    """
+    names = {f.name for f in dataclasses.fields(target) if f.init}
+    fields = {
+        name: copy.deepcopy(getattr(source, name))
+        for name in names
+        if name != "peft_type" and name not in SCHEDULE_FIELDS and hasattr(source, name)
+    }
+    for name, value in given.items():
+        if name in names:
+            fields[name] = value
+        elif value is not None:
+            raise TypeError(
+                f"{target.__name__} has no field {name!r} on the installed PEFT; its fields: {sorted(names)}."
+            )
+    return fields
 
 
 def _check_target_regex(target_modules: Any) -> None:
@@ -196,6 +225,25 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         ):
             loaded = dict(loaded, layer_stacks=loaded["layers_pattern"], layers_pattern=None)
         return loaded
+
+    @classmethod
+    def from_lora_config(cls, lora_config: Any, **fields: Any) -> "ScheduledLoraConfig":
+        """A new config with ``lora_config``'s LoRA fields and ``fields`` on top.
+
+        The LoRA fields are deep copies: ``lora_config`` is neither changed nor shared. Schedule fields
+        are never copied; give them in ``fields``.
+
+        Example:
+
+        ```py
+        >>> ScheduledLoraConfig.from_lora_config(LoraConfig(r=8), layer_schedule={0: [-1]})
+        ```
+        """
+        return cls(**_lora_fields(lora_config, cls, fields))
+
+    def to_lora_config(self, **fields: Any) -> LoraConfig:
+        """A plain ``peft.LoraConfig`` with this config's LoRA fields, deep copies, and ``fields`` on top."""
+        return LoraConfig(**_lora_fields(self, LoraConfig, fields))
 
     @property
     def is_scheduled(self) -> bool:
