@@ -149,7 +149,7 @@ def check_schedule_options(layer_schedule: Any, schedule_unit: Optional[str], ne
 
 
 def _peft_model_in(model: Any) -> Any:
-    """``model`` if it is a PeftModel, else the first PeftModel among its modules (a DDP / compile wrapper)."""
+    """``model`` if it is a PeftModel, else the first PeftModel among its modules: a DDP or compile wrapper."""
     modules = getattr(model, "modules", None)
     for module in [model] + (list(modules()) if callable(modules) else []):
         if hasattr(module, "peft_config") and hasattr(module, "active_adapter") and hasattr(module, "base_model"):
@@ -228,8 +228,10 @@ def _lora_modules(tuner: Any, adapter_name: str) -> List[str]:
 
 
 def _contributing_layers(tuner: Any, adapter_name: str, layer_of: Dict[str, Any]) -> List[LayerId]:
-    """Layers with a module whose part that is zero at init is not zero (trained, or another init): they are
-    in the forward now and stay there."""
+    """Layers with a module whose part that is zero at init is not zero: they contribute already.
+
+    Such a module trained, or came from another init. Its layer stays in the forward.
+    """
     layers = []
     for module_name, layer in layer_of.items():
         part = zero_at_init_part(tuner.model.get_submodule(module_name), adapter_name)
