@@ -9,7 +9,7 @@ from .export import export_lora
 from .integrations.hf_trainer import LayerScheduleCallback, LayerScheduleTrainerMixin
 from .registration import register
 from .training import LayerScheduler
-from .tuner import schedule_lora
+from .tuner import ScheduledAdapter, ScheduledLoraModel, schedule_lora
 
 __version__ = "0.2.0"
 
@@ -17,6 +17,8 @@ register()
 
 __all__ = [
     "ScheduledLoraConfig",
+    "ScheduledLoraModel",
+    "ScheduledAdapter",
     "LayerScheduler",
     "LayerScheduleCallback",
     "LayerScheduleTrainerMixin",

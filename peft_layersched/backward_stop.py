@@ -1,36 +1,7 @@
 """Backward stops at the lowest active layer, with or without gradient checkpointing.
 
-Autograd records a layer only when something it reads requires grad.  With every block below the
-lowest active layer ``lo`` frozen, backward ends inside layer ``lo`` by itself, and the frozen blocks
-keep no activations.  Two things force the full depth back:
-
-* **input-require-grads hooks** on the input embeddings (``enable_input_require_grads``: PEFT's
-  ``PeftModel.__init__`` registers one when gradient checkpointing was on, transformers 5.x's
-  ``gradient_checkpointing_enable`` on every model that reads ``input_ids``).  They make the embedding
-  output require grad, so every block is recorded and backpropagated through.
-* **reentrant checkpointing** (the default up to transformers 4.5x) records a checkpointed block only
-  if one of its tensor inputs requires grad; that is why those hooks exist.
-
-:func:`update` (called by the tuner each time it writes the layer state) therefore, when exactly one
-layer stack holds the effective trainable parameters (``requires_grad``, and not an adapter of a
-bypassed LoRA layer) and nothing registered before that stack's lowest active layer ``lo`` trains:
-
-1. takes the input-require-grads hooks off (kept aside; put back when the stop goes away, and by
-   ``merge_and_unload``);
-2. hooks the output of layer ``lo - 1`` (for ``lo == 0``: the input embeddings) so that, when layer
-   ``lo`` is checkpointed reentrantly, the tensor it reads requires grad: a leaf, where backward ends.
-   For that forward, checkpointing of the layers below ``lo`` is switched off (they hold nothing to
-   save, and a reentrant checkpoint would detach what a hook inside it marks: transformers 4.30 ..
-   4.57 run a layer's hooks inside the checkpointed call).  transformers < 4.52 keep the flag on the
-   stack's parent, which also reads it before the loop, so it is switched after layer 0; with
-   ``lo == 1`` there the leaf is the embedding output instead, and backward also runs through layer 0
-   (for its input gradient only).
-
-Otherwise (trainable embeddings, ``modules_to_save`` below the layers, adapters in both stacks of an
-encoder-decoder, nothing trainable) the model's hooks stay as they are: full depth, as in PEFT.  The
-hooks decide at forward time (training mode, grad mode, checkpointing flags and kind), so turning
-checkpointing on or off after the schedule was applied stays correct; they only ever make a tensor
-that did not require grad a leaf, so gradients are plain autograd's (``tests/test_backward_stop.py``).
+:func:`update` places the stop each time the tuner writes the layer state. Where the model's
+trainable state does not allow a stop, the model's hooks stay as they are: full depth, as in PEFT.
 """
 
 from __future__ import annotations

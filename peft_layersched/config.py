@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
+
+from peft import LoraConfig
 
 from . import _compat
 from ._model_card import add_loading_note
@@ -23,6 +27,31 @@ from .schedules import (  # noqa: F401  (register their schedule kinds with pars
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
 _DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
+
+# ScheduledLoraConfig's own fields: the schedule's. A copy of LoRA fields never takes them.
+SCHEDULE_FIELDS = ("layer_schedule", "schedule_unit", "preallocate_layers", "init_seed", "ever_active_layers",
+                   "layer_stacks", "schedule_position")
+
+
+def _lora_fields(source: Any, target: type, given: Dict[str, Any]) -> Dict[str, Any]:
+    """``target``'s init fields: deep copies of ``source``'s LoRA fields, then ``given``.
+
+    A ``given`` field that ``target`` lacks on this PEFT is dropped when ``None``, else refused.
+    """
+    names = {f.name for f in dataclasses.fields(target) if f.init}
+    fields = {
+        name: copy.deepcopy(getattr(source, name))
+        for name in names
+        if name != "peft_type" and name not in SCHEDULE_FIELDS and hasattr(source, name)
+    }
+    for name, value in given.items():
+        if name in names:
+            fields[name] = value
+        elif value is not None:
+            raise TypeError(
+                f"{target.__name__} has no field {name!r} on the installed PEFT; its fields: {sorted(names)}."
+            )
+    return fields
 
 
 def _check_target_regex(target_modules: Any) -> None:
@@ -42,49 +71,39 @@ def _check_target_regex(target_modules: Any) -> None:
 class ScheduledLoraConfig(_compat.UniformLoraConfig):
     """LoRA whose trainable layers follow a schedule.
 
-    Every ``LoraConfig`` field keeps its meaning (``r``, ``lora_alpha``, ``lora_dropout``,
-    ``target_modules``, ``bias``, ``modules_to_save``, ``task_type``, ``fan_in_fan_out``,
-    ``init_lora_weights``, ...).  ``lora_alpha`` defaults to 8 and ``lora_dropout`` to 0.0 on every
-    PEFT (PEFT 0.3.0 ships ``None`` for both and crashes on them).
+    Every ``LoraConfig`` field keeps its meaning: ``r``, ``lora_alpha``, ``target_modules``,
+    ``modules_to_save``, ``init_lora_weights`` and the rest. ``lora_alpha`` defaults to 8 and
+    ``lora_dropout`` to 0.0 on every PEFT; PEFT 0.3.0 ships ``None`` for both and crashes on them.
 
     Args:
         layer_schedule (`dict` or `callable`, *optional*):
-            ``{start: layers}``: from epoch (or optimizer step, see ``schedule_unit``) ``start`` on,
-            exactly ``layers`` train, until the next start.  ``{0: [11], 3: [1, 11]}`` trains layer 11,
-            and from epoch 3 on also layer 1.  An empty list trains only ``modules_to_save``.  Layer ids
-            are ints (negative counts from the top) or ``"<stack>.<index>"`` for models with several
-            stacks (``"decoder.-1"``).  ``None`` (default): no schedule, plain LoRA.  Other kinds are a
-            dict with a ``"type"`` key: ``{"type": "gradual", "k": 1, "n": 1, "every": 2, "limit": 6}``
-            (gradual unfreezing from the top), ``{"type": "cyclic", "block": 2, "every": 10}`` (blocks
-            take turns), ``{"type": "sampled", "k": 2, "every": 5, "seed": 0}`` (seeded draws),
-            ``{"type": "progressive", "start": 0.1, "full_at": 0.75}`` (each layer trains with a chance that
-            rises to 1 by 75 % of the run),
-            ``{"type": "adaptive", "k": 2, "every": 50, "signal": "grad_norm"}`` (chosen from measured
-            signals) and ``{"type": "autofreeze", "every": 50, "percentile": 50}`` (converged layers
-            leave bottom-up; both save their decision log in here); or a function ``t -> layers`` (not
-            saved: ``save_pretrained`` records only its name).  See :mod:`peft_layersched.schedule` and
-            :mod:`peft_layersched.adaptive`.
+            ``{start: layers}``: from epoch or step ``start`` on, exactly ``layers`` train, until the
+            next start. ``{0: [11], 3: [1, 11]}`` trains layer 11, and from epoch 3 on layer 1 too. An
+            empty list trains only ``modules_to_save``. Layer ids are ints, negative from the top, or
+            ``"<stack>.<index>"`` with several stacks, e.g. ``"decoder.-1"``. Other kinds are a dict
+            with a ``"type"`` key: ``"gradual"``, ``"cyclic"``, ``"sampled"``, ``"progressive"``,
+            ``"adaptive"`` or ``"autofreeze"``, e.g. ``{"type": "gradual", "k": 1, "n": 1, "every": 2}``.
+            A function ``t -> layers`` works too; ``save_pretrained`` records only its name. ``None``,
+            the default: no schedule, plain LoRA. See the schedules page of the docs.
         schedule_unit (`str`):
-            ``"epoch"`` (default) or ``"step"`` (optimizer steps).
+            ``"epoch"``, the default, or ``"step"``: optimizer steps.
         preallocate_layers (`list`, *optional*):
-            Layers that get adapters up front.  Default: every layer the schedule names.
+            Layers that get adapters up front. Default: every layer the schedule names.
         layer_stacks (`str` or `list[str]`, *optional*):
-            Dotted path (or dotted suffix) of the block list(s) that are the layer stacks, e.g.
-            ``"encoder.layer"`` or ``["encoder.block", "decoder.block"]``, overriding automatic discovery.
+            Dotted path or suffix of the block list(s) that are the layer stacks, e.g.
+            ``"encoder.layer"`` or ``["encoder.block", "decoder.block"]``. Overrides discovery.
         layers_pattern (`str` or `list[str]`, *optional*):
-            PEFT's field, with PEFT's meaning: together with ``layers_to_transform`` (plain LoRA, no
-            schedule), the name of the block list PEFT's own layer filter reads.  Given without
-            ``layers_to_transform`` it is taken as ``layer_stacks`` (its earlier meaning in this package), with
-            a ``FutureWarning``.
+            PEFT's field: with ``layers_to_transform``, for plain LoRA, the block list of PEFT's layer
+            filter. Alone it is the old spelling of ``layer_stacks``, with a ``FutureWarning``.
         init_seed (`int`, *optional*):
-            Adapter initial weights depend only on ``(init_seed, module name)``.  ``None``: taken from
-            ``torch.initial_seed()`` when the model is built (with a schedule) and recorded here.
+            Adapter initial weights depend only on ``init_seed`` and the module name. ``None``: taken
+            from ``torch.initial_seed()`` when a scheduled model is built, and recorded here.
         ever_active_layers (`list`, *optional*):
-            Written by the tuner: layers whose adapters have been active at least once.  Saved with
-            the adapter so a loaded model knows which adapters carry trained weights.
+            Written by the tuner: layers whose adapters have been active. Saved with the adapter, so a
+            loaded model knows which adapters carry trained weights.
         schedule_position (`int`, *optional*):
-            Written by the tuner: the last ``t`` given to ``activate_layers``, saved with the adapter
-            (and every Trainer checkpoint), so ``load_best_model_at_end`` restores where the schedule
+            Written by the tuner: the last ``t`` given to ``activate_layers``. Saved with the adapter
+            and every Trainer checkpoint, so ``load_best_model_at_end`` restores where the schedule
             stood and a second Trainer stage can continue from it.
 
     Example:
@@ -197,23 +216,39 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
             loaded = dict(loaded, layer_stacks=loaded["layers_pattern"], layers_pattern=None)
         return loaded
 
+    @classmethod
+    def from_lora_config(cls, lora_config: Any, **fields: Any) -> "ScheduledLoraConfig":
+        """A new config with ``lora_config``'s LoRA fields and ``fields`` on top.
+
+        The LoRA fields are deep copies: ``lora_config`` is neither changed nor shared. Schedule fields
+        are never copied; give them in ``fields``.
+
+        Example:
+
+        ```py
+        >>> ScheduledLoraConfig.from_lora_config(LoraConfig(r=8), layer_schedule={0: [-1]})
+        ```
+        """
+        return cls(**_lora_fields(lora_config, cls, fields))
+
+    def to_lora_config(self, **fields: Any) -> LoraConfig:
+        """A plain ``peft.LoraConfig`` with this config's LoRA fields, deep copies, and ``fields`` on top."""
+        return LoraConfig(**_lora_fields(self, LoraConfig, fields))
+
     @property
     def is_scheduled(self) -> bool:
         return self.layer_schedule is not None
 
     @property
     def restricts_layers(self) -> bool:
-        """Whether the schedule (or ``preallocate_layers``) decides which layers get adapters."""
+        """Whether the schedule or ``preallocate_layers`` decides which layers get adapters."""
         return self.layer_schedule is not None or self.preallocate_layers is not None
 
     def validate(self) -> None:
-        """Check and normalise the schedule fields (JSON string keys become ints again).
+        """Check and normalise the schedule fields: JSON's string keys become ints again.
 
-        Called by ``__post_init__`` and again by the tuner, because some PEFT versions fill a loaded
-        config in by ``setattr`` after construction (see ``_compat.UniformLoraConfig``).  In memory
-        ``peft_type`` is ``PeftType.LORA``, so every LoRA code path of PEFT applies and plain
-        ``LoraConfig`` adapters mix with scheduled ones; ``to_dict()`` and ``adapter_config.json`` say
-        ``"SCHEDULED_LORA"``, so loading comes back to this package.
+        The tuner calls it again: some PEFT versions fill a loaded config in after construction.
+        In memory ``peft_type`` is LoRA; on disk it is ``"SCHEDULED_LORA"``.
         """
         self.peft_type = _compat.LORA
         check_unit(self.schedule_unit)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig
 
 from . import _compat
 from .tuner import find_scheduled_tuner, peft_model_of
-
-# Fields of ours that plain LoRA must not see, and PEFT's layer filter (the target list is exact).
-_DROP = {"peft_type", "target_modules", "layers_to_transform", "layers_pattern", "inference_mode"}
 
 
 def export_lora(
@@ -22,13 +18,12 @@ def export_lora(
     adapter_name: Optional[str] = None,
     safe_serialization: Optional[bool] = None,
 ) -> LoraConfig:
-    """Write ``model``'s adapter as a plain LoRA adapter (``peft_type`` ``LORA``) to ``output_dir``.
+    """Write ``model``'s adapter to ``output_dir`` as a plain LoRA adapter, ``peft_type`` ``LORA``.
 
-    Only adapters that were ever active are written (never-active ones never contributed), with an
-    exact ``target_modules`` list of their full module names, plus ``modules_to_save``.  Load it with
-    ``PeftModel.from_pretrained(base, output_dir)`` on any PEFT, no ``peft_layersched`` needed; the
-    outputs equal the scheduled model's.  ``safe_serialization``: default safetensors where the
-    installed PEFT reads them (0.4+), else ``adapter_model.bin``.  Returns the written config.
+    Only the layers that were ever active are written: the others never contributed. ``target_modules``
+    lists their modules by full name; ``modules_to_save`` comes along. Any PEFT loads it with
+    ``PeftModel.from_pretrained(base, output_dir)``, without this package, and gives the same outputs.
+    ``safe_serialization`` defaults to safetensors where the installed PEFT reads them. Returns the config.
     """
     tuner = find_scheduled_tuner(model, "export_lora()")
     model = peft_model_of(model, tuner)  # a wrapper's PeftModel: its state dict keys are the adapter's
@@ -43,12 +38,9 @@ def export_lora(
             f"nothing to export: no layer of adapter {name!r} has been active yet (preallocated: "
             f"{tuner.preallocated_layers}). Call activate_layers(t) / train first."
         )
-    kwargs: Dict[str, Any] = {}
-    for f in dataclasses.fields(LoraConfig):
-        if f.init and f.name not in _DROP and hasattr(source, f.name):
-            kwargs[f.name] = getattr(source, f.name)
-    config = LoraConfig(target_modules=kept, **kwargs)
-    config.inference_mode = True
+    # The target list is exact: PEFT's layer filter goes.
+    config = source.to_lora_config(target_modules=kept, layers_to_transform=None, layers_pattern=None,
+                                   inference_mode=True)
 
     prefixes = tuple(f"base_model.model.{n}.lora_" for n in dropped)
     state = _compat.get_adapter_state_dict(model, name)

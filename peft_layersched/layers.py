@@ -1,16 +1,8 @@
-"""Layer discovery and addressing: find a model's block stacks and map user layer ids to modules.
+"""Layer discovery and addressing: find a model's block stacks and map layer ids to modules.
 
-Layer ids the way users think:
-
-* one stack (BERT ``encoder.layer``, GPT-2 ``transformer.h``, LLaMA ``model.layers`` ...): ints,
-  negative ints count from the top (``-1`` is the last layer);
-* several stacks (T5/BART encoder + decoder): strings ``"<stack>.<index>"`` such as
-  ``"decoder.-1"``; stack names are the shortest unique suffix of the stack's parent path
-  (``encoder``/``decoder`` for encoder-decoder models).
-
-Canonical ids (what :meth:`LayerIndex.canonical` returns) have a non-negative index: ``11`` or
-``"decoder.5"``.  Module-to-layer mapping works on dotted path *segments*, never substrings, so
-layer ``1`` never captures layer ``10``.
+One stack takes ints, negative from the top. Several stacks take ``"<stack>.<index>"``, e.g.
+``"decoder.-1"``. Canonical ids have a non-negative index. Modules map to layers by dotted path
+segments, never substrings: layer ``1`` never captures layer ``10``.
 """
 
 from __future__ import annotations
@@ -54,10 +46,10 @@ def _name_stacks(paths: List[str]) -> List[str]:
 
 
 def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerStack]:
-    """Find the model's repeated block stacks (outermost ``nn.ModuleList`` s of identical blocks).
+    """Find the model's repeated block stacks: the outermost ``nn.ModuleList`` s of identical blocks.
 
-    ``layer_stacks`` (a string or list of strings) overrides discovery: each entry names a
-    ``ModuleList`` by its dotted path or a dotted suffix of it (``"layer"``, ``"decoder.layers"``).
+    ``layer_stacks``, a string or a list of them, overrides discovery. Each entry names a ``ModuleList``
+    by its dotted path or a dotted suffix of it, e.g. ``"layer"`` or ``"decoder.layers"``.
     """
     lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
     if layer_stacks is not None:
@@ -92,7 +84,7 @@ def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerSta
 
 
 def no_stacks_message(model: nn.Module) -> str:
-    """Why ``model`` cannot be scheduled when no layer stack was found, and the fixes (for a ``ValueError``)."""
+    """The ``ValueError`` text when no layer stack was found: why ``model`` cannot be scheduled, and the fixes."""
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
     if lists:
         found = f"its nn.ModuleLists ({short_layer_list(lists)}) do not hold repeated blocks"
@@ -117,7 +109,7 @@ class LayerIndex(StackIndex):
         return cls(discover_stacks(model, layer_stacks))
 
     def layer_of(self, module_name: str) -> Optional[LayerId]:
-        """The canonical layer that holds ``module_name`` (a dotted path), or ``None``."""
+        """The canonical layer that holds the module ``module_name``, or ``None``."""
         for stack in self.stacks:
             prefix = stack.path + "."
             if module_name.startswith(prefix):
@@ -131,9 +123,8 @@ class LayerIndex(StackIndex):
 def target_matcher(target_modules: Any):
     """A predicate ``(name, module) -> bool`` with PEFT's meaning of ``target_modules``.
 
-    str: full-name regex (``re.fullmatch``); list/set: the name or a dotted suffix of it (newest PEFT's
-    rule on every PEFT version, so ``"proj"`` never hits ``q_proj``); ``"all-linear"``: every
-    ``nn.Linear``/``Conv1D``.
+    A str is a regex on the full name. A list or set matches a name or its dotted suffix, the newest
+    PEFT's rule, on every PEFT: ``"proj"`` never hits ``q_proj``. ``"all-linear"`` takes every Linear or Conv1D.
     """
     if isinstance(target_modules, str):
         if target_modules == ALL_LINEAR:
@@ -151,14 +142,14 @@ def target_matcher(target_modules: Any):
 
 
 def exact_names_regex(names: Iterable[str]) -> str:
-    """A regex that ``re.fullmatch`` es exactly ``names`` (PEFT's rule for a str ``target_modules``)."""
+    """A regex that ``re.fullmatch`` es exactly ``names``: PEFT's rule for a str ``target_modules``."""
     return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
 def match_targets(model: nn.Module, target_modules: Any, index: LayerIndex) -> Dict[str, Optional[LayerId]]:
-    """Every module name (relative to ``model``) that ``target_modules`` matches, in or outside the
-    stacks, mapped to its canonical layer (``None`` outside every stack).  Raises ``ValueError`` when
-    ``target_modules`` matches nothing.
+    """Every module of ``model`` that ``target_modules`` matches, mapped to its canonical layer.
+
+    Modules outside every stack map to ``None``. Raises ``ValueError`` when nothing matches.
     """
     match = target_matcher(target_modules)
     matched = {name: index.layer_of(name) for name, module in model.named_modules() if name and match(name, module)}
@@ -175,8 +166,9 @@ def match_targets(model: nn.Module, target_modules: Any, index: LayerIndex) -> D
 def select_targets(
     matched: Dict[str, Optional[LayerId]], target_modules: Any, index: LayerIndex, layers: Sequence[LayerId]
 ) -> Dict[str, LayerId]:
-    """The modules of ``matched`` (:func:`match_targets`) that lie in ``layers`` (canonical ids): the
-    modules that get LoRA.  Raises ``ValueError`` when a requested layer holds no target module.
+    """The modules of ``matched`` that lie in ``layers``: the modules that get LoRA.
+
+    Raises ``ValueError`` when a requested layer holds no target module.
     """
     wanted = set(layers)
     chosen = {name: layer for name, layer in matched.items() if layer in wanted}

@@ -89,3 +89,31 @@ def test_config_survives_save_pretrained_and_from_pretrained(kwargs, tmp_path):
             assert all(type(start) is int for start in value), value  # int keys survive
     if config.layer_schedule is not None:
         assert loaded.schedule().phases == config.schedule().phases
+
+
+def test_from_lora_config_copies_lora_fields_and_never_the_schedule_or_the_object():
+    source = LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"],
+                        rank_pattern={"query": 2})
+    before = source.to_dict()
+    config = ScheduledLoraConfig.from_lora_config(source, layer_schedule={"0": [-1]}, schedule_unit="step")
+    assert source.to_dict() == before  # the tool's object is left as it is
+    assert (config.r, config.lora_alpha, config.rank_pattern) == (4, 16, {"query": 2})
+    assert (config.layer_schedule, config.schedule_unit, config.init_seed) == ({0: [-1]}, "step", None)
+    assert config.target_modules == source.target_modules and config.target_modules is not source.target_modules
+    config.modules_to_save.append("pooler")
+    assert source.modules_to_save == ["classifier"]  # deep copies: nothing shared
+    # A scheduled source gives its LoRA fields, never its schedule state.
+    scheduled = ScheduledLoraConfig(r=2, layer_schedule={0: [1]}, init_seed=5, ever_active_layers=[1])
+    again = ScheduledLoraConfig.from_lora_config(scheduled)
+    assert (again.r, again.layer_schedule, again.init_seed, again.ever_active_layers) == (2, None, None, None)
+    with pytest.raises(TypeError, match="no field 'rank'"):
+        ScheduledLoraConfig.from_lora_config(source, rank=4)
+
+
+def test_to_lora_config_is_a_plain_lora_config_with_the_lora_fields():
+    config = ScheduledLoraConfig(r=4, target_modules=["query"], layer_schedule={0: [1]}, lora_dropout=0.1)
+    plain = config.to_lora_config(target_modules=["encoder.layer.1.attention.self.query"], inference_mode=True)
+    assert type(plain) is LoraConfig and plain.to_dict()["peft_type"] == "LORA"
+    assert (plain.r, plain.lora_dropout, plain.inference_mode) == (4, 0.1, True)
+    assert set(plain.target_modules) == {"encoder.layer.1.attention.self.query"}
+    assert set(config.target_modules) == {"query"} and not config.inference_mode  # this config is untouched

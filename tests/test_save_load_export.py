@@ -17,6 +17,7 @@ from packaging.version import Version
 from peft import PeftModel, get_peft_model
 
 from peft_layersched import _compat, export_lora
+from peft_layersched.tuner import deferred_load_check
 from peft_layersched.tuner.model import ScheduledLoraModel
 
 from helpers.scheduled_cases import BY_FAMILY, CASES, PREFIX, logits, lora_params, loss, perturb, trainable
@@ -308,3 +309,34 @@ def test_export_loads_in_vanilla_peft_without_this_package(vanilla_loads, case_i
     assert result["peft_type"] == "LORA"
     assert result["lora_modules"] == [PREFIX + n for n in BY_FAMILY[family].target_names(ever)]
     assert result["max_abs_diff"] <= 1e-6, result
+
+
+def test_deferred_load_check_puts_off_the_check_of_the_model_it_names_only():
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    case = BY_FAMILY["bert"]
+    trained = case.build()
+    trained.activate_layers(2)
+    perturb(trained)  # layers low and top carry trained weights
+    state = get_peft_model_state_dict(trained)
+    fresh, other = case.build(), case.build()
+    fresh.activate_layers(0)  # the schedule says layer low never trained
+
+    def load(into, deferred_for):
+        with warnings.catch_warnings(record=True) as caught, deferred_load_check(deferred_for):
+            warnings.simplefilter("always")
+            set_peft_model_state_dict(into, state)
+        return [str(w.message) for w in caught if "never trained" in str(w.message)]
+
+    assert len(load(fresh, other)) == 1  # another model's deferral leaves this one checked at once
+    assert load(fresh, fresh) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.base_model.scheduled_adapter().check_deferred_load()
+        fresh.base_model.scheduled_adapter().check_deferred_load()  # once: the put-off check is done
+    assert [str(w.message) for w in caught if "never trained" in str(w.message)] == [
+        "adapter 'default': layer(s) [1] carry trained LoRA weights (lora_B is not zero), but the config's "
+        "layer_schedule / ever_active_layers ([11]) say they never trained, so they are left out of the forward. "
+        "If they did train, add them to ever_active_layers in adapter_config.json ('peft-layersched inspect' "
+        "shows the mismatch)."
+    ]

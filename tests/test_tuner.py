@@ -10,6 +10,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from peft_layersched import ScheduledAdapter
+
 from helpers.scheduled_cases import (
     BY_FAMILY,
     CASES,
@@ -318,3 +320,26 @@ def test_unseeded_schedule_takes_and_records_the_initial_seed(case):
         assert model.peft_config["default"].init_seed == torch.initial_seed() == 1234
         snapshots.append(snapshot(model))
     assert all(torch.equal(value, snapshots[1][name]) for name, value in snapshots[0].items())
+
+
+def test_scheduled_adapter_is_a_live_view_whose_verbs_drive_the_schedule():
+    case = BY_FAMILY["bert"]
+    model = case.build()
+    tuner = model.base_model
+    view = tuner.scheduled_adapter()
+    assert isinstance(view, ScheduledAdapter) and (view.name, view.time) == ("default", None)
+    assert (view.active_layers, view.preallocated_layers) == (case.first, case.later)
+    model.activate_layers(2)
+    assert (view.active_layers, view.ever_active_layers, view.time) == (case.later, case.later, 2)  # live reads
+    config = model.peft_config["default"]
+    view.set_schedule_position(5)
+    assert config.schedule_position == 5 and view.active_layers == case.later  # the active set stays
+    assert view.restore_layer_state(0) == case.first
+    assert view.ever_active_layers == case.first and config.ever_active_layers == case.first
+    assert not any(p.requires_grad for n, p in lora_params(model).items() if f".{case.low}." in n)
+    view.register_all_for_optimizer()
+    assert all(p.requires_grad for p in lora_params(model).values())
+    # The drivers' verbs are the view's; the tuner's users see only the schedule's own API.
+    assert not hasattr(tuner, "set_schedule_position") and not hasattr(model, "register_all_for_optimizer")
+    with pytest.raises(ValueError, match="has no layer schedule"):
+        tuner.scheduled_adapter("other")

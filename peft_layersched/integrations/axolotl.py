@@ -17,7 +17,6 @@ This module imports axolotl; ``import peft_layersched`` does not.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from typing import Any, Dict, List, Optional, Union
 
@@ -178,17 +177,12 @@ class LayerScheduleArgs(BaseModel):
 
 def scheduled_lora_config(lora_config: Any, cfg: Any) -> ScheduledLoraConfig:
     """``ScheduledLoraConfig``: every field of axolotl's ``LoraConfig`` plus the schedule keys of ``cfg``."""
-    known = {f.name for f in dataclasses.fields(ScheduledLoraConfig) if f.init and f.name != "peft_type"}
-    kwargs = {
-        f.name: getattr(lora_config, f.name)
-        for f in dataclasses.fields(lora_config)
-        if f.init and f.name in known
-    }
+    kwargs = {}
     for key in _CONFIG_KEYS:
         value = _given(cfg, key)
         if value is not None:
             kwargs[key] = _plain(value)
-    return ScheduledLoraConfig(**kwargs)
+    return ScheduledLoraConfig.from_lora_config(lora_config, **kwargs)
 
 
 class LayerSchedulePlugin(BasePlugin):

@@ -1,17 +1,12 @@
 """Bring your own LoRA: schedule a ``PeftModel`` that another tool built from a plain ``peft.LoraConfig``.
 
-LLaMA-Factory, axolotl and TRL call ``get_peft_model(model, LoraConfig(...))`` themselves.
-:func:`schedule_lora` adopts the LoRA modules such a model already has (their weights stay exactly as the
-tool initialised them): the preallocated layers are exactly the layers where LoRA sits, and the tuner becomes
-a :class:`~peft_layersched.tuner.ScheduledLoraModel` with its own ``ScheduledLoraConfig`` (the tool's
-``LoraConfig`` object is left as it is), so everything a model built from a ``ScheduledLoraConfig`` does
-holds from then on, saving included.
+LLaMA-Factory, axolotl and TRL build their ``PeftModel`` themselves. :func:`schedule_lora` adopts its
+LoRA modules as they are. The tool's ``LoraConfig`` object is left as it is.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from peft.tuners.lora import LoraModel
@@ -19,15 +14,11 @@ from peft.tuners.lora import LoraModel
 from .. import _compat
 from ..config import ScheduledLoraConfig
 from ..layers import LayerIndex, exact_names_regex, no_stacks_message
-from ..schedules import LayerId, check_unit, parse_schedule
-from .model import ScheduledLoraModel, _check_loaded_weights, _Plan, _zero_at_init_part
-
-# ScheduledLoraConfig's own fields: the schedule's, given here or written by the tuner, never copied.
-_SCHEDULE_FIELDS = ("layer_schedule", "schedule_unit", "preallocate_layers", "init_seed", "ever_active_layers",
-                    "layer_stacks", "schedule_position")
-# PEFT's own layer filter: the preallocated layers replace it (a schedule refuses layers_to_transform), and
-# layers_pattern alone would be read as this package's old spelling of layer_stacks.
-_LAYER_FILTER_FIELDS = ("layers_to_transform", "layers_pattern")
+from ..schedules import LayerId, Schedule, check_unit, parse_schedule
+from .init import zero_at_init_part
+from .model import ScheduledLoraModel
+from .plan import plan_adapter
+from .state import AdapterState
 
 
 def schedule_lora(
@@ -39,13 +30,10 @@ def schedule_lora(
 ) -> Any:
     """Give the LoRA adapter of a ``PeftModel`` built from a plain ``LoraConfig`` a layer schedule, in place.
 
-    The adapter's LoRA modules are kept as they are (no re-initialisation): the preallocated layers are the
-    layers that hold them, and ``layer_schedule`` may use only those.  Layers whose LoRA weights already
-    contribute (``lora_B`` not zero: a trained or non-zero-initialised adapter) count as ever active, so the
-    model's output is the same before and after.  From then on the model is what ``get_peft_model(model,
-    ScheduledLoraConfig(...))`` builds: drive it with ``LayerScheduleCallback`` or ``LayerScheduler``;
-    ``save_pretrained`` writes an ``adapter_config.json`` that ``PeftModel.from_pretrained`` loads back as a
-    scheduled adapter.
+    The LoRA modules stay as they are, weights included. The preallocated layers are the layers that
+    hold them, and ``layer_schedule`` may use only those. Layers whose ``lora_B`` is not zero already
+    contribute: they count as ever active, so the model's output does not change. From then on the
+    model is what ``get_peft_model(model, ScheduledLoraConfig(...))`` builds, saving included.
 
     Args:
         model: a ``PeftModel`` whose adapter is LoRA (``get_peft_model(base, LoraConfig(...))``).
@@ -73,8 +61,7 @@ def schedule_lora(
         )
     tuner = _lora_tuner(model, "schedule_lora()")
     name = _adapter_name(tuner, adapter_name, "schedule_lora()")
-    plan = tuner._plans.get(name) if isinstance(tuner, ScheduledLoraModel) else None
-    if plan is not None and plan.schedule is not None:
+    if _schedule_of(tuner, name) is not None:
         raise ValueError(
             f"adapter {name!r} already has a layer schedule ({tuner.peft_config[name].layer_schedule!r}). To "
             f"replace it, call model.set_layer_schedule(new_schedule); to schedule another LoRA adapter, pass "
@@ -108,31 +95,27 @@ def schedule_lora(
     ever = _contributing_layers(tuner, name, layer_of)
     config.ever_active_layers = index.sort(ever) if ever else None
     _target_exactly(tuner, config, set(modules))
-    _become_scheduled(tuner)
-    tuner.peft_config[name] = config
-    adopted = _Plan(index, schedule, list(preallocated), dict(layer_of))
+    adopted = AdapterState(index, schedule, list(preallocated), dict(layer_of))
     adopted.modules = dict(layer_of)
     adopted.ever = set(ever)
-    tuner._plans[name] = adopted
-    if tuner._current_adapter() not in tuner._plans:
-        tuner.__dict__["_scheduled_adapter"] = name
-    tuner._write_layer_state()
+    ScheduledLoraModel.adopt(tuner, name, config, adopted)
     return model
 
 
 def ensure_scheduled(
     model: Any, layer_schedule: Any, schedule_unit: Optional[str], adapter_name: Optional[str], needed_by: str
 ) -> None:
-    """For ``LayerScheduleCallback`` / ``LayerScheduler`` given a ``layer_schedule``: adopt the model's plain
-    LoRA adapter (:func:`schedule_lora`), unless it already runs that very schedule (a second run of one
-    callback).  A model scheduled otherwise is refused: two schedules would compete."""
+    """Adopt the model's plain LoRA adapter for a driver given a ``layer_schedule``.
+
+    A model that already runs that very schedule is left as it is: a second run of one callback. A model
+    scheduled otherwise is refused, since two schedules would compete.
+    """
     if layer_schedule is None:
         return
     unit = schedule_unit or "epoch"
     tuner = _lora_tuner(model, needed_by)
     name = _adapter_name(tuner, adapter_name, needed_by)
-    plan = tuner._plans.get(name) if isinstance(tuner, ScheduledLoraModel) else None
-    if plan is None or plan.schedule is None:
+    if _schedule_of(tuner, name) is None:
         schedule_lora(model, layer_schedule, unit, name)
         return
     config = tuner.peft_config[name]
@@ -166,7 +149,7 @@ def check_schedule_options(layer_schedule: Any, schedule_unit: Optional[str], ne
 
 
 def _peft_model_in(model: Any) -> Any:
-    """``model`` if it is a PeftModel, else the first PeftModel among its modules (a DDP / compile wrapper)."""
+    """``model`` if it is a PeftModel, else the first PeftModel among its modules: a DDP or compile wrapper."""
     modules = getattr(model, "modules", None)
     for module in [model] + (list(modules()) if callable(modules) else []):
         if hasattr(module, "peft_config") and hasattr(module, "active_adapter") and hasattr(module, "base_model"):
@@ -195,6 +178,16 @@ def _lora_tuner(model: Any, needed_by: str) -> Any:
     return tuner
 
 
+def _schedule_of(tuner: Any, adapter_name: str) -> Optional[Schedule]:
+    """The adapter's schedule; ``None`` for plain LoRA."""
+    if not isinstance(tuner, ScheduledLoraModel):
+        return None
+    try:
+        return tuner.scheduled_adapter(adapter_name).schedule
+    except ValueError:
+        return None
+
+
 def _adapter_name(tuner: Any, adapter_name: Optional[str], needed_by: str) -> str:
     if adapter_name is None:
         active = _compat.tuner_active_adapters(tuner)
@@ -207,19 +200,18 @@ def _adapter_name(tuner: Any, adapter_name: Optional[str], needed_by: str) -> st
 
 
 def _scheduled_config(source: Any, layer_schedule: Any, schedule_unit: str, layer_stacks: Any) -> ScheduledLoraConfig:
-    """A new ``ScheduledLoraConfig`` with ``source``'s LoRA fields (deep copies: the tool's config is not
-    shared) and the schedule."""
-    skipped = set(_SCHEDULE_FIELDS) | set(_LAYER_FILTER_FIELDS) | {"peft_type"}
-    fields: Dict[str, Any] = {}
-    for field in dataclasses.fields(ScheduledLoraConfig):
-        if field.init and field.name not in skipped and hasattr(source, field.name):
-            fields[field.name] = copy.deepcopy(getattr(source, field.name))
+    """A new ``ScheduledLoraConfig``: ``source``'s LoRA fields and the schedule.
+
+    PEFT's layer filter is dropped: the preallocated layers replace it.
+    """
     if layer_stacks is None and _compat.optional_field(source, "layers_to_transform") is not None:
         layer_stacks = _compat.optional_field(source, "layers_pattern")  # PEFT's name of the block list
     if isinstance(source, ScheduledLoraConfig) and layer_stacks is None:
         layer_stacks = source.layer_stacks
-    return ScheduledLoraConfig(layer_schedule=layer_schedule, schedule_unit=schedule_unit,
-                               layer_stacks=copy.deepcopy(layer_stacks), **fields)
+    return ScheduledLoraConfig.from_lora_config(
+        source, layer_schedule=layer_schedule, schedule_unit=schedule_unit, layer_stacks=copy.deepcopy(layer_stacks),
+        layers_to_transform=None, layers_pattern=None,
+    )
 
 
 def _lora_modules(tuner: Any, adapter_name: str) -> List[str]:
@@ -236,34 +228,27 @@ def _lora_modules(tuner: Any, adapter_name: str) -> List[str]:
 
 
 def _contributing_layers(tuner: Any, adapter_name: str, layer_of: Dict[str, Any]) -> List[LayerId]:
-    """Layers with a module whose part that is zero at init is not zero (trained, or another init): they are
-    in the forward now and stay there."""
+    """Layers with a module whose part that is zero at init is not zero: they contribute already.
+
+    Such a module trained, or came from another init. Its layer stays in the forward.
+    """
     layers = []
     for module_name, layer in layer_of.items():
-        part = _zero_at_init_part(tuner.model.get_submodule(module_name), adapter_name)
+        part = zero_at_init_part(tuner.model.get_submodule(module_name), adapter_name)
         if part is not None and bool(part.detach().ne(0).any()) and layer not in layers:
             layers.append(layer)
     return layers
 
 
 def _target_exactly(tuner: Any, config: ScheduledLoraConfig, modules: set) -> None:
-    """Make the config rebuild exactly ``modules`` when loaded: its ``target_modules`` within the preallocated
-    layers may reach other modules (PEFT versions differ in how a list matches; ``exclude_modules``), then it
-    names them one by one."""
+    """Make the config rebuild exactly ``modules`` when loaded.
+
+    Its ``target_modules`` may reach other modules in the preallocated layers: PEFT versions differ in
+    how a list matches, and ``exclude_modules``. Then it names the modules one by one.
+    """
     try:
-        # (called before the tuner becomes a ScheduledLoraModel: nothing is changed until every check passed)
-        plan = ScheduledLoraModel._plan(tuner, tuner.model, config)
-        targets: Optional[Tuple[str, ...]] = tuple(sorted(plan.targets or ()))
+        targets: Optional[Tuple[str, ...]] = tuple(sorted(plan_adapter(tuner.model, config).targets or ()))
     except ValueError:
         targets = None
     if targets != tuple(sorted(modules)):
         config.target_modules = exact_names_regex(modules)
-
-
-def _become_scheduled(tuner: Any) -> None:
-    if isinstance(tuner, ScheduledLoraModel):
-        return
-    # ScheduledLoraModel keeps its state in lazily made __dict__ entries and adds no __init__ state besides the
-    # post-load check, so a LoraModel becomes one by its class (PEFT 0.3 .. 0.21 build LoraModel the same way).
-    tuner.__class__ = ScheduledLoraModel
-    tuner.register_load_state_dict_post_hook(_check_loaded_weights)
