@@ -101,12 +101,12 @@ class LayerScheduleFinetuning(OptionsHolder, pl.Callback):
         self.scheduler, self._saved = None, None
         tuner.set_freezing(self._engine(trainer).freezing)
         # configure_optimizers (and DDP) come next, building from `requires_grad` as it is then: make it all.
-        tuner.register_all_for_optimizer(self.adapter_name)
+        tuner.scheduled_adapter(self.adapter_name).register_all_for_optimizer()
         # A ckpt_path's weights load before the schedule is at the checkpoint's step: layers that joined
         # later would look as if they carried weights the schedule never trained.  Check at on_train_start.
         self._end_deferral()
         self._deferred = contextlib.ExitStack()
-        self._deferred.enter_context(deferred_load_check())
+        self._deferred.enter_context(deferred_load_check(tuner))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._check_ddp(trainer)
@@ -131,7 +131,7 @@ class LayerScheduleFinetuning(OptionsHolder, pl.Callback):
         self._last_step = step
         self.scheduler.unscale_lrs()
         self._end_deferral()
-        self.scheduler.tuner.check_deferred_load()
+        self.scheduler.tuner.scheduled_adapter().check_deferred_load()
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         sched = self.scheduler

@@ -69,7 +69,7 @@ class AdaptiveDriver(object):
         decision = schedule.decide(due, measured)
         meter.start_interval()
         self.last_decision = decision
-        self.tuner.save_schedule_state(self.adapter_name)
+        self.tuner.scheduled_adapter(self.adapter_name).save_schedule_state()
         logger.info(
             "layer schedule: %s %d: adaptive decision %s (scores %s)", unit, due,
             decision["layers"], {k: round(v, 6) for k, v in decision["scores"].items()},
@@ -87,14 +87,14 @@ class AdaptiveDriver(object):
         """The decision log and signal state; written into the adapter's config too."""
         schedule = self.schedule
         schedule.state = self.meter.state_dict()
-        self.tuner.save_schedule_state(self.adapter_name)
+        self.tuner.scheduled_adapter(self.adapter_name).save_schedule_state()
         return {"decisions": schedule.decisions_json(), "meter": schedule.state}
 
     def load(self, adaptive: Dict[str, Any]) -> None:
         self.schedule.load_decisions(adaptive.get("decisions") or [])
         if adaptive.get("meter") is not None:
             self.meter.load_state_dict(adaptive["meter"])
-        self.tuner.save_schedule_state(self.adapter_name)
+        self.tuner.scheduled_adapter(self.adapter_name).save_schedule_state()
 
     def close(self) -> None:
         if self._hook is not None:

@@ -120,7 +120,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         self._switch(t, initial=True, applied=applied, resumed=state_dict is not None)
         self._prepare_next()
         # Weights loaded before this resume are checked now that the schedule stands where they were saved.
-        self.tuner.check_deferred_load()
+        self.tuner.scheduled_adapter().check_deferred_load()
 
     @staticmethod
     def param_groups(model: Any, base_groups: Any = None, adapter_name: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -159,7 +159,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         if self.unit == "step":
             if self.clock.step_switches():
                 self._switch(self.steps)
-            self.tuner.set_schedule_position(self.offset + self.steps, self.adapter_name)
+            self.tuner.scheduled_adapter(self.adapter_name).set_schedule_position(self.offset + self.steps)
         self._prepare_next()
 
     def measure(self) -> None:
@@ -247,7 +247,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         applied = self._resume(state)
         self._switch(self.run_time, initial=True, applied=applied, resumed=True)
         self._prepare_next()
-        self.tuner.check_deferred_load()
+        self.tuner.scheduled_adapter().check_deferred_load()
 
     def restore(self, position: int, applied: int, ever_active_layers: Any = None,
                 adaptive: Optional[Dict[str, Any]] = None) -> None:

@@ -38,7 +38,7 @@ class Switcher(object):
     def stay(self, t: int) -> None:
         """Schedule time ``t`` keeps the active set."""
         self.time = t
-        self.tuner.set_schedule_position(t, self.adapter_name)
+        self.tuner.scheduled_adapter(self.adapter_name).set_schedule_position(t)
 
     def logged(self, t: int, active: List[LayerId], record: bool = True) -> None:
         """Log the switch to ``active`` at schedule time ``t`` (``record``: into ``switch_steps`` too)."""
@@ -100,9 +100,9 @@ class Switcher(object):
 
     def restore(self, applied: int, ever: Any, position: Optional[int]) -> List[LayerId]:
         """Schedule time ``applied``'s set (``ever``: the ever-active layers as saved), at ``position``."""
-        active = self.tuner.restore_layer_state(applied, ever, self.adapter_name)
+        active = self.tuner.scheduled_adapter(self.adapter_name).restore_layer_state(applied, ever)
         if position is not None:
-            self.tuner.set_schedule_position(position, self.adapter_name)
+            self.tuner.scheduled_adapter(self.adapter_name).set_schedule_position(position)
         self.time, self.current = applied, active
         return active
 

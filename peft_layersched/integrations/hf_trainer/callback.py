@@ -65,7 +65,7 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
         self._user_optimizer = optimizer is not None
         tuner.set_freezing(self._engine(args).freezing)
         # The Trainer's optimizer is built later from `requires_grad` as it is then: make it all.
-        tuner.register_all_for_optimizer(self.adapter_name)
+        tuner.scheduled_adapter(self.adapter_name).register_all_for_optimizer()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         tuner = find_scheduled_tuner(model, "LayerScheduleCallback")
@@ -96,7 +96,8 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
             steps_per_epoch=steps_per_epoch, start_step=step, start_epoch=epoch, state_dict=resumed,
             on_switch=log_switch, calibration_data=loader, on_decision=self._decided,
         )
-        tuner.check_deferred_load()  # a resumed checkpoint's weights, against the schedule at its step
+        # A resumed checkpoint's weights, against the schedule at its step:
+        tuner.scheduled_adapter().check_deferred_load()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.scheduler is None or self.scheduler.unit != "epoch":
@@ -134,7 +135,7 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
         # a just-in-time checkpoint taken at this step's end, before our on_step_end, records it already.
         sched = self.scheduler
         if sched is not None and sched.unit == "step":
-            sched.tuner.set_schedule_position(sched.offset + int(state.global_step) + 1, sched.adapter_name)
+            sched.tuner.scheduled_adapter(sched.adapter_name).set_schedule_position(sched.offset + int(state.global_step) + 1)
         if sched is not None and _jit(args):
             # ... and with the step's signal measured: what on_step_end would fold in comes in now.
             sched.measure()

@@ -120,7 +120,7 @@ class LayerScheduleTrainerMixin(object):
         return super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def _load_from_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        with deferred_load_check():
+        with deferred_load_check(self.model):
             return super()._load_from_checkpoint(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -163,7 +163,7 @@ def install_trainer_hooks() -> None:
         def _load_from_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not _ours(self):
                 return original_load(self, *args, **kwargs)
-            with deferred_load_check():
+            with deferred_load_check(self.model):
                 return original_load(self, *args, **kwargs)
 
         Trainer._load_from_checkpoint = _load_from_checkpoint
