@@ -135,7 +135,8 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
         # a just-in-time checkpoint taken at this step's end, before our on_step_end, records it already.
         sched = self.scheduler
         if sched is not None and sched.unit == "step":
-            sched.tuner.scheduled_adapter(sched.adapter_name).set_schedule_position(sched.offset + int(state.global_step) + 1)
+            position = sched.offset + int(state.global_step) + 1
+            sched.tuner.scheduled_adapter(sched.adapter_name).set_schedule_position(position)
         if sched is not None and _jit(args):
             # ... and with the step's signal measured: what on_step_end would fold in comes in now.
             sched.measure()
