@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import sys
 
 import pytest
 
@@ -165,3 +166,23 @@ def test_the_diagram_reader_takes_the_names_before_the_description(tmp_path, lin
     doc = tmp_path / "contributing.md"
     doc.write_text("text\n{} x -->\n```text\n{}\n_compat/\n```\n".format(DIAGRAM_MARKER, line))
     assert layers_of_the_diagram(str(doc)) == [["_compat"], names]
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES = 500, 300
+
+
+@pytest.mark.skipif(sys.version_info < (3, 8), reason="ast nodes have end_lineno from Python 3.8")
+def test_no_module_is_over_500_lines_and_no_class_over_300():
+    """Small enough to read at once: a longer module or class is split by concern."""
+    too_long = []
+    for module, path in sorted(package_files().items()):
+        with open(path) as handle:
+            text = handle.read()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append("{}: {} lines".format(module, text.count("\n")))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    too_long.append("{}.{}: {} lines".format(module, node.name, length))
+    assert not too_long, "over {} lines a module or {} a class: {}".format(MAX_MODULE_LINES, MAX_CLASS_LINES, too_long)
