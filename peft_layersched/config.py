@@ -13,16 +13,15 @@ from peft import LoraConfig
 
 from . import _compat
 from ._model_card import add_loading_note
-from .schedules import (  # noqa: F401  (register their schedule kinds with parse_schedule)
+from .schedules import (
     CallableSpec,
     LayerId,
     ScheduleSpec,
-    adaptive,
     check_layer_list,
     check_time,
     check_unit,
+    kind_names,
     parse_schedule,
-    progressive,
 )
 
 # init_lora_weights modes that need data or a quantizer and run (partly) after get_peft_model.
@@ -133,9 +132,9 @@ class ScheduledLoraConfig(_compat.UniformLoraConfig):
         default=None,
         metadata={
             "help": "{start: layers}: from epoch/step `start` on, exactly `layers` train (until the next "
-            "start). E.g. {0: [11], 3: [1, 11]}. Or a dict with 'type' 'gradual', 'cyclic', 'sampled', "
-            "'progressive', 'adaptive' or 'autofreeze' (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), "
-            "or a callable t -> layers (not saved). "
+            "start). E.g. {0: [11], 3: [1, 11]}. Or a dict with 'type' one of "
+            + ", ".join(repr(kind) for kind in kind_names())
+            + " (e.g. {'type': 'gradual', 'k': 1, 'n': 1, 'every': 2}), or a callable t -> layers (not saved). "
             "None: no schedule (plain LoRA)."
         },
     )

@@ -72,7 +72,7 @@ def test_adaptive_decisions_are_identical_on_both_ranks(ddp_run):
 
 
 def test_progressive_draws_are_identical_on_both_ranks_and_follow_the_run_length(ddp_run):
-    from peft_layersched.schedules.base import parse_schedule
+    from peft_layersched.schedules import parse_schedule
 
     first, second = _ranks(ddp_run, "progressive")
     assert first["world"] == 2

@@ -65,7 +65,7 @@ class AdaptiveDriver(object):
             return
         if schedule.spec.needs_calibration and not meter.calibrated:
             meter.calibrate(self.tuner.model, self.calibration_data)
-        measured = meter.interval_measured() if schedule.kind == "autofreeze" else meter.measured()
+        measured = meter.interval_measured() if schedule.spec.compares_intervals else meter.measured()
         decision = schedule.decide(due, measured)
         meter.start_interval()
         self.last_decision = decision

@@ -76,10 +76,10 @@ def plan_adapter(model: nn.Module, config: ScheduledLoraConfig) -> AdapterState:
     spec = config.schedule()
     schedule: Optional[Schedule] = None
     if spec is not None:
-        # Kinds other than milestones draw from "every layer" unless they list their own: the preallocated
-        # layers when preallocate_layers is set, else every layer holding a target module.
+        # Kinds that draw (all but milestones) draw from "every layer" unless they list their own: the
+        # preallocated layers when preallocate_layers is set, else every layer holding a target module.
         candidates: Optional[List[LayerId]] = None
-        if spec.kind != "milestones":
+        if spec.draws_candidates:
             if config.preallocate_layers is not None:
                 candidates = requested()
             else:
