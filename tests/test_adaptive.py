@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from peft_layersched import LayerScheduleCallback, LayerScheduler, export_lora
 from peft_layersched.cli import main as cli_main
-from peft_layersched.schedules.adaptive import percentile
 from peft_layersched.schedules import parse_schedule
+from peft_layersched.schedules.adaptive import percentile
 
 from helpers import tiny_models
 from helpers.snapshots import lora, same
