@@ -32,26 +32,27 @@ def _reduce_device(fallback: torch.device) -> torch.device:
     return fallback
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over ranks (as it is in one process)."""
+def _collective(tensor: torch.Tensor, op: str) -> torch.Tensor:
     dist = _dist()
     if dist is None:
         return tensor
     device = tensor.device
     moved = tensor.to(_reduce_device(device))
-    dist.all_reduce(moved)
+    if op == "sum":
+        dist.all_reduce(moved)
+    else:
+        dist.broadcast(moved, 0)
     return moved.to(device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks (as it is in one process)."""
+    return _collective(tensor, "sum")
 
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``tensor`` on every rank."""
-    dist = _dist()
-    if dist is None:
-        return tensor
-    device = tensor.device
-    moved = tensor.to(_reduce_device(device))
-    dist.broadcast(moved, 0)
-    return moved.to(device)
+    return _collective(tensor, "broadcast")
 
 
 @contextlib.contextmanager
