@@ -32,7 +32,7 @@ def _matches_pattern(path: str, pattern: str) -> bool:
     return path == pattern or path.endswith("." + pattern)
 
 
-def _name_stacks(paths: List[str]) -> List[str]:
+def name_stacks(paths: List[str]) -> List[str]:
     if len(paths) <= 1:
         return list(paths)
     parents = [p.rsplit(".", 1)[0] if "." in p else p for p in paths]
@@ -79,7 +79,7 @@ def discover_stacks(model: nn.Module, layer_stacks: Any = None) -> List[LayerSta
                 continue  # nested lists (MoE experts, T5 sub-layers) belong to their block
             selected.append((name, module))
     paths = [name for name, _ in selected]
-    names = _name_stacks(paths)
+    names = name_stacks(paths)
     return [LayerStack(n, p, len(m)) for n, p, (_, m) in zip(names, paths, selected)]
 
 

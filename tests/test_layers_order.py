@@ -186,3 +186,22 @@ def test_no_module_is_over_500_lines_and_no_class_over_300():
                 if length > MAX_CLASS_LINES:
                     too_long.append("{}.{}: {} lines".format(module, node.name, length))
     assert not too_long, "over {} lines a module or {} a class: {}".format(MAX_MODULE_LINES, MAX_CLASS_LINES, too_long)
+
+
+ALLOWED_PRIVATE = ("_compat", "__version__")
+
+
+def test_modules_import_no_private_names_from_one_another():
+    """Modules use one another's public names; ``_compat`` (a module) and ``__version__`` are the exceptions."""
+    private = []
+    for module, path in sorted(package_files().items()):
+        with open(path) as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if not (node.level or (node.module or "").startswith("peft_layersched")):
+                continue
+            names = [a.name for a in node.names if a.name.startswith("_") and a.name not in ALLOWED_PRIVATE]
+            private.extend("{} imports {} from {}".format(module, name, node.module or ".") for name in names)
+    assert not private, private

@@ -13,7 +13,7 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..schedules import describe_schedule, format_layers, parse_schedule
-from .program import _count, _emit, _load_config, _table, register_subcommand
+from .program import emit, format_count, format_table, load_config, register_subcommand
 
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_(?:A|B|embedding_A|embedding_B|magnitude_vector))\b"
@@ -67,7 +67,7 @@ def _uses_stack_names(config: Any) -> bool:
 
 def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str], Any]:
     """Canonical layer id of a saved module name, from the names alone (the model is not needed)."""
-    from ..layers import _name_stacks
+    from ..layers import name_stacks
 
     def split(name: str) -> Tuple[Optional[str], Optional[int]]:
         parts = name.split(".")
@@ -85,7 +85,7 @@ def _layer_namer(module_names: List[str], named_stacks: bool) -> Callable[[str],
         parent = paths[0].rsplit(".", 1)[0]
         names = {paths[0]: parent.rsplit(".", 1)[-1]}
     else:
-        names = dict(zip(paths, _name_stacks(paths))) if len(paths) > 1 else {}
+        names = dict(zip(paths, name_stacks(paths))) if len(paths) > 1 else {}
 
     def layer_of(name: str) -> Any:
         path, index = split(name)
@@ -146,7 +146,7 @@ def _compute_inspect(folder: str) -> Dict[str, Any]:
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder; give the folder written by model.save_pretrained(...).")
     ignored: List[str] = []
-    config = _load_config(folder, ignored)
+    config = load_config(folder, ignored)
     with open(os.path.join(folder, "adapter_config.json")) as handle:
         peft_type = json.load(handle).get("peft_type")
     weights_file, state = _load_weights(folder)
@@ -244,25 +244,25 @@ def _render_inspect(report: Dict[str, Any]) -> List[str]:
             [
                 "(outside stacks)" if layer["id"] is None else str(layer["id"]),
                 str(len(layer["modules"])),
-                _count(layer["lora_params"]),
+                format_count(layer["lora_params"]),
                 state_word[layer["trained"]],
                 "yes" if layer["ever_active"] else "no",
             ]
         )
-    lines.extend(_table(table))
+    lines.extend(format_table(table))
     trained, in_stacks = report["trained_layers"], report["preallocated_layers"]
     trained_text = (
-        f"{len(trained)} ({format_layers(trained)}), {_count(report['trained_lora_params'])} LoRA parameters"
+        f"{len(trained)} ({format_layers(trained)}), {format_count(report['trained_lora_params'])} LoRA parameters"
         if trained is not None
         else f"unknown: init_lora_weights={init!r} does not start lora_B at zero"
     )
     lines += [
         "",
         f"preallocated      {len(in_stacks)} layer(s): {format_layers(in_stacks)}; "
-        f"{_count(report['lora_params_total'])} LoRA parameters",
+        f"{format_count(report['lora_params_total'])} LoRA parameters",
         f"trained (weights) {trained_text}",
         f"ever_active       {format_layers(report['ever_active_layers'])} (adapter_config.json)",
-        f"other parameters  {_count(report['other_params'])} (modules_to_save and other non-LoRA tensors)",
+        f"other parameters  {format_count(report['other_params'])} (modules_to_save and other non-LoRA tensors)",
         f"exportable        {'yes' if report['exportable'] else 'no'}: {report['export']}",
     ]
     lines += [f"note              {note}" for note in report["notes"]]
@@ -271,7 +271,7 @@ def _render_inspect(report: Dict[str, Any]) -> List[str]:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     report = _compute_inspect(args.adapter_dir)
-    return _emit(args, report, _render_inspect(report))
+    return emit(args, report, _render_inspect(report))
 
 
 register_subcommand(

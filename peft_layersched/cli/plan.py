@@ -12,7 +12,15 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..schedules import describe_schedule, format_layers, preview_span
-from .program import _config_label, _count, _emit, _load_config, _quiet_transformers, _table, register_subcommand
+from .program import (
+    config_label,
+    emit,
+    format_count,
+    format_table,
+    load_config,
+    quiet_transformers,
+    register_subcommand,
+)
 
 _GRID_COLUMNS = 64  # beyond this many epochs/steps, one grid column covers several
 
@@ -189,9 +197,9 @@ def _compute_plan(
     adapters per layer and the active layers at each epoch/step, with the phases they form."""
     from peft import get_peft_model
 
-    _quiet_transformers()
-    config = _load_config(config_path)
-    label = _config_label(config_path)
+    quiet_transformers()
+    config = load_config(config_path)
+    label = config_label(config_path)
     unit = config.schedule_unit
     if epochs is not None and unit != "epoch":
         raise ValueError(f"{label}: schedule_unit is {unit!r}: the schedule counts optimizer steps; use --steps.")
@@ -262,7 +270,7 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
         "stacks    " + "; ".join(_stack_text(stack, index.multi) for stack in index.stacks),
         f"schedule  {schedule['description']}",
         f"adapters  {len(preallocated)} layer(s) preallocated: {format_layers(preallocated)}; "
-        f"{_count(plan['lora_params_total'])} LoRA parameters",
+        f"{format_count(plan['lora_params_total'])} LoRA parameters",
         "",
         "target modules per layer:",
     ]
@@ -275,7 +283,7 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
                 break
         else:
             groups.append((names, [layer["id"]]))
-    lines.extend(_table([[f"layers {format_layers(members)}", ", ".join(names)] for names, members in groups]))
+    lines.extend(format_table([[f"layers {format_layers(members)}", ", ".join(names)] for names, members in groups]))
     lines += ["", f"timeline, {unit}s 0..{plan['horizon'] - 1}:"]
     lines.extend(_grid(_plan_rows(plan), plan["timeline"], preallocated, unit))
     lines += ["", "phases:"]
@@ -284,8 +292,8 @@ def _render_plan(plan: Dict[str, Any]) -> List[str]:
     for phase in shown:
         start, end = phase["start"], phase["end"]
         span = str(start) if start == end else f"{start}-{end}"
-        table.append([span, format_layers(phase["active"]), _count(phase["trainable_lora_params"])])
-    lines.extend(_table(table))
+        table.append([span, format_layers(phase["active"]), format_count(phase["trainable_lora_params"])])
+    lines.extend(format_table(table))
     if len(plan["phases"]) > len(shown):
         lines.append(f"  ... {len(plan['phases']) - len(shown)} more phases (--json lists them all)")
     if "plot" in plan:
@@ -303,7 +311,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         plan["plot"] = plot_timeline(
             args.plot, _plan_rows(plan), plan["timeline"], plan["preallocated_layers"], unit, title
         )
-    return _emit(args, plan, _render_plan(plan))
+    return emit(args, plan, _render_plan(plan))
 
 
 register_subcommand(

@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 # ------------------------------------------------------------------------------------------ shared
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     # Deprecation chatter of the installed transformers is not for the person reading the plan.
@@ -86,7 +86,7 @@ def _is_inline_json(text: str) -> bool:
     return text.lstrip().startswith("{") and not os.path.exists(text)
 
 
-def _config_label(text: str) -> str:
+def config_label(text: str) -> str:
     """How messages name a ``--config`` value: the file's path, or ``--config`` for inline JSON."""
     return "--config" if _is_inline_json(text) else text
 
@@ -117,7 +117,7 @@ def _read_config_data(path: str) -> Tuple[Any, str]:
             raise ValueError(f"{path}: not valid JSON ({error}).") from None
 
 
-def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
+def load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
     """A ``ScheduledLoraConfig`` from an ``adapter_config.json`` (or a folder holding one), or from a
     small JSON dict of its fields (``target_modules``, ``r``, ``layer_schedule``, ...), in a file or inline
     (``path`` is then the JSON text itself, starting with ``{``).
@@ -146,16 +146,16 @@ def _load_config(path: str, ignored: Optional[List[str]] = None) -> Any:
     return ScheduledLoraConfig(**{key: value for key, value in data.items() if key in known})
 
 
-def _count(n: int) -> str:
+def format_count(n: int) -> str:
     return f"{n:,}"
 
 
-def _table(rows: List[List[str]], indent: str = "  ") -> List[str]:
+def format_table(rows: List[List[str]], indent: str = "  ") -> List[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
 
 
-def _emit(args: argparse.Namespace, payload: Dict[str, Any], lines: List[str]) -> int:
+def emit(args: argparse.Namespace, payload: Dict[str, Any], lines: List[str]) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:

@@ -10,7 +10,7 @@ import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, candidates_text, register_kind
+from .base import Schedule, ScheduleSpec, SpecFields, bind_candidates, candidates_text, register_kind
 from .decision_log import Decision, check_decisions, json_decision
 from .ids import (
     Canonicalizer,
@@ -44,7 +44,7 @@ def _unit_float(*key: Any) -> float:
     return stable_int(*key) / float(1 << 64)
 
 
-def _check_weights(check: _Spec) -> Optional[Dict[LayerId, float]]:
+def _check_weights(check: SpecFields) -> Optional[Dict[LayerId, float]]:
     raw = check.spec.get("weights")
     if raw is None:
         return None
@@ -67,7 +67,7 @@ def _check_weights(check: _Spec) -> Optional[Dict[LayerId, float]]:
     return weights
 
 
-_COMMON_FIELDS = {
+COMMON_FIELDS = {
     "every": "epochs/steps between decisions, default 1",
     "ema": "weight of the past in the per-step average of the signal, default 0.9",
     "always": "layers active at every time, default none",
@@ -77,7 +77,7 @@ _COMMON_FIELDS = {
 }
 
 
-class _AdaptiveSpecBase(ScheduleSpec):
+class AdaptiveSpecBase(ScheduleSpec):
     """What both adaptive kinds share: candidates, ``always`` layers, ``every``, the signal, the log."""
 
     signal = "grad_norm"
@@ -91,12 +91,12 @@ class _AdaptiveSpecBase(ScheduleSpec):
     decisions: List[Decision]
     state: Optional[Dict[str, Any]]
 
-    def _check_common(self, check: _Spec, signals: Tuple[str, ...], default_signal: str) -> None:
-        self.every = check.integer("every", 1, 1, _COMMON_FIELDS["every"])
+    def _check_common(self, check: SpecFields, signals: Tuple[str, ...], default_signal: str) -> None:
+        self.every = check.integer("every", 1, 1, COMMON_FIELDS["every"])
         self.layers = check.layers("layers", allow_empty=False)
         self.always = check.layers("always", allow_empty=True) or []
         self.signal = check.choice("signal", default_signal, signals)
-        self.ema = check.number("ema", 0.9, 0.0, 1.0, _COMMON_FIELDS["ema"])
+        self.ema = check.number("ema", 0.9, 0.0, 1.0, COMMON_FIELDS["ema"])
         if self.ema >= 1.0:
             raise ValueError(
                 f"{check.where}: 'ema' must be < 1 (1 would never take a new measurement), got {self.ema}."
@@ -139,7 +139,7 @@ class AdaptiveSchedule(Schedule):
     """
 
     def __init__(
-        self, spec: "_AdaptiveSpecBase", layers: Sequence[LayerId], canonical: Canonicalizer,
+        self, spec: "AdaptiveSpecBase", layers: Sequence[LayerId], canonical: Canonicalizer,
         default: Sequence[LayerId],
     ) -> None:
         super().__init__(spec, layers)
@@ -190,7 +190,7 @@ class AdaptiveSchedule(Schedule):
 
     def load_decisions(self, decisions: Sequence[Decision]) -> None:
         """Replace the log with ``decisions`` (JSON form, e.g. from a checkpoint)."""
-        check = _Spec({"decisions": list(decisions)}, self.kind, {"decisions": "the decision log"})
+        check = SpecFields({"decisions": list(decisions)}, self.kind, {"decisions": "the decision log"})
         self._bind_log(check_decisions(check, with_rates=True))
 
     def decisions_json(self) -> List[Decision]:
@@ -407,7 +407,7 @@ class AdaptiveImportance(AdaptiveSchedule):
 
 
 @register_kind
-class AdaptiveSpec(_AdaptiveSpecBase):
+class AdaptiveSpec(AdaptiveSpecBase):
     """Importance-driven choice of ``k`` layers every ``every`` epochs/steps.
 
     ``{"type": "adaptive", "k": 2, "every": 50, "signal": "grad_norm", "policy": "sample"}``.
@@ -419,24 +419,24 @@ class AdaptiveSpec(_AdaptiveSpecBase):
     prior_note = "; before training: what the prior scores alone choose"
     FIELDS = {
         "k": "layers chosen at each decision, default 1",
-        "every": _COMMON_FIELDS["every"],
+        "every": COMMON_FIELDS["every"],
         "signal": f"what scores a layer: one of {list(ADAPTIVE_SIGNALS)}, default 'grad_norm'",
         "policy": "'sample' (default: drawn ~ score ** (1/temperature)) or 'top' (the k highest)",
         "explore": "chance that a pick is uniform over the other candidates, default 0.1",
         "temperature": "sharpness of 'sample' (lower: closer to 'top'), default 1.0",
         "seed": "seed of the draws and tie-breaks, default 0",
-        "ema": _COMMON_FIELDS["ema"],
+        "ema": COMMON_FIELDS["ema"],
         "weights": "{layer: weight >= 0} multiplying the scores (0: never chosen)",
         "calibration_batches": "batches the 'outlier' signal measures before the first decision, default 8",
         "outlier_m": "'outlier': an entry counts when |W| x ||X|| > outlier_m x its mean, default 5",
-        "always": _COMMON_FIELDS["always"],
-        "layers": _COMMON_FIELDS["layers"],
-        "decisions": _COMMON_FIELDS["decisions"],
-        "state": _COMMON_FIELDS["state"],
+        "always": COMMON_FIELDS["always"],
+        "layers": COMMON_FIELDS["layers"],
+        "decisions": COMMON_FIELDS["decisions"],
+        "state": COMMON_FIELDS["state"],
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self.k = check.integer("k", 1, 1, self.FIELDS["k"])
         self.weights = _check_weights(check)
         self._check_common(check, ADAPTIVE_SIGNALS, "weights" if self.weights is not None else "grad_norm")

@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 from .adaptive import (
-    _COMMON_FIELDS,
+    COMMON_FIELDS,
     INTERVAL_SIGNALS,
     AdaptiveSchedule,
-    _AdaptiveSpecBase,
+    AdaptiveSpecBase,
     percentile,
 )
-from .base import _Spec, register_kind
+from .base import SpecFields, register_kind
 from .decision_log import Decision, check_decisions
 from .ids import Canonicalizer, LayerId, check_time, short_layer_list
 
@@ -73,7 +73,7 @@ class AutofreezeSchedule(AdaptiveSchedule):
 
 
 @register_kind
-class AutofreezeSpec(_AdaptiveSpecBase):
+class AutofreezeSpec(AdaptiveSpecBase):
     """AutoFreeze: layers leave bottom-up, for good, once their signal stops changing.
 
     ``{"type": "autofreeze", "every": 50, "percentile": 50, "signal": "grad_norm", "min_active": 1}``.
@@ -83,20 +83,20 @@ class AutofreezeSpec(_AdaptiveSpecBase):
     runtime = AutofreezeSchedule
     compares_intervals = True
     FIELDS = {
-        "every": _COMMON_FIELDS["every"],
+        "every": COMMON_FIELDS["every"],
         "signal": f"what is compared between intervals: one of {list(INTERVAL_SIGNALS)}, default 'grad_norm'",
         "percentile": "a layer has converged when its rate of change is under this percentile (0-100) of "
                       "the active layers' rates, default 50",
         "min_active": "candidate layers that always stay active, default 1",
-        "ema": _COMMON_FIELDS["ema"],
-        "always": _COMMON_FIELDS["always"],
-        "layers": _COMMON_FIELDS["layers"],
-        "decisions": _COMMON_FIELDS["decisions"],
-        "state": _COMMON_FIELDS["state"],
+        "ema": COMMON_FIELDS["ema"],
+        "always": COMMON_FIELDS["always"],
+        "layers": COMMON_FIELDS["layers"],
+        "decisions": COMMON_FIELDS["decisions"],
+        "state": COMMON_FIELDS["state"],
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self._check_common(check, INTERVAL_SIGNALS, "grad_norm")
         self.percentile = check.number("percentile", 50, 0.0, 100.0, self.FIELDS["percentile"])
         self.min_active = check.integer("min_active", 1, 1, self.FIELDS["min_active"])

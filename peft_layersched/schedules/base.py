@@ -204,7 +204,7 @@ def candidates_text(layers: Optional[List[LayerId]]) -> str:
 _REQUIRED = object()
 
 
-class _Spec(object):
+class SpecFields(object):
     """Checks the keys of a ``{"type": ...}`` dict, with messages that name the field and valid values."""
 
     def __init__(self, spec: Dict[Any, Any], kind: str, fields: Dict[str, str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, candidates_text, register_kind
+from .base import Schedule, ScheduleSpec, SpecFields, bind_candidates, candidates_text, register_kind
 from .ids import Canonicalizer, LayerId, seeded_permutation, short_layer_list
 
 
@@ -77,7 +77,7 @@ class CyclicSpec(ScheduleSpec):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self.block = check.integer("block", 1, 1, self.FIELDS["block"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])
         self.order = check.choice("order", "ascending", self.ORDERS)

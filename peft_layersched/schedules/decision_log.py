@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from .base import _Spec
+from .base import SpecFields
 from .ids import check_layer_id, check_layer_list, check_time
 
 Decision = Dict[str, Any]
 
 
-def check_decisions(check: _Spec, with_rates: bool) -> List[Decision]:
+def check_decisions(check: SpecFields, with_rates: bool) -> List[Decision]:
     """The validated ``decisions`` of an adaptive spec (``with_rates``: autofreeze's keys too)."""
     raw = check.spec.get("decisions")
     if raw is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, candidates_text, register_kind
+from .base import Schedule, ScheduleSpec, SpecFields, bind_candidates, candidates_text, register_kind
 from .ids import Canonicalizer, LayerId, short_layer_list
 
 
@@ -74,7 +74,7 @@ class GradualSpec(ScheduleSpec):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self.k = check.integer("k", 1, 0, self.FIELDS["k"])
         self.n = check.integer("n", 1, 0, self.FIELDS["n"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, register_kind
+from .base import Schedule, ScheduleSpec, SpecFields, bind_candidates, register_kind
 from .ids import Canonicalizer, LayerId, stable_int
 
 _TWO_64 = float(2 ** 64)
@@ -84,7 +84,7 @@ class ProgressiveSpec(ScheduleSpec):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self.start = check.fraction("start", 0.1, self.FIELDS["start"], zero_ok=True)
         self.full_at = check.fraction("full_at", 0.75, self.FIELDS["full_at"], zero_ok=False)
         self.steps: Optional[int] = check.integer("steps", None, 1, self.FIELDS["steps"])

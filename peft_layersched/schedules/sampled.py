@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from .base import Schedule, ScheduleSpec, _Spec, bind_candidates, candidates_text, register_kind
+from .base import Schedule, ScheduleSpec, SpecFields, bind_candidates, candidates_text, register_kind
 from .ids import Canonicalizer, LayerId, seeded_sample, short_layer_list
 
 
@@ -61,7 +61,7 @@ class SampledSpec(ScheduleSpec):
     }
 
     def __init__(self, spec: Dict[Any, Any]) -> None:
-        check = _Spec(spec, self.kind, self.FIELDS)
+        check = SpecFields(spec, self.kind, self.FIELDS)
         self.k = check.integer("k", 1, 1, self.FIELDS["k"])
         self.every = check.integer("every", 1, 1, self.FIELDS["every"])
         self.seed = check.integer("seed", 0, None, self.FIELDS["seed"])
