@@ -92,12 +92,15 @@ def test_config_survives_save_pretrained_and_from_pretrained(kwargs, tmp_path):
 
 
 def test_from_lora_config_copies_lora_fields_and_never_the_schedule_or_the_object():
+    # rank_pattern: a dict field, from PEFT 0.7 on
+    pattern = {"rank_pattern": {"query": 2}} if "rank_pattern" in LoraConfig.__dataclass_fields__ else {}
     source = LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"],
-                        rank_pattern={"query": 2})
+                        lora_dropout=0.1, **pattern)
     before = source.to_dict()
     config = ScheduledLoraConfig.from_lora_config(source, layer_schedule={"0": [-1]}, schedule_unit="step")
     assert source.to_dict() == before  # the tool's object is left as it is
-    assert (config.r, config.lora_alpha, config.rank_pattern) == (4, 16, {"query": 2})
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.1)
+    assert all(getattr(config, name) == value for name, value in pattern.items())
     assert (config.layer_schedule, config.schedule_unit, config.init_seed) == ({0: [-1]}, "step", None)
     assert config.target_modules == source.target_modules and config.target_modules is not source.target_modules
     config.modules_to_save.append("pooler")
