@@ -20,6 +20,25 @@ def two_ranks(worker, out, kinds, timeout):
     return out
 
 
+def descendants(pid):
+    """The pids of ``pid``'s children, their children and so on (Linux: read from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(os.path.join("/proc", entry, "stat")) as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, ppid in parent.items() if ppid in frontier]
+        found.extend(children)
+        frontier = children
+    return found
+
+
 def torchrun(args, what, timeout):
     """``torchrun --standalone --nproc_per_node 2 ARGS`` in tests/; fails the test (naming ``what``) with the
     tail of the output if it does not exit 0 within ``timeout`` seconds.  Returns the output."""
@@ -32,8 +51,17 @@ def torchrun(args, what, timeout):
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
-        process.communicate()
-        pytest.fail(f"the 2-process {what} did not finish within {timeout} s")
+        # torchrun's ranks may sit in process groups of their own: kill every descendant, not only the group,
+        # or a rank left alive keeps the output pipe open and communicate() never returns.
+        for pid in [process.pid] + descendants(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            output = ""
+        pytest.fail(f"the 2-process {what} did not finish within {timeout} s; its output:\n{(output or '')[-6000:]}")
     assert process.returncode == 0, output[-6000:]
     return output
