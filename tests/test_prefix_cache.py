@@ -1,0 +1,196 @@
+"""The frozen-prefix activation cache: cached runs train bitwise as uncached ones, and skip the prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from peft_layersched import LayerScheduler, PrefixCache
+
+from helpers.scheduled_cases import BY_FAMILY, lora_params
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+class VariableLength(Dataset):
+    """Sequences of 4..12 tokens; the label is whether token 7 appears."""
+
+    def __init__(self, n=24, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(4, 13, (n,), generator=generator).tolist()
+        self.rows = [torch.randint(1, 99, (k,), generator=generator) for k in lengths]
+        for row in self.rows[: n // 2]:
+            row[0] = 7
+        self.labels = [int((row == 7).any()) for row in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i].tolist(), "labels": self.labels[i]}
+
+
+def pad_right(features, length=None):
+    """Right padding (pad id 0) to ``length``, default the batch's longest row, with the attention mask."""
+    length = length or max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros((len(features), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
+
+
+def bert(schedule, layers=4, base=None, **config):
+    fields = dict(NO_DROPOUT, **(base or {}))
+    return BY_FAMILY["bert"].build(base=dict(num_layers=layers, **fields), layer_schedule=schedule,
+                                   schedule_unit="epoch", task_type="SEQ_CLS", lora_dropout=0.0, **config)
+
+
+def pad_fixed(features):
+    return pad_right(features, 12)
+
+
+def plain_run(model, epochs, prefix_cache=None, batch_size=5, on_epoch=None, collate=pad_fixed, **options):
+    """A plain loop with shuffling; returns the scheduler (finished)."""
+    torch.manual_seed(0)
+    loader = DataLoader(VariableLength(), batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
+    sched = LayerScheduler(model, optimizer, total_epochs=epochs, prefix_cache=prefix_cache, **options)
+    model.train()
+    for epoch in range(epochs):
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+        if on_epoch is not None:
+            on_epoch(epoch, sched)
+        sched.epoch_end()
+    metrics = sched.metrics()
+    sched.finish()
+    sched.final_metrics = metrics
+    return sched
+
+
+def assert_same_lora(a, b):
+    pa, pb = lora_params(a), lora_params(b)
+    assert pa.keys() == pb.keys()
+    different = [name for name in pa if not torch.equal(pa[name], pb[name])]
+    assert not different, different
+
+
+class CallCounter(object):
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.calls += 1
+
+
+def test_a_cached_plain_loop_trains_bitwise_as_an_uncached_one_and_skips_the_prefix():
+    uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
+    # (Modules inside the prefix: the patched modules' own __call__ still runs, their work does not.)
+    counters = [CallCounter(cached.base_model.model.bert.embeddings.word_embeddings),
+                CallCounter(cached.base_model.model.bert.encoder.layer[1].attention)]
+    seen = []
+    plain_run(uncached, 4)
+    sched = plain_run(cached, 4, prefix_cache=True,
+                      on_epoch=lambda epoch, s: seen.append([c.calls for c in counters]))
+    assert_same_lora(uncached, cached)
+    # epoch 0 records (every batch runs the prefix), the later epochs run nothing below layer 2.
+    assert seen[0][0] == 5 and seen[-1] == seen[0], seen
+    metrics = sched.final_metrics
+    assert metrics["layer_schedule/prefix_cache_boundary"] == 2.0
+    assert metrics["layer_schedule/prefix_cache_misses"] == 24.0
+    assert metrics["layer_schedule/prefix_cache_hits"] == 3 * 24.0
+    assert metrics["layer_schedule/prefix_cache_bytes"] > 0
+    assert sched.prefix.store.ram_bytes == 0  # nothing kept after the run
+
+
+def test_with_dynamic_padding_rows_hit_at_their_padded_length_and_training_stays_bitwise():
+    uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
+    plain_run(uncached, 5, collate=pad_right)
+    sched = plain_run(cached, 5, prefix_cache=True, collate=pad_right)
+    assert_same_lora(uncached, cached)
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0
+
+
+def test_any_pad_length_hits_under_any_right_padding_to_float_rounding():
+    uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
+    plain_run(uncached, 4, collate=pad_right)
+    sched = plain_run(cached, 4, prefix_cache=PrefixCache(any_pad_length=True), collate=pad_right)
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] == 3 * 24.0
+    a, b = lora_params(uncached), lora_params(cached)
+    assert all(torch.allclose(a[name], b[name], atol=1e-5) for name in a)
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over the ids 0..98 ("t<id>"), built in memory, pad id 0."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"t{}".format(i): i for i in range(99)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="t1"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", unk_token="t1")
+
+
+class TokenRows(Dataset):
+    def __init__(self, labels):
+        self.data, self.labels = VariableLength(), labels
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        row = self.data[i]
+        out = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"])}
+        if self.labels:
+            out["labels"] = row["labels"]
+        return out
+
+
+def trainer_run(model, out, prefix_cache, family):
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
+
+    from peft_layersched import LayerScheduleCallback
+
+    from helpers.toy_training import training_args
+
+    tokenizer = word_tokenizer()
+    collator = (DataCollatorWithPadding(tokenizer) if family == "bert"
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    callback = LayerScheduleCallback(prefix_cache=prefix_cache)
+    trainer = Trainer(model=model, args=training_args(out, num_train_epochs=4, per_device_train_batch_size=5,
+                                                      logging_steps=50),
+                      train_dataset=TokenRows(labels=family == "bert"), data_collator=collator,
+                      callbacks=[callback])
+    metrics = {}
+    original = callback.on_epoch_end
+
+    def keep_metrics(*args, **kwargs):
+        metrics.update(callback.tracker_scalars())
+        return original(*args, **kwargs)
+
+    callback.on_epoch_end = keep_metrics
+    trainer.train()
+    return metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tmp_path, family):
+    def build():
+        if family == "bert":
+            return bert({0: [2, 3]})
+        return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
+
+    uncached, cached = build(), build()
+    trainer_run(uncached, tmp_path / "a", None, family)
+    metrics = trainer_run(cached, tmp_path / "b", True, family)
+    assert_same_lora(uncached, cached)
+    assert metrics["layer_schedule/prefix_cache_hits"] > 0, metrics
