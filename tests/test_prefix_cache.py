@@ -44,8 +44,8 @@ def pad_right(features, length=None):
 
 def bert(schedule, layers=4, base=None, **config):
     fields = dict(NO_DROPOUT, **(base or {}))
-    return BY_FAMILY["bert"].build(base=dict(num_layers=layers, **fields), layer_schedule=schedule,
-                                   schedule_unit="epoch", task_type="SEQ_CLS", lora_dropout=0.0, **config)
+    config = dict(dict(schedule_unit="epoch", task_type="SEQ_CLS", lora_dropout=0.0), **config)
+    return BY_FAMILY["bert"].build(base=dict(num_layers=layers, **fields), layer_schedule=schedule, **config)
 
 
 def pad_fixed(features):
@@ -181,7 +181,6 @@ def trainer_run(model, out, prefix_cache, family):
     return metrics
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tmp_path, family):
     def build():
@@ -194,3 +193,143 @@ def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tm
     metrics = trainer_run(cached, tmp_path / "b", True, family)
     assert_same_lora(uncached, cached)
     assert metrics["layer_schedule/prefix_cache_hits"] > 0, metrics
+
+
+class EvalBelow(object):
+    """The uncached reference of eval_prefix: the embeddings and layers below ``boundary`` in eval mode at
+    every forward of the backbone (as the cache does)."""
+
+    def __init__(self, model, boundary):
+        self.bert = model.base_model.model.bert
+        self.modules = [self.bert.embeddings] + list(self.bert.encoder.layer)[:boundary]
+        self.bert.register_forward_pre_hook(self._eval)
+
+    def _eval(self, module, args):
+        if module.training:
+            for prefix in self.modules:
+                prefix.eval()
+
+
+def test_eval_prefix_runs_the_prefix_without_dropout_bitwise_as_an_uncached_run_that_does_the_same():
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    uncached = bert({0: [2, 3]}, base=dropout, lora_dropout=0.1)
+    cached = bert({0: [2, 3]}, base=dropout, lora_dropout=0.1)
+    EvalBelow(uncached, 2)
+    plain_run(uncached, 3)
+    sched = plain_run(cached, 3, prefix_cache=PrefixCache(eval_prefix=True))
+    assert_same_lora(uncached, cached)
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] == 2 * 24.0
+    # The layers above the boundary kept their dropout: a run without any dropout differs.
+    plain = bert({0: [2, 3]}, base=dropout, lora_dropout=0.1)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    plain_run(plain, 3)
+    a, b = lora_params(plain), lora_params(cached)
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def test_prefix_dropout_without_eval_prefix_is_refused():
+    model = bert({0: [2, 3]}, base={"hidden_dropout_prob": 0.1})
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
+    with pytest.raises(ValueError, match=r"dropout.*PrefixCache\(eval_prefix=True\)"):
+        LayerScheduler(model, optimizer, total_epochs=3, prefix_cache=True)
+
+
+def test_the_cache_is_dropped_and_rebuilt_when_milestones_move_the_boundary_up():
+    schedule = {0: [1, 2, 3], 2: [2, 3]}
+    uncached, cached = bert(schedule), bert(schedule)
+    plain_run(uncached, 4)
+    seen = []
+    plain_run(cached, 4, prefix_cache=True, on_epoch=lambda epoch, s: seen.append(s.prefix.metrics()))
+    assert_same_lora(uncached, cached)
+    boundary = [m["layer_schedule/prefix_cache_boundary"] for m in seen]
+    misses = [m["layer_schedule/prefix_cache_misses"] for m in seen]
+    hits = [m["layer_schedule/prefix_cache_hits"] for m in seen]
+    assert boundary == [1.0, 1.0, 2.0, 2.0]
+    assert misses == [24.0, 24.0, 48.0, 48.0] and hits == [0.0, 24.0, 24.0, 48.0]
+
+
+def test_autofreeze_moves_the_boundary_and_stays_bitwise():
+    spec = {"type": "autofreeze", "every": 2, "percentile": 90}
+    uncached, cached = bert(spec, schedule_unit="step"), bert(spec, schedule_unit="step")
+    plain_run(uncached, 6, total_steps=30)
+    seen = []
+    plain_run(cached, 6, prefix_cache=True, total_steps=30,
+              on_epoch=lambda epoch, s: seen.append((s.prefix.boundary, s.prefix.hits)))
+    assert_same_lora(uncached, cached)
+    boundaries = [b for b, _ in seen]
+    assert 0 < boundaries[0] < boundaries[-1] and boundaries == sorted(boundaries), seen
+    assert seen[-1][1] - seen[-2][1] == 24, seen  # the last epoch: every row cached
+
+
+def test_the_byte_cap_stops_caching_without_dir_and_spills_to_dir(tmp_path):
+    row = 12 * 32 * 4  # at most 12 real tokens x hidden 32, fp32 (a row keeps its real tokens only)
+    every_row = sum(len(r) for r in VariableLength().rows) * 32 * 4
+    uncached, capped, spilled = bert({0: [2, 3]}), bert({0: [2, 3]}), bert({0: [2, 3]})
+    plain_run(uncached, 3)
+    sched = plain_run(capped, 3, prefix_cache=PrefixCache(max_bytes=10 * row))
+    assert_same_lora(uncached, capped)
+    assert 0 < sched.final_metrics["layer_schedule/prefix_cache_bytes"] <= 10 * row
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] < 2 * 24.0
+    folder = tmp_path / "spill"
+    seen = []
+    sched = plain_run(spilled, 3, prefix_cache=PrefixCache(max_bytes=10 * row, dir=str(folder)),
+                      on_epoch=lambda epoch, s: seen.append(len(list(folder.rglob("*")))))
+    assert_same_lora(uncached, spilled)
+    metrics = sched.final_metrics
+    assert metrics["layer_schedule/prefix_cache_hits"] == 2 * 24.0
+    on_disk = metrics["layer_schedule/prefix_cache_disk_bytes"]
+    assert metrics["layer_schedule/prefix_cache_bytes"] == every_row and 0 < on_disk < every_row
+    assert seen[0] > 1  # its folder and the rows beyond the cap; after the run nothing is left
+    assert list(folder.rglob("*")) == []
+
+
+def optimizer_of(model):
+    return torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ({"type": "cyclic", "block": 1, "every": 1}, r"'cyclic' schedule: its lowest active layer moves down"),
+    ({"type": "adaptive", "k": 2, "every": 3}, r"'adaptive' schedule: it may activate lower layers"),
+], ids=["cyclic", "adaptive"])
+def test_schedules_whose_lowest_layer_moves_down_are_refused(schedule, match):
+    model = bert(schedule)
+    with pytest.raises(ValueError, match=match):
+        LayerScheduler(model, optimizer_of(model), total_epochs=6, prefix_cache=True)
+
+
+def test_the_lr_zero_engine_and_several_stacks_are_refused():
+    model = bert({0: [2, 3]})
+    with pytest.raises(ValueError, match=r"engine='lr-zero'.*requires_grad engine"):
+        LayerScheduler(model, optimizer_of(model), engine="lr-zero", total_epochs=2, prefix_cache=True)
+    t5 = BY_FAMILY["t5"].build(layer_schedule={0: ["encoder.2"]}, lora_dropout=0.0, schedule_unit="epoch")
+    with pytest.raises(ValueError, match="encoder-decoder|one layer stack"):
+        LayerScheduler(t5, optimizer_of(t5), total_epochs=2, prefix_cache=True)
+
+
+def test_a_model_that_adds_to_the_embeddings_before_the_first_layer_is_refused_at_its_first_batch():
+    gpt2 = BY_FAMILY["gpt2"].build(layer_schedule={0: [2, 3]}, lora_dropout=0.0, schedule_unit="epoch",
+                                   base=dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    LayerScheduler(gpt2, optimizer_of(gpt2), total_epochs=2, prefix_cache=True)
+    gpt2.train()
+    ids = torch.randint(1, 99, (2, 7))
+    with pytest.raises(ValueError, match="does not reach the first layer unchanged"):
+        gpt2(input_ids=ids, labels=ids)
+
+
+def test_hidden_states_outputs_are_refused_while_cached():
+    model = bert({0: [2, 3]})
+    LayerScheduler(model, optimizer_of(model), total_epochs=2, prefix_cache=True)
+    model.train()
+    with pytest.raises(ValueError, match="output_hidden_states is requested"):
+        model(input_ids=torch.randint(1, 99, (2, 7)), output_hidden_states=True)
+
+
+def test_prefix_cache_values_are_checked():
+    with pytest.raises(TypeError, match="prefix_cache must be None, True, a PrefixCache"):
+        LayerScheduler(bert({0: [2, 3]}), total_epochs=2, prefix_cache="yes")
+    with pytest.raises(ValueError, match="must name a torch dtype"):
+        PrefixCache(dtype="float17")
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCache(max_bytes=-1)
