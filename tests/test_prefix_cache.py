@@ -70,8 +70,9 @@ def plain_run(model, epochs, prefix_cache=None, batch_size=5, on_epoch=None, col
             on_epoch(epoch, sched)
         sched.epoch_end()
     metrics = sched.metrics()
+    cache = sched.prefix
     sched.finish()
-    sched.final_metrics = metrics
+    sched.final_metrics, sched.closed_cache = metrics, cache
     return sched
 
 
@@ -108,7 +109,8 @@ def test_a_cached_plain_loop_trains_bitwise_as_an_uncached_one_and_skips_the_pre
     assert metrics["layer_schedule/prefix_cache_misses"] == 24.0
     assert metrics["layer_schedule/prefix_cache_hits"] == 3 * 24.0
     assert metrics["layer_schedule/prefix_cache_bytes"] > 0
-    assert sched.prefix.store.ram_bytes == 0  # nothing kept after the run
+    assert sched.prefix is None and sched.closed_cache.store.ram_bytes == 0  # nothing kept after the run
+    assert "forward" not in cached.base_model.model.bert.embeddings.__dict__  # the patches are gone
 
 
 def test_with_dynamic_padding_rows_hit_at_their_padded_length_and_training_stays_bitwise():
@@ -333,3 +335,39 @@ def test_prefix_cache_values_are_checked():
         PrefixCache(dtype="float17")
     with pytest.raises(ValueError, match="max_bytes"):
         PrefixCache(max_bytes=-1)
+
+
+def test_a_resumed_run_starts_with_an_empty_cache_and_stays_bitwise():
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    uncached = bert({0: [2, 3]})
+    plain_run(uncached, 4)
+    torch.manual_seed(0)
+    loader = DataLoader(VariableLength(), batch_size=5, shuffle=True, collate_fn=pad_fixed,
+                        generator=torch.Generator().manual_seed(1))
+
+    def epochs(model, optimizer, sched, count):
+        model.train()
+        for _ in range(count):
+            for batch in loader:
+                model(**batch).loss.backward()
+                optimizer.step()
+                sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            sched.epoch_end()
+
+    first = bert({0: [2, 3]})
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(first), lr=1e-2)
+    sched = LayerScheduler(first, optimizer, total_epochs=4, prefix_cache=True)
+    epochs(first, optimizer, sched, 2)
+    saved = (get_peft_model_state_dict(first), optimizer.state_dict(), sched.state_dict())
+    resumed = bert({0: [2, 3]})
+    set_peft_model_state_dict(resumed, saved[0])
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(resumed), lr=1e-2)
+    optimizer.load_state_dict(saved[1])
+    sched = LayerScheduler(resumed, optimizer, total_epochs=4, state_dict=saved[2], prefix_cache=True)
+    assert sched.prefix.hits == sched.prefix.misses == 0 and sched.prefix.store.ram_bytes == 0
+    epochs(resumed, optimizer, sched, 2)
+    assert sched.prefix.misses == 24 and sched.prefix.hits == 24
+    sched.finish()
+    assert_same_lora(uncached, resumed)

@@ -194,6 +194,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
             self.adaptive.close()
         if self.prefix is not None:
             self.prefix.close()  # (nothing is kept after the run)
+            self.prefix = None
         undo = self.switcher.pending_undo()
         self._check_phase_updates()
         if undo is None:
