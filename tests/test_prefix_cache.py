@@ -266,8 +266,8 @@ def test_autofreeze_moves_the_boundary_and_stays_bitwise():
 
 
 def test_the_byte_cap_stops_caching_without_dir_and_spills_to_dir(tmp_path):
-    row = 12 * 32 * 4  # at most 12 real tokens x hidden 32, fp32 (a row keeps its real tokens only)
-    every_row = sum(len(r) for r in VariableLength().rows) * 32 * 4
+    row = 12 * 32 * 4  # padded to 12 tokens x hidden 32, fp32
+    every_row = 24 * row
     uncached, capped, spilled = bert({0: [2, 3]}), bert({0: [2, 3]}), bert({0: [2, 3]})
     plain_run(uncached, 3)
     sched = plain_run(capped, 3, prefix_cache=PrefixCache(max_bytes=10 * row))
@@ -371,3 +371,20 @@ def test_a_resumed_run_starts_with_an_empty_cache_and_stays_bitwise():
     assert sched.prefix.misses == 24 and sched.prefix.hits == 24
     sched.finish()
     assert_same_lora(uncached, resumed)
+
+
+def lm_batches(features):
+    """Dynamic right padding whose pad positions count in the loss (labels = the padded ids)."""
+    batch = pad_right(features)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["input_ids"]}
+
+
+def test_a_loss_that_reads_pad_positions_stays_bitwise():
+    def build():
+        return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
+
+    uncached, cached = build(), build()
+    plain_run(uncached, 5, collate=lm_batches)
+    sched = plain_run(cached, 5, prefix_cache=True, collate=lm_batches)
+    assert_same_lora(uncached, cached)
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0

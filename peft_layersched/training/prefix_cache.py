@@ -37,8 +37,9 @@ class PrefixCache(object):
     eval_prefix: bool = dataclasses.field(default=False, metadata={
         "help": "Run the frozen layers below the boundary without dropout (required when they have dropout)."})
     any_pad_length: bool = dataclasses.field(default=False, metadata={
-        "help": "Reuse a right-padded row under any padded length (more hits with dynamic padding; differs "
-                "from an uncached run by float rounding, as the attention sums over another length)."})
+        "help": "Key and keep a right-padded row's real tokens only, reused under any padded length (more hits "
+                "with dynamic padding; not exact: pad positions get zeros, and sums over another length round "
+                "differently)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:

@@ -15,36 +15,23 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-# A row's layout: ("right", n, S): real tokens at 0..n-1 of S (no padding is "right" too); ("left", n, S):
-# at S-n..S-1; ("other", S): the whole row. The padded length S is part of the key: the attention's
-# reductions over S keys round differently for another S (``any_pad_length`` drops it for right padding).
+# A row's layout: ("full", S): the whole row of a batch padded to S, keyed and kept whole (exact:
+# the attention sums over S positions, and pad positions have states too); ("right", n): with
+# any_pad_length, a right-padded row's n real tokens, under any padded length.
 Layout = Tuple[Any, ...]
 
 
 def row_layouts(mask: Optional[torch.Tensor], batch: int, length: int, any_pad_length: bool = False) -> List[Layout]:
-    """Each row's layout, from the attention mask (``None``: every token is real)."""
-    if mask is None or mask.dim() != 2:
-        return [("other", length)] * batch
+    """Each row's layout; right-padded rows (by the attention mask) are ("right", n) with ``any_pad_length``."""
+    if not any_pad_length or mask is None or mask.dim() != 2:
+        return [("full", length)] * batch
     real = (mask != 0).cpu()
     counts = real.sum(dim=1).tolist()
-    layouts: List[Layout] = []
-    for i, n in enumerate(counts):
-        row = real[i]
-        if bool(row[:n].all()):
-            layouts.append(("right", n, None if any_pad_length else length))
-        elif bool(row[length - n:].all()):
-            layouts.append(("left", n, length))
-        else:
-            layouts.append(("other", length))
-    return layouts
+    return [("right", n) if n > 0 and bool(real[i, :n].all()) else ("full", length) for i, n in enumerate(counts)]
 
 
 def real_slice(layout: Layout) -> slice:
-    """The positions of a row's real tokens in a batch of its length."""
-    if layout[0] == "right":
-        return slice(0, layout[1])
-    if layout[0] == "left":
-        return slice(layout[2] - layout[1], layout[2])
+    """The positions a row is keyed and kept over."""
     return slice(0, layout[1])
 
 
