@@ -388,3 +388,13 @@ def test_a_loss_that_reads_pad_positions_stays_bitwise():
     sched = plain_run(cached, 5, prefix_cache=True, collate=lm_batches)
     assert_same_lora(uncached, cached)
     assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0
+
+
+def test_a_storage_dtype_halves_the_bytes_and_trains_close_to_uncached():
+    uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
+    plain_run(uncached, 3)
+    sched = plain_run(cached, 3, prefix_cache=PrefixCache(dtype="bfloat16"))
+    assert sched.final_metrics["layer_schedule/prefix_cache_bytes"] == 24 * 12 * 32 * 2
+    assert sched.final_metrics["layer_schedule/prefix_cache_hits"] == 2 * 24.0
+    a, b = lora_params(uncached), lora_params(cached)
+    assert all(torch.allclose(a[name], b[name], atol=1e-2) for name in a)

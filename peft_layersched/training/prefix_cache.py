@@ -284,6 +284,9 @@ class PrefixActivations(object):
             return
         self.hits += batch
         rows = [self.store.get(key) for key in keys]
+        if all(layout[0] == "full" for layout in layouts):
+            self._serving = torch.stack(rows).to(shaped.device, self._dtype)
+            return
         hidden = torch.zeros((batch, length) + tuple(rows[0].shape[1:]), dtype=self._dtype, device=shaped.device)
         for i, row in enumerate(rows):
             hidden[i, real_slice(layouts[i])] = row.to(hidden.device, hidden.dtype)
