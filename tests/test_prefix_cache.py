@@ -156,7 +156,7 @@ class TokenRows(Dataset):
         return out
 
 
-def trainer_run(model, out, prefix_cache, family):
+def trainer_run(model, out, prefix_cache, family, accumulation=1):
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
 
     from peft_layersched import LayerScheduleCallback
@@ -168,7 +168,7 @@ def trainer_run(model, out, prefix_cache, family):
                 else DataCollatorForLanguageModeling(tokenizer, mlm=False))
     callback = LayerScheduleCallback(prefix_cache=prefix_cache)
     trainer = Trainer(model=model, args=training_args(out, num_train_epochs=4, per_device_train_batch_size=5,
-                                                      logging_steps=50),
+                                                      logging_steps=50, gradient_accumulation_steps=accumulation),
                       train_dataset=TokenRows(labels=family == "bert"), data_collator=collator,
                       callbacks=[callback])
     metrics = {}
@@ -183,16 +183,16 @@ def trainer_run(model, out, prefix_cache, family):
     return metrics
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tmp_path, family):
+@pytest.mark.parametrize("family,accumulation", [("bert", 1), ("llama", 1), ("bert", 2)])
+def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tmp_path, family, accumulation):
     def build():
         if family == "bert":
             return bert({0: [2, 3]})
         return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
 
     uncached, cached = build(), build()
-    trainer_run(uncached, tmp_path / "a", None, family)
-    metrics = trainer_run(cached, tmp_path / "b", True, family)
+    trainer_run(uncached, tmp_path / "a", None, family, accumulation)
+    metrics = trainer_run(cached, tmp_path / "b", True, family, accumulation)
     assert_same_lora(uncached, cached)
     assert metrics["layer_schedule/prefix_cache_hits"] > 0, metrics
 
