@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from peft_layersched import LayerScheduler, PrefixCache
 
+from helpers.launch import two_ranks
 from helpers.scheduled_cases import BY_FAMILY, lora_params
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -156,7 +157,7 @@ class TokenRows(Dataset):
         return out
 
 
-def trainer_run(model, out, prefix_cache, family, accumulation=1):
+def trainer_run(model, out, prefix_cache, family, accumulation=1, **args):
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
 
     from peft_layersched import LayerScheduleCallback
@@ -168,7 +169,8 @@ def trainer_run(model, out, prefix_cache, family, accumulation=1):
                 else DataCollatorForLanguageModeling(tokenizer, mlm=False))
     callback = LayerScheduleCallback(prefix_cache=prefix_cache)
     trainer = Trainer(model=model, args=training_args(out, num_train_epochs=4, per_device_train_batch_size=5,
-                                                      logging_steps=50, gradient_accumulation_steps=accumulation),
+                                                      logging_steps=50, gradient_accumulation_steps=accumulation,
+                                                      **args),
                       train_dataset=TokenRows(labels=family == "bert"), data_collator=collator,
                       callbacks=[callback])
     metrics = {}
@@ -398,3 +400,16 @@ def test_a_storage_dtype_halves_the_bytes_and_trains_close_to_uncached():
     assert sched.final_metrics["layer_schedule/prefix_cache_hits"] == 2 * 24.0
     a, b = lora_params(uncached), lora_params(cached)
     assert all(torch.allclose(a[name], b[name], atol=1e-2) for name in a)
+
+
+@pytest.mark.slow  # 2 processes (torchrun)
+def test_under_ddp_each_rank_caches_its_own_rows_and_training_stays_bitwise(tmp_path):
+    import json
+
+    two_ranks("prefix_cache_worker", tmp_path, ["ddp"], timeout=300)
+    ranks = [json.load(open(str(tmp_path / "ddp{}.json".format(rank)))) for rank in (0, 1)]
+    for result in ranks:
+        assert result["world"] == 2
+        assert result["uncached"] == result["cached"]
+        assert result["hits"] > 0
+    assert ranks[0]["cached"] == ranks[1]["cached"]  # DDP keeps the ranks' weights identical
