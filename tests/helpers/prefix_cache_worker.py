@@ -12,10 +12,10 @@ import os
 import sys
 
 import torch
+from test_prefix_cache import bert, trainer_run
 
 from helpers.scheduled_cases import lora_params
 from helpers.toy_training import cpu_flag
-from test_prefix_cache import bert, trainer_run
 
 
 def weights_hash(model):
