@@ -294,10 +294,11 @@ def optimizer_of(model):
 
 
 @pytest.mark.parametrize("schedule,match", [
-    ({"type": "cyclic", "block": 1, "every": 1}, r"'cyclic' schedule: its lowest active layer moves down"),
+    ({"type": "cyclic", "block": 1, "every": 1}, r"'cyclic' schedule: its lowest active layer moves down and up again"),
+    ({"type": "sampled", "k": 1, "seed": 3}, r"'sampled' schedule: its lowest active layer moves down and up"),
     ({"type": "adaptive", "k": 2, "every": 3}, r"'adaptive' schedule: it may activate lower layers"),
-], ids=["cyclic", "adaptive"])
-def test_schedules_whose_lowest_layer_moves_down_are_refused(schedule, match):
+], ids=["cyclic", "sampled", "adaptive"])
+def test_schedules_whose_lowest_layer_moves_down_and_up_are_refused(schedule, match):
     model = bert(schedule)
     with pytest.raises(ValueError, match=match):
         LayerScheduler(model, optimizer_of(model), total_epochs=6, prefix_cache=True)
@@ -390,6 +391,17 @@ def test_a_loss_that_reads_pad_positions_stays_bitwise():
     sched = plain_run(cached, 5, prefix_cache=True, collate=lm_batches)
     assert_same_lora(uncached, cached)
     assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0
+
+
+def test_gradual_unfreezing_records_again_at_each_lower_boundary_and_stays_bitwise():
+    schedule = {"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 3}
+    uncached, cached = bert(schedule), bert(schedule)
+    plain_run(uncached, 6)
+    seen = []
+    plain_run(cached, 6, prefix_cache=True, on_epoch=lambda epoch, s: seen.append(
+        (s.prefix.boundary, s.prefix.hits, s.prefix.misses)))
+    assert_same_lora(uncached, cached)
+    assert seen == [(3, 0, 24), (3, 24, 24), (2, 24, 48), (2, 48, 48), (1, 48, 72), (1, 72, 72)], seen
 
 
 def test_a_storage_dtype_halves_the_bytes_and_trains_close_to_uncached():

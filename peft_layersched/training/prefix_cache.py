@@ -85,24 +85,17 @@ def check_engine(config: Optional[PrefixCache], engine: Any) -> None:
 
 
 def check_schedule(schedule: Any, positions: List[Optional[int]], kind: str) -> None:
-    """Refuse schedules whose lowest active layer moves down again (the cache would be thrown away):
-    ``positions``: the lowest active position at each time left in the run."""
+    """Refuse schedules whose lowest active layer goes both down and up (the cache would be thrown away at
+    every move): ``positions``: the lowest active position at each time left in the run."""
+    works = ("It works with schedules whose lowest active layer only moves one way: autofreeze, fixed top-k, "
+             "milestones that move up, gradual unfreezing (each move drops the cache; the next epoch records).")
     if isinstance(schedule, AdaptiveSchedule) and kind != "autofreeze":
-        raise ValueError(
-            f"prefix_cache cannot be used with the {kind!r} schedule: it may activate lower layers again at any "
-            f"decision. It works with schedules whose lowest active layer never moves down: autofreeze, "
-            f"milestones that move up, fixed top-k, gradual from the top.")
-    lowest = -1
-    for position in positions:
-        if position is None:
-            continue
-        if position < lowest:
-            raise ValueError(
-                f"prefix_cache cannot be used with this {kind!r} schedule: its lowest active layer moves down "
-                f"(from position {lowest} to {position}), which would throw the cache away. It works with "
-                f"schedules whose lowest active layer never moves down: autofreeze, milestones that move up, "
-                f"fixed top-k, gradual from the top.")
-        lowest = position
+        raise ValueError(f"prefix_cache cannot be used with the {kind!r} schedule: it may activate lower layers "
+                         f"again at any decision. {works}")
+    moves = [b - a for a, b in zip(positions, positions[1:]) if a is not None and b is not None and a != b]
+    if any(m > 0 for m in moves) and any(m < 0 for m in moves):
+        raise ValueError(f"prefix_cache cannot be used with this {kind!r} schedule: its lowest active layer moves "
+                         f"down and up again, which would throw the cache away at every move. {works}")
 
 
 def attach(config: Optional[PrefixCache], tuner: Any, adapter_name: str, engine: Any, schedule: Any,
