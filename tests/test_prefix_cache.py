@@ -332,6 +332,11 @@ def test_hidden_states_outputs_are_refused_while_cached():
 
 
 def test_prefix_cache_values_are_checked():
+    from peft_layersched.training import ScheduleOptions
+
+    assert ScheduleOptions(prefix_cache=True).prefix_cache == PrefixCache()
+    assert ScheduleOptions(prefix_cache={"max_bytes": 10}).prefix_cache == PrefixCache(max_bytes=10)  # (YAML)
+    assert ScheduleOptions(prefix_cache=False).prefix_cache is None
     with pytest.raises(TypeError, match="prefix_cache must be None, True, a PrefixCache"):
         LayerScheduler(bert({0: [2, 3]}), total_epochs=2, prefix_cache="yes")
     with pytest.raises(ValueError, match="must name a torch dtype"):
