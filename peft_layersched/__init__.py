@@ -8,7 +8,7 @@ from .config import ScheduledLoraConfig
 from .export import export_lora
 from .integrations.hf_trainer import LayerScheduleCallback, LayerScheduleTrainerMixin
 from .registration import register
-from .training import LayerScheduler
+from .training import LayerScheduler, PrefixCache
 from .tuner import ScheduledAdapter, ScheduledLoraModel, schedule_lora
 
 __version__ = "0.2.0"
@@ -20,6 +20,7 @@ __all__ = [
     "ScheduledLoraModel",
     "ScheduledAdapter",
     "LayerScheduler",
+    "PrefixCache",
     "LayerScheduleCallback",
     "LayerScheduleTrainerMixin",
     "export_lora",

@@ -205,7 +205,7 @@ def test_the_tuners_name_of_the_lr_zero_freezing_mode_picks_the_same_engine():
 
 def test_options_are_declared_once_keyword_only_and_checked_in_one_place():
     fields = dataclasses.fields(ScheduleOptions)
-    assert [f.name for f in fields] == list(options_module.NAMES) and len(fields) == 7
+    assert [f.name for f in fields] == list(options_module.NAMES) and len(fields) == 8
     assert all(f.metadata["help"].endswith(".") for f in fields)
     with pytest.raises(TypeError, match="keyword arguments only"):
         ScheduleOptions(0.5)

@@ -44,7 +44,7 @@ class LayerScheduleFinetuning(OptionsHolder, pl.Callback):
     Args:
         **options: the :class:`~peft_layersched.training.options.ScheduleOptions` (``new_layer_lr_scale``,
             ``new_layer_warmup_steps``, ``frozen_optimizer_state``, ``reactivated_state``,
-            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``), by keyword.
+            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``, ``prefix_cache``), by keyword.
         log_metrics (`bool`): log :meth:`LayerScheduler.metrics` (``layer_schedule/...``: active layers,
             per-layer LRs, trainable parameters, optimizer-state bytes) with ``pl_module.log_dict`` after
             every optimizer step, when the Trainer has a logger.  Default ``True``.

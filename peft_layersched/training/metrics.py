@@ -56,4 +56,6 @@ def schedule_metrics(sched: Any) -> Dict[str, float]:
             out[f"layer_schedule/lr/{layer}"] = lrs[layer]
     if sched.adaptive is not None:
         sched.adaptive.add_metrics(out)
+    if sched.prefix is not None:
+        out.update(sched.prefix.metrics())
     return out

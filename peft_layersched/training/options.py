@@ -12,6 +12,8 @@ import inspect
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .prefix_cache import resolve
+
 FROZEN_STATES = ("keep", "drop", "offload")
 REACTIVATED_STATES = ("keep", "reset")
 SCHEDULE_STARTS = ("restart", "continue")
@@ -19,7 +21,7 @@ SCHEDULE_STARTS = ("restart", "continue")
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleOptions(object):
-    """The seven options of a schedule driver (keyword arguments only)."""
+    """The options of a schedule driver (keyword arguments only)."""
 
     new_layer_lr_scale: float = dataclasses.field(default=1.0, metadata={
         "help": "LR multiplier for layers that join after the first phase (1.0 = the scheduled LR)."})
@@ -38,9 +40,14 @@ class ScheduleOptions(object):
     schedule_start: str = dataclasses.field(default="restart", metadata={
         "help": "'restart': the schedule begins at t=0; 'continue': where the loaded adapter's schedule stood "
                 "(schedule_position)."})
+    prefix_cache: Any = dataclasses.field(default=None, metadata={
+        "help": "Cache the hidden states entering the lowest active layer per example and skip the frozen layers "
+                "below it in later epochs: True, or a PrefixCache (max_bytes, dir, dtype, eval_prefix); "
+                "None = off."})
 
     def __post_init__(self) -> None:
         resolved = check(self)
+        object.__setattr__(self, "prefix_cache", resolve(self.prefix_cache))
         object.__setattr__(self, "new_layer_lr_scale", float(self.new_layer_lr_scale))
         object.__setattr__(self, "reactivated_state", resolved)
 
@@ -82,7 +89,7 @@ _keyword_only(ScheduleOptions)
 
 
 def check(options: Any) -> str:
-    """Validate the options (any object with the seven attributes); returns the ``reactivated_state`` in
+    """Validate the options (any object with their attributes); returns the ``reactivated_state`` in
     force (``"reset"`` by default with ``frozen_optimizer_state="drop"``)."""
     scale, warmup = options.new_layer_lr_scale, options.new_layer_warmup_steps
     frozen, reactivated = options.frozen_optimizer_state, options.reactivated_state

@@ -28,6 +28,7 @@ from .lr_factors import LrFactors
 from .metrics import StepRecord, schedule_metrics
 from .optim import StillCheck
 from .options import OptionsHolder, with_options
+from .prefix_cache import attach, lowest
 from .signals import SignalMeter
 from .state_policy import StatePolicy
 from .switching import Switcher, SwitchView
@@ -46,7 +47,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         unit (`str`, *optional*): ``"step"`` or ``"epoch"``; default the config's ``schedule_unit``.
         **options: the :class:`~peft_layersched.training.options.ScheduleOptions` (``new_layer_lr_scale``,
             ``new_layer_warmup_steps``, ``frozen_optimizer_state``, ``reactivated_state``,
-            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``).
+            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``, ``prefix_cache``).
         engine: ``"requires_grad"`` (default), ``"lr-zero"`` (DeepSpeed ZeRO) or an ``Engine``.
         total_steps / total_epochs (`int`, *optional*): the run's length; nothing switches in after it.
         steps_per_epoch (`int`, *optional*): optimizer steps per epoch (epoch unit).
@@ -117,6 +118,8 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         self.clock.complete_run_length(self._schedule, self.tuner, self.adapter_name)
         t = self.run_time
         self.switcher.refuse_idle_run(self._schedule, t)
+        self.prefix = attach(self.prefix_cache, self.tuner, self.adapter_name, self.engine, self._schedule,
+                             range(self.offset + t, self.offset + self.clock.last_time(t) + 1))
         self._switch(t, initial=True, applied=applied, resumed=state_dict is not None)
         self._prepare_next()
         # Weights loaded before this resume are checked now that the schedule stands where they were saved.
@@ -189,6 +192,9 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         switches (no longer in :meth:`state_dict`'s ``switch_steps``)."""
         if self.adaptive is not None:
             self.adaptive.close()
+        if self.prefix is not None:
+            self.prefix.close()  # (nothing is kept after the run)
+            self.prefix = None
         undo = self.switcher.pending_undo()
         self._check_phase_updates()
         if undo is None:
@@ -300,6 +306,8 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         if not initial:
             self._check_phase_updates()
         active = self.switcher.apply(t)
+        if self.prefix is not None:
+            self.prefix.move(lowest(active, self.tuner.scheduled_adapter(self.adapter_name).index.all_layers()) or 0)
         self.record.before_switch(self.optimizer)  # the state bytes the step left, before the policy acts
         self.policy.switched(t, previous, active, initial, schedule)
         if self.adaptive is not None:

@@ -26,7 +26,7 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
     Args:
         **options: the :class:`~peft_layersched.training.options.ScheduleOptions` (``new_layer_lr_scale``,
             ``new_layer_warmup_steps``, ``frozen_optimizer_state``, ``reactivated_state``,
-            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``), by keyword.
+            ``warn_on_no_update``, ``adapter_name``, ``schedule_start``, ``prefix_cache``), by keyword.
         layer_schedule / schedule_unit (*optional*): for a model built from a plain ``LoraConfig``:
             ``on_init_end`` schedules its LoRA with :func:`~peft_layersched.schedule_lora`.
 
