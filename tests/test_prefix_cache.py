@@ -12,6 +12,9 @@ from helpers.launch import two_ranks
 from helpers.scheduled_cases import BY_FAMILY, lora_params
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+OLD_TORCH = int(torch.__version__.split(".")[0]) < 2
+# The cache needs torch >= 2.0; on older torch only its refusal is tested (the last test).
+needs_torch2 = pytest.mark.skipif(OLD_TORCH, reason="prefix_cache needs torch >= 2.0 (refused there: tested)")
 
 
 class VariableLength(Dataset):
@@ -93,6 +96,7 @@ class CallCounter(object):
         self.calls += 1
 
 
+@needs_torch2
 def test_a_cached_plain_loop_trains_bitwise_as_an_uncached_one_and_skips_the_prefix():
     uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
     # (Modules inside the prefix: the patched modules' own __call__ still runs, their work does not.)
@@ -114,6 +118,7 @@ def test_a_cached_plain_loop_trains_bitwise_as_an_uncached_one_and_skips_the_pre
     assert "forward" not in cached.base_model.model.bert.embeddings.__dict__  # the patches are gone
 
 
+@needs_torch2
 def test_with_dynamic_padding_rows_hit_at_their_padded_length_and_training_stays_bitwise():
     uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
     plain_run(uncached, 5, collate=pad_right)
@@ -122,6 +127,7 @@ def test_with_dynamic_padding_rows_hit_at_their_padded_length_and_training_stays
     assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0
 
 
+@needs_torch2
 def test_any_pad_length_hits_under_any_right_padding_to_float_rounding():
     uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
     plain_run(uncached, 4, collate=pad_right)
@@ -185,6 +191,7 @@ def trainer_run(model, out, prefix_cache, family, accumulation=1, **args):
     return metrics
 
 
+@needs_torch2
 @pytest.mark.parametrize("family,accumulation", [("bert", 1), ("llama", 1), ("bert", 2)])
 def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tmp_path, family, accumulation):
     def build():
@@ -214,6 +221,7 @@ class EvalBelow(object):
                 prefix.eval()
 
 
+@needs_torch2
 def test_eval_prefix_runs_the_prefix_without_dropout_bitwise_as_an_uncached_run_that_does_the_same():
     dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     uncached = bert({0: [2, 3]}, base=dropout, lora_dropout=0.1)
@@ -233,6 +241,7 @@ def test_eval_prefix_runs_the_prefix_without_dropout_bitwise_as_an_uncached_run_
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
+@needs_torch2
 def test_prefix_dropout_without_eval_prefix_is_refused():
     model = bert({0: [2, 3]}, base={"hidden_dropout_prob": 0.1})
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
@@ -240,6 +249,7 @@ def test_prefix_dropout_without_eval_prefix_is_refused():
         LayerScheduler(model, optimizer, total_epochs=3, prefix_cache=True)
 
 
+@needs_torch2
 def test_the_cache_is_dropped_and_rebuilt_when_milestones_move_the_boundary_up():
     schedule = {0: [1, 2, 3], 2: [2, 3]}
     uncached, cached = bert(schedule), bert(schedule)
@@ -254,6 +264,7 @@ def test_the_cache_is_dropped_and_rebuilt_when_milestones_move_the_boundary_up()
     assert misses == [24.0, 24.0, 48.0, 48.0] and hits == [0.0, 24.0, 24.0, 48.0]
 
 
+@needs_torch2
 def test_autofreeze_moves_the_boundary_and_stays_bitwise():
     spec = {"type": "autofreeze", "every": 2, "percentile": 90}
     uncached, cached = bert(spec, schedule_unit="step"), bert(spec, schedule_unit="step")
@@ -267,6 +278,7 @@ def test_autofreeze_moves_the_boundary_and_stays_bitwise():
     assert seen[-1][1] - seen[-2][1] == 24, seen  # the last epoch: every row cached
 
 
+@needs_torch2
 def test_the_byte_cap_stops_caching_without_dir_and_spills_to_dir(tmp_path):
     row = 12 * 32 * 4  # padded to 12 tokens x hidden 32, fp32
     every_row = 24 * row
@@ -298,12 +310,14 @@ def optimizer_of(model):
     ({"type": "sampled", "k": 1, "seed": 3}, r"'sampled' schedule: its lowest active layer moves down and up"),
     ({"type": "adaptive", "k": 2, "every": 3}, r"'adaptive' schedule: it may activate lower layers"),
 ], ids=["cyclic", "sampled", "adaptive"])
+@needs_torch2
 def test_schedules_whose_lowest_layer_moves_down_and_up_are_refused(schedule, match):
     model = bert(schedule)
     with pytest.raises(ValueError, match=match):
         LayerScheduler(model, optimizer_of(model), total_epochs=6, prefix_cache=True)
 
 
+@needs_torch2
 def test_the_lr_zero_engine_and_several_stacks_are_refused():
     model = bert({0: [2, 3]})
     with pytest.raises(ValueError, match=r"engine='lr-zero'.*requires_grad engine"):
@@ -313,6 +327,7 @@ def test_the_lr_zero_engine_and_several_stacks_are_refused():
         LayerScheduler(t5, optimizer_of(t5), total_epochs=2, prefix_cache=True)
 
 
+@needs_torch2
 def test_a_model_that_adds_to_the_embeddings_before_the_first_layer_is_refused_at_its_first_batch():
     gpt2 = BY_FAMILY["gpt2"].build(layer_schedule={0: [2, 3]}, lora_dropout=0.0, schedule_unit="epoch",
                                    base=dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -323,6 +338,7 @@ def test_a_model_that_adds_to_the_embeddings_before_the_first_layer_is_refused_a
         gpt2(input_ids=ids, labels=ids)
 
 
+@needs_torch2
 def test_hidden_states_outputs_are_refused_while_cached():
     model = bert({0: [2, 3]})
     LayerScheduler(model, optimizer_of(model), total_epochs=2, prefix_cache=True)
@@ -331,6 +347,7 @@ def test_hidden_states_outputs_are_refused_while_cached():
         model(input_ids=torch.randint(1, 99, (2, 7)), output_hidden_states=True)
 
 
+@needs_torch2
 def test_prefix_cache_values_are_checked():
     from peft_layersched.training import ScheduleOptions
 
@@ -345,6 +362,7 @@ def test_prefix_cache_values_are_checked():
         PrefixCache(max_bytes=-1)
 
 
+@needs_torch2
 def test_a_resumed_run_starts_with_an_empty_cache_and_stays_bitwise():
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -387,6 +405,7 @@ def lm_batches(features):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["input_ids"]}
 
 
+@needs_torch2
 def test_a_loss_that_reads_pad_positions_stays_bitwise():
     def build():
         return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
@@ -398,6 +417,7 @@ def test_a_loss_that_reads_pad_positions_stays_bitwise():
     assert sched.final_metrics["layer_schedule/prefix_cache_hits"] > 0
 
 
+@needs_torch2
 def test_gradual_unfreezing_records_again_at_each_lower_boundary_and_stays_bitwise():
     schedule = {"type": "gradual", "k": 1, "n": 1, "every": 2, "from": "top", "limit": 3}
     uncached, cached = bert(schedule), bert(schedule)
@@ -409,6 +429,7 @@ def test_gradual_unfreezing_records_again_at_each_lower_boundary_and_stays_bitwi
     assert seen == [(3, 0, 24), (3, 24, 24), (2, 24, 48), (2, 48, 48), (1, 48, 72), (1, 72, 72)], seen
 
 
+@needs_torch2
 def test_a_storage_dtype_halves_the_bytes_and_trains_close_to_uncached():
     uncached, cached = bert({0: [2, 3]}), bert({0: [2, 3]})
     plain_run(uncached, 3)
@@ -419,6 +440,7 @@ def test_a_storage_dtype_halves_the_bytes_and_trains_close_to_uncached():
     assert all(torch.allclose(a[name], b[name], atol=1e-2) for name in a)
 
 
+@needs_torch2
 @pytest.mark.slow  # 2 processes (torchrun)
 def test_under_ddp_each_rank_caches_its_own_rows_and_training_stays_bitwise(tmp_path):
     import json
@@ -430,3 +452,11 @@ def test_under_ddp_each_rank_caches_its_own_rows_and_training_stays_bitwise(tmp_
         assert result["uncached"] == result["cached"]
         assert result["hits"] > 0
     assert ranks[0]["cached"] == ranks[1]["cached"]  # DDP keeps the ranks' weights identical
+
+
+@pytest.mark.skipif(not OLD_TORCH, reason="torch >= 2.0 has the forward pre-hooks the cache needs")
+def test_old_torch_is_refused_with_the_version_it_needs():
+    model = BY_FAMILY["bert"].build(0, base=None, layer_schedule={0: [3]}, schedule_unit="step")
+    optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
+    with pytest.raises(ValueError, match=r"prefix_cache needs torch >= 2\.0"):
+        LayerScheduler(model, optimizer, total_steps=4, prefix_cache=True)
