@@ -12,6 +12,9 @@ from helpers.launch import two_ranks
 from helpers.scheduled_cases import BY_FAMILY, lora_params
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+# Older transformers' LLaMA layers return their KV cache too when use_cache is on (refused: skipped layers
+# cannot give it); training needs no cache.
+LLAMA = {"use_cache": False}
 OLD_TORCH = int(torch.__version__.split(".")[0]) < 2
 # The cache needs torch >= 2.0; on older torch only its refusal is tested (the last test).
 needs_torch2 = pytest.mark.skipif(OLD_TORCH, reason="prefix_cache needs torch >= 2.0 (refused there: tested)")
@@ -176,7 +179,7 @@ def trainer_run(model, out, prefix_cache, family, accumulation=1, **args):
     callback = LayerScheduleCallback(prefix_cache=prefix_cache)
     trainer = Trainer(model=model, args=training_args(out, num_train_epochs=4, per_device_train_batch_size=5,
                                                       logging_steps=50, gradient_accumulation_steps=accumulation,
-                                                      **args),
+                                                      remove_unused_columns=False, **args),
                       train_dataset=TokenRows(labels=family == "bert"), data_collator=collator,
                       callbacks=[callback])
     metrics = {}
@@ -197,7 +200,7 @@ def test_a_trainer_run_with_dynamic_padding_trains_bitwise_as_an_uncached_one(tm
     def build():
         if family == "bert":
             return bert({0: [2, 3]})
-        return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
+        return BY_FAMILY["llama"].build(base=LLAMA, layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
 
     uncached, cached = build(), build()
     trainer_run(uncached, tmp_path / "a", None, family, accumulation)
@@ -408,7 +411,7 @@ def lm_batches(features):
 @needs_torch2
 def test_a_loss_that_reads_pad_positions_stays_bitwise():
     def build():
-        return BY_FAMILY["llama"].build(layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
+        return BY_FAMILY["llama"].build(base=LLAMA, layer_schedule={0: [2, 3]}, schedule_unit="epoch", lora_dropout=0.0)
 
     uncached, cached = build(), build()
     plain_run(uncached, 5, collate=lm_batches)
