@@ -86,6 +86,7 @@ class AdaptiveSpecBase(ScheduleSpec):
     calibration_batches = 8
     outlier_m = 5.0
     compares_intervals = False  # True: decisions compare the signal of an interval with the previous one
+    reactivates = True  # False: a layer that a decision freezes never trains again
     always: List[LayerId]
     layers: Optional[List[LayerId]]
     decisions: List[Decision]

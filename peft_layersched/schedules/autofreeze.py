@@ -82,6 +82,7 @@ class AutofreezeSpec(AdaptiveSpecBase):
     kind = "autofreeze"
     runtime = AutofreezeSchedule
     compares_intervals = True
+    reactivates = False
     FIELDS = {
         "every": COMMON_FIELDS["every"],
         "signal": f"what is compared between intervals: one of {list(INTERVAL_SIGNALS)}, default 'grad_norm'",

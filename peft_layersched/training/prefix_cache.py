@@ -89,7 +89,7 @@ def check_schedule(schedule: Any, positions: List[Optional[int]], kind: str) -> 
     every move): ``positions``: the lowest active position at each time left in the run."""
     works = ("It works with schedules whose lowest active layer only moves one way: autofreeze, fixed top-k, "
              "milestones that move up, gradual unfreezing (each move drops the cache; the next epoch records).")
-    if isinstance(schedule, AdaptiveSchedule) and kind != "autofreeze":
+    if isinstance(schedule, AdaptiveSchedule) and schedule.spec.reactivates:
         raise ValueError(f"prefix_cache cannot be used with the {kind!r} schedule: it may activate lower layers "
                          f"again at any decision. {works}")
     moves = [b - a for a, b in zip(positions, positions[1:]) if a is not None and b is not None and a != b]
