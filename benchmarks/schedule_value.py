@@ -61,7 +61,7 @@ from transformers import (  # noqa: E402
 )
 
 import peft_layersched  # noqa: E402
-from peft_layersched import LayerScheduleCallback, ScheduledLoraConfig  # noqa: E402
+from peft_layersched import LayerScheduleCallback, PrefixCache, ScheduledLoraConfig  # noqa: E402
 from peft_layersched.cli._demo_data import sentiment_splits  # noqa: E402
 from peft_layersched.cli.demo import TARGET_MODULES, _quiet_libraries, _Sentences, shipped_model_dir  # noqa: E402
 
@@ -70,6 +70,9 @@ from peft_layersched.cli.demo import TARGET_MODULES, _quiet_libraries, _Sentence
 K = 2  # layers of top-k / sampled / cyclic / adaptive (of 6)
 EVERY = 50  # steps between switches or decisions
 ARMS = ("lora-all", "lora-all-r2", "top-k", "autofreeze", "progressive", "sampled", "cyclic", "adaptive")
+# the same schedules with the frozen-prefix cache (issue #31); run with --arms, e.g. docs/benchmarks.md's command
+CACHE_ARMS = ("top-k+cache", "autofreeze+cache")
+CACHED = "+cache"
 BUDGETS = (0.25, 0.5, 1.0)  # train time, as a fraction of lora-all's at equal steps
 SEEDS = (0, 1, 2, 3, 4)
 SWEEP_SEED = 100
@@ -94,6 +97,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def schedule_for(arm, seed, num_layers=6):
     """The ``layer_schedule`` of an arm (None: plain LoRA on every layer)."""
+    arm = arm[:-len(CACHED)] if arm.endswith(CACHED) else arm
     top = list(range(num_layers - K, num_layers))
     return {
         "lora-all": None,
@@ -293,8 +297,10 @@ class _Clock(TrainerCallback):
     """Train time without evaluation (wall and process CPU), step times, LoRA parameters trained per step,
     and validation checks at ``checks`` (step numbers)."""
 
-    def __init__(self, task, checks, device):
+    def __init__(self, task, checks, device, schedule_callback=None):
         self.task, self.checks, self.device = task, set(checks), device
+        self.schedule_callback = schedule_callback
+        self.cache = None  # the prefix cache's counters at the last step, and its largest size
         self.step_wall, self.params, self.evals = [], [], []
         self.eval_wall = self.eval_cpu = 0.0
 
@@ -317,6 +323,11 @@ class _Clock(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._sync()
         self.step_wall.append(time.perf_counter() - self._step)
+        metrics = self.schedule_callback.tracker_scalars() if self.schedule_callback is not None else {}
+        if "layer_schedule/prefix_cache_hits" in metrics:
+            most = max(metrics["layer_schedule/prefix_cache_bytes"], (self.cache or {}).get("max_bytes", 0))
+            self.cache = {"hits": metrics["layer_schedule/prefix_cache_hits"],
+                          "misses": metrics["layer_schedule/prefix_cache_misses"], "max_bytes": most}
         if state.global_step in self.checks:
             wall, cpu = self.train_time()
             w0, c0 = time.perf_counter(), time.process_time()
@@ -333,8 +344,9 @@ def train_one(task, arm, seed, lr, steps, device, workdir, checks=(), batch=None
     batch = batch or task.cfg["batch"] * (2 if arm == "top-k-2xbatch" else 1)
     model = get_peft_model(task.base(seed), ScheduledLoraConfig(
         layer_schedule=schedule, schedule_unit="step", init_seed=seed, **task.lora(rank)))
-    clock = _Clock(task, checks, device)
-    callbacks = [LayerScheduleCallback(), clock] if schedule is not None else [clock]
+    scheduling = LayerScheduleCallback(prefix_cache=prefix_cache_for(arm)) if schedule is not None else None
+    clock = _Clock(task, checks, device, scheduling)
+    callbacks = [scheduling, clock] if schedule is not None else [clock]
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=os.path.join(workdir, "run"), max_steps=steps, per_device_train_batch_size=batch,
@@ -360,7 +372,13 @@ def train_one(task, arm, seed, lr, steps, device, workdir, checks=(), batch=None
         "lora_params_per_step": sum(clock.params) / max(1, len(clock.params)),
         "val": val[0], "test": test[0], "test_loss": test[1], "evals": clock.evals,
         "decisions": [{"t": d["t"], "layers": d["layers"]} for d in decisions] if decisions else None,
+        "prefix_cache": dict(clock.cache, examples=len(task.train)) if clock.cache else None,
     }
+
+
+def prefix_cache_for(arm):
+    """The ``prefix_cache`` option of an arm: the cache arms run the frozen prefix without dropout."""
+    return PrefixCache(eval_prefix=True) if arm.endswith(CACHED) else None
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -406,14 +424,14 @@ def memory_probe(task_name, arm, quick, device, lr):
     cfg = dict(TASKS[task_name], **(QUICK[task_name] if quick else {}))
     task = make_task(task_name, cfg, lambda *_: None)
     schedule = schedule_for(arm, 0)
-    if arm == "autofreeze":
+    if arm in ("autofreeze", "autofreeze" + CACHED):
         schedule = dict(schedule, every=10)
     rank = 2 if arm == "lora-all-r2" else 8
     batch = cfg["batch"] * (2 if arm == "top-k-2xbatch" else 1)
     model = get_peft_model(task.base(0), ScheduledLoraConfig(
         layer_schedule=schedule, schedule_unit="step", init_seed=0, **task.lora(rank)))
     late = _LatePeak(device)
-    callbacks = [late] + ([LayerScheduleCallback()] if schedule is not None else [])
+    callbacks = [late] + ([LayerScheduleCallback(prefix_cache=prefix_cache_for(arm))] if schedule is not None else [])
     with tempfile.TemporaryDirectory() as workdir:
         args = TrainingArguments(
             output_dir=workdir, max_steps=MEMORY_STEPS, per_device_train_batch_size=batch, learning_rate=lr,
@@ -443,7 +461,7 @@ def probe_in_fresh_process(task_name, arm, quick, device, lr):
 # ---------------------------------------------------------------------------------------- the protocol
 
 
-def run_protocol(task_name, quick, device, seeds, out, log):
+def run_protocol(task_name, quick, device, seeds, out, log, arms=ARMS):
     cfg = dict(TASKS[task_name], **(QUICK[task_name] if quick else {}))
     task = make_task(task_name, cfg, log)
     steps = cfg["steps"]
@@ -462,7 +480,7 @@ def run_protocol(task_name, quick, device, seeds, out, log):
         train_one(task, "adaptive", SWEEP_SEED, cfg["lrs"][0], min(steps, 10), device, workdir)  # warm-up, untimed
         # 1. learning rates: one seed, equal steps, chosen on the validation split
         chosen = {}
-        for arm in ARMS:
+        for arm in arms:
             runs = []
             for lr in cfg["lrs"]:
                 row = dict(train_one(task, arm, SWEEP_SEED, lr, steps, device, workdir), phase="sweep")
@@ -470,12 +488,14 @@ def run_protocol(task_name, quick, device, seeds, out, log):
                 runs.append(row)
             best = max(runs, key=lambda r: (r["val"] if task.better == "higher" else -r["val"]))
             chosen[arm] = best["lr"]
-        chosen["top-k-2xbatch"] = chosen["top-k"]
+        extra = ("top-k-2xbatch",) if tuple(arms) == ARMS else ()  # the equal-memory comparison
+        if extra:
+            chosen["top-k-2xbatch"] = chosen["top-k"]
         log(f"  chosen learning rates: {chosen}")
         with open(os.path.join(out, f"lrs-{task_name}.json"), "w") as f:
             json.dump(chosen, f)
         # 2. memory: each arm in a fresh process
-        for arm in QUICK_ARMS_MEMORY if quick else ARMS + ("top-k-2xbatch",):
+        for arm in [a for a in QUICK_ARMS_MEMORY if a in arms] if quick else tuple(arms) + extra:
             row = dict(probe_in_fresh_process(task_name, arm, quick, device, chosen[arm]), phase="memory")
             with open(os.path.join(out, "runs.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -484,7 +504,7 @@ def run_protocol(task_name, quick, device, seeds, out, log):
         # 3. per seed: equal steps, then every budget, arms shuffled
         checks = [round(steps * (i + 1) / CHECKS) for i in range(CHECKS)]
         for seed in seeds:
-            order = list(ARMS) + ["top-k-2xbatch"]
+            order = list(arms) + list(extra)
             random.Random(seed).shuffle(order)
             base = {}
             for arm in order:
@@ -493,7 +513,7 @@ def run_protocol(task_name, quick, device, seeds, out, log):
                 record(row)
                 base[arm] = row
             full = base["lora-all"]["train_cpu"]
-            order = list(ARMS)
+            order = list(arms)
             random.Random(1000 + seed).shuffle(order)
             for budget in BUDGETS:
                 for arm in order:
@@ -535,7 +555,7 @@ def report(out):
             if ("lora-all", seed) in steps:
                 budgets[("lora-all", seed, 1.0)] = steps[("lora-all", seed)]
         seeds = sorted(s for (a, s) in steps if a == "lora-all")
-        arms = [a for a in ARMS + ("top-k-2xbatch",) if all((a, s) in steps for s in seeds)]
+        arms = [a for a in ARMS + CACHE_ARMS + ("top-k-2xbatch",) if all((a, s) in steps for s in seeds)]
         memory = {r["arm"]: r for r in task_rows if r["phase"] == "memory"}
         sweep = {}
         for r in task_rows:
@@ -612,6 +632,12 @@ def report(out):
                 f"{diff[0] * scale:+.{digits}f} ± {diff[1] * scale:.{digits}f} | {cpu:.1f} | {1000 * med:.0f} | "
                 f"{ratio:.2f} | " + " | ".join(cells) + f" | {ttt_text} | {mem_text} |")
             task_summary["arms"][arm] = arm_summary
+        cached = [a for a in arms if a.endswith(CACHED)]
+        if cached:
+            lines.append("\nThe prefix cache at equal steps (mean of the seeds): " + "; ".join(
+                f"`{a}`: {cache_line(steps[(a, s)]['prefix_cache'] for s in seeds)}" for a in cached) + ".")
+            for a in cached:
+                task_summary["arms"][a]["prefix_cache"] = [steps[(a, s)]["prefix_cache"] for s in seeds]
         plot(task_name, steps, budgets, seeds, arms, full_cpu, out, metric)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -619,6 +645,14 @@ def report(out):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return text
+
+
+def cache_line(stats):
+    """Hits as a share of the rows seen, and the cache's largest size per training example."""
+    stats = list(stats)
+    hits = statistics.mean(c["hits"] / max(1, c["hits"] + c["misses"]) for c in stats)
+    kib = statistics.mean(c["max_bytes"] / c["examples"] / 1024 for c in stats)
+    return f"{100 * hits:.0f} % of the rows served from the cache, at most {kib:.0f} KiB per training example"
 
 
 def plot(task_name, steps, budgets, seeds, arms, full_cpu, out, metric):
@@ -660,6 +694,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds")
     parser.add_argument("--task", choices=("minilm", "lm", "both"), default="both")
     parser.add_argument("--seeds", type=int, help="paired seeds (default 5; quick 2)")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated arms to run, lora-all among them (default: {','.join(ARMS)}; "
+                             f"also {', '.join(CACHE_ARMS)}, the same schedules with the frozen-prefix cache)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "schedule_value"),
                         help="folder for runs.jsonl, report.md, summary.json and the plots")
@@ -676,6 +713,11 @@ def main(argv=None):
     if args.report:
         print(report(args.report))
         return 0
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    unknown = [a for a in arms if a not in ARMS + CACHE_ARMS]
+    if unknown or "lora-all" not in arms:
+        parser.error(f"--arms: {unknown or 'lora-all is missing'}; give lora-all (the baseline) and any of "
+                     f"{', '.join(ARMS[1:] + CACHE_ARMS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     if args.memory_probe:
@@ -710,7 +752,7 @@ def main(argv=None):
         f"({os.cpu_count()} CPUs), seeds {seeds}")
     started = time.time()
     for name in (("minilm", "lm") if args.task == "both" else (args.task,)):
-        run_protocol(name, args.quick, args.device, seeds, args.out, log)
+        run_protocol(name, args.quick, args.device, seeds, args.out, log, arms)
     log(f"\ndone in {time.time() - started:.0f} s")
     log(report(args.out))
     return 0
