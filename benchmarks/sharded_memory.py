@@ -28,7 +28,7 @@ import tiny_models  # noqa: E402  (examples/tiny_models.py)
 from peft import get_peft_model  # noqa: E402
 
 from peft_layersched import ScheduledLoraConfig  # noqa: E402
-from peft_layersched.sharded import set_layer_lrs, split_by_layer  # noqa: E402
+from peft_layersched.training.engines import layer_groups, split_by_layer  # noqa: E402
 
 
 def build(layers, hidden, r, phase):
@@ -92,7 +92,9 @@ def run_zero(stage, model, steps=3):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     layer_of = {id(p): layer for layer, ps in model.base_model.layer_parameters().items() for p in ps}
     split_by_layer(optimizer, layer_of)
-    set_layer_lrs(optimizer, [1e-3] * len(optimizer.param_groups), lambda layer: 1.0 if layer in active else 0.0)
+    for layer, indices in layer_groups(optimizer).items():  # frozen layers at LR 0, as the lr-zero engine runs
+        for index in indices:
+            optimizer.param_groups[index]["lr"] = 1e-3 if layer in active else 0.0
     engine, zero_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer,
         config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9},

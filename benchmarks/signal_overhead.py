@@ -32,8 +32,8 @@ def build(schedule, args, device):
     base = tiny_models.bert(args.layers, seed=0, hidden_size=args.hidden, num_attention_heads=4,
                             intermediate_size=4 * args.hidden, vocab_size=1000, max_position_embeddings=args.seq)
     model = get_peft_model(base, ScheduledLoraConfig(
-        r=8, target_modules=["query", "key", "value", "dense"], layer_schedule=schedule, schedule_unit="step",
-        task_type="SEQ_CLS", lora_dropout=0.0)).to(device)
+        r=8, target_modules=["query", "key", "value", "output.dense", "intermediate.dense"],  # not pooler.dense
+        layer_schedule=schedule, schedule_unit="step", task_type="SEQ_CLS", lora_dropout=0.0)).to(device)
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-4)
     return model, optimizer, LayerScheduler(model, optimizer, warn_on_no_update=False)
 
