@@ -225,3 +225,26 @@ def test_schedule_value_benchmark_quick_runs_the_whole_protocol(tmp_path):
     assert summary["lm"]["arms"]["lora-all"]["equal_steps"]["diff"] == 0.0
     assert "| `progressive` |" in open(str(out / "report.md")).read()
     assert os.path.getsize(str(out / "quality_vs_time_lm.png")) > 1000
+
+
+@pytest.mark.skipif(shipped_model_dir() is None or not HAS_MATPLOTLIB,
+                    reason="run in the env with the [demo] and [plot] extras (peft0212-tf5)")
+@pytest.mark.slow  # a benchmark run
+def test_schedule_value_cache_arm_serves_rows_and_equals_its_uncached_arm_on_the_lm(tmp_path):
+    """`--arms` with `top-k+cache`: on the LM (no dropout below the boundary) the cached arm trains exactly
+    what `top-k` trains, and from the second epoch its rows come from the cache."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PEFT_LAYERSCHED_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "benchmarks", "schedule_value.py")
+    refused = run([script, "--quick", "--arms", "top-k,top-k+cache", "--out", out], cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "lora-all is missing" in refused.stderr
+    result = run([script, "--quick", "--task", "lm", "--seeds", "1", "--arms", "lora-all,top-k,top-k+cache",
+                  "--out", out], cwd=tmp_path, timeout=1200, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(str(out / "runs.jsonl"))]
+    steps = {r["arm"]: r for r in rows if r["phase"] == "steps"}
+    assert set(steps) == {"lora-all", "top-k", "top-k+cache"}
+    assert steps["top-k+cache"]["test"] == steps["top-k"]["test"] and steps["top-k"]["prefix_cache"] is None
+    cache = steps["top-k+cache"]["prefix_cache"]
+    assert cache["hits"] > 0 and cache["max_bytes"] > 0, cache
+    assert "of the rows served from the cache" in open(str(out / "report.md")).read()
