@@ -230,6 +230,18 @@ def test_the_cache_is_off_while_an_encoder_layer_trains_and_on_after_it_froze():
     assert seen == [(False, 0, 0), (False, 0, 0), (True, 0, 24), (True, 24, 24)], seen
 
 
+def test_autofreeze_turns_the_cache_on_once_it_froze_the_encoder_and_stays_bitwise():
+    spec = {"type": "autofreeze", "every": 2, "percentile": 50}
+    uncached, cached = t5(spec, schedule_unit="step"), t5(spec, schedule_unit="step")
+    plain_run(uncached, 6, data=Pairs(), collate=pad, total_steps=30)
+    seen = []
+    plain_run(cached, 6, True, data=Pairs(), collate=pad, total_steps=30,
+              on_epoch=lambda epoch, s: seen.append((s.prefix.boundary, s.prefix.on, s.prefix.hits)))
+    assert_same_lora(uncached, cached)
+    assert seen[0] == (0, False, 0) and seen[-1][1] and seen[-1][2] > 0, seen
+    assert [b for b, _, _ in seen] == sorted(b for b, _, _ in seen) and seen[-1][0] > 2, seen
+
+
 def test_schedules_that_train_the_encoder_again_or_never_freeze_it_are_refused():
     for schedule, match in [({0: DECODER, 2: ["encoder.0"] + DECODER}, "trains encoder layers again"),
                             ({0: ["encoder.0", "decoder.1"]}, "would never be used")]:
