@@ -59,10 +59,10 @@ def pad_fixed(features):
     return pad_right(features, 12)
 
 
-def plain_run(model, epochs, prefix_cache=None, batch_size=5, on_epoch=None, collate=pad_fixed, **options):
-    """A plain loop with shuffling; returns the scheduler (finished)."""
+def plain_run(model, epochs, prefix_cache=None, batch_size=5, on_epoch=None, collate=pad_fixed, data=None, **options):
+    """A plain loop with shuffling over ``data`` (default VariableLength()); returns the scheduler (finished)."""
     torch.manual_seed(0)
-    loader = DataLoader(VariableLength(), batch_size=batch_size, shuffle=True, collate_fn=collate,
+    loader = DataLoader(data or VariableLength(), batch_size=batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
     sched = LayerScheduler(model, optimizer, total_epochs=epochs, prefix_cache=prefix_cache, **options)

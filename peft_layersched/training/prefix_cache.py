@@ -14,14 +14,9 @@ import torch
 from torch import nn
 
 from ..schedules import AdaptiveSchedule
-from .prefix_store import RowStore, real_slice, row_keys, row_layouts
-
-WHAT_WORKS = ("prefix_cache works with the requires_grad engine on one process or DDP, on a model with one layer "
-              "stack whose embeddings feed its first layer (BERT-, LLaMA-style)")
-
-# Arguments of a backbone's forward that the layers below the boundary do not read (loss scaling, output
-# switches): not part of a row's key.
-NOT_PREFIX_INPUTS = ("use_cache", "return_dict", "num_items_in_batch", "logits_to_keep")
+from .prefix_checks import WHAT_WORKS, dropout_in, refuse_outputs, trained_parameters
+from .prefix_encoder import EncoderActivations
+from .prefix_store import RowStore, assemble, batch_keys, bound_inputs, cache_metrics, real_slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +94,18 @@ def check_schedule(schedule: Any, positions: List[Optional[int]], kind: str) -> 
 
 
 def attach(config: Optional[PrefixCache], tuner: Any, adapter_name: str, engine: Any, schedule: Any,
-           times: range) -> Optional["PrefixActivations"]:
-    """The cache of a run (``None`` when ``config`` is), after refusing what it cannot serve exactly;
-    ``times``: the schedule times the run has left."""
+           times: range) -> Any:
+    """The cache of a run (``None`` when ``config`` is), after refusing what it cannot serve exactly: a
+    :class:`PrefixActivations`, or on an encoder-decoder model an ``EncoderActivations``; ``times``: the
+    schedule times the run has left."""
     if config is None:
         return None
     check_engine(config, engine)
     if schedule is None:
         raise ValueError("prefix_cache needs a layer schedule: without one every layer trains and nothing is frozen.")
     index = tuner.scheduled_adapter(adapter_name).index
-    if len(index.stacks) != 1:
+    encoder_decoder = getattr(getattr(tuner.model, "config", None), "is_encoder_decoder", False)
+    if len(index.stacks) != 1 and not encoder_decoder:
         raise ValueError(f"prefix_cache supports models with one layer stack; this one has "
                          f"{[stack.path for stack in index.stacks]}. {WHAT_WORKS}.")
     order = index.all_layers()
@@ -118,6 +115,10 @@ def attach(config: Optional[PrefixCache], tuner: Any, adapter_name: str, engine:
         while t < times.stop and len(positions) < 100000:
             positions.append(lowest(schedule.active_at(t), order))
             t = (t // granule + 1) * granule
+    if encoder_decoder:
+        cache = EncoderActivations(tuner.model, index, config)
+        cache.check_schedule(schedule, positions, order)
+        return cache
     check_schedule(schedule, positions, schedule.kind)
     return PrefixActivations(tuner.model, index.stacks[0].path, config)
 
@@ -133,8 +134,9 @@ class PrefixActivations(object):
 
     def __init__(self, model: nn.Module, stack_path: str, config: PrefixCache) -> None:
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ValueError(f"prefix_cache does not support encoder-decoder models yet ({type(model).__name__}: "
-                             f"its layers pass position bias from layer to layer). {WHAT_WORKS}.")
+            raise ValueError(f"PrefixActivations caches inside one layer stack; {type(model).__name__} is an "
+                             f"encoder-decoder model, whose layers pass position bias from layer to layer. Use "
+                             f"attach(), which caches its frozen encoder's output instead.")
         self.config = config
         self.stack = model.get_submodule(stack_path)
         embed = model.get_input_embeddings()
@@ -189,23 +191,19 @@ class PrefixActivations(object):
         return [self.embedder] + list(self.stack)[:self.boundary]
 
     def _check_prefix(self) -> None:
-        trained = [n for m in self.prefix_modules() for n, p in m.named_parameters() if p.requires_grad]
+        trained = trained_parameters(self.prefix_modules())
         if trained:
             raise ValueError(
                 f"prefix_cache: parameters below the lowest active layer train ({trained[:3]}...), so the "
                 f"hidden states entering it change every step. Keep the embeddings and lower layers frozen "
                 f"(no modules_to_save there), or leave prefix_cache unset.")
-        if self.config.eval_prefix:
-            return
-        for module in self.prefix_modules():
-            for sub in module.modules():
-                p = sub.p if "Dropout" in type(sub).__name__ else getattr(sub, "attention_dropout", 0)
-                if isinstance(p, (int, float)) and p > 0:
-                    raise ValueError(
-                        f"prefix_cache: the frozen layers below the boundary have dropout ({type(sub).__name__} "
-                        f"p={p} in {type(module).__name__}), so their output differs at every pass and cannot "
-                        f"be reused. Pass prefix_cache=PrefixCache(eval_prefix=True) to run them without dropout "
-                        f"(the layers above keep theirs), or set the dropout below the boundary to 0.")
+        found = None if self.config.eval_prefix else dropout_in(self.prefix_modules())
+        if found is not None:
+            raise ValueError(
+                f"prefix_cache: the frozen layers below the boundary have dropout ({found}), so their output "
+                f"differs at every pass and cannot be reused. Pass prefix_cache=PrefixCache(eval_prefix=True) to "
+                f"run them without dropout (the layers above keep theirs), or set the dropout below the boundary "
+                f"to 0.")
 
     def _patch(self, module: nn.Module, embedder: bool) -> None:
         original = module.forward
@@ -241,33 +239,18 @@ class PrefixActivations(object):
         self._serving, self._recording, self._trace, self._served = None, None, None, False
         if self.boundary <= 0 or not module.training:
             return
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        inputs: Dict[str, Any] = {}
-        for name, value in bound.items():
-            if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                inputs.update(value)
-            else:
-                inputs[name] = value
-        config = getattr(module, "config", None)
-        for flag in ("output_hidden_states", "output_attentions"):
-            if inputs.get(flag) or getattr(config, flag, False):
-                raise ValueError(f"prefix_cache: {flag} is requested, but the layers below the boundary do not run "
-                                 f"on cached batches. Leave {flag} off while training with prefix_cache, or "
-                                 f"leave prefix_cache unset.")
+        inputs = bound_inputs(self.signature, args, kwargs)
+        refuse_outputs(inputs, getattr(module, "config", None), "the layers below the boundary do not run")
         if inputs.get("past_key_values") is not None:
             return
         if self.config.eval_prefix:
             for prefix in self.prefix_modules():
                 prefix.eval()
-        shaped = inputs.get("input_ids")
-        if shaped is None:
-            shaped = inputs.get("inputs_embeds")
-        if shaped is None or shaped.dim() < 2:
+        keyed = batch_keys(inputs, self.config)
+        if keyed is None:
             return
-        batch, length = int(shaped.shape[0]), int(shaped.shape[1])
-        layouts = row_layouts(inputs.get("attention_mask"), batch, length, self.config.any_pad_length)
-        keys = row_keys({k: v for k, v in inputs.items() if v is not None and k not in NOT_PREFIX_INPUTS},
-                        layouts, length)
+        shaped, layouts, keys = keyed
+        batch = len(keys)
         missing = [i for i, key in enumerate(keys) if key not in self.store]
         if missing or self._verify:
             self.misses += len(missing)
@@ -276,14 +259,7 @@ class PrefixActivations(object):
             self._trace = [] if self._verify else None
             return
         self.hits += batch
-        rows = [self.store.get(key) for key in keys]
-        if all(layout[0] == "full" for layout in layouts):
-            self._serving = torch.stack(rows).to(shaped.device, self._dtype)
-            return
-        hidden = torch.zeros((batch, length) + tuple(rows[0].shape[1:]), dtype=self._dtype, device=shaped.device)
-        for i, row in enumerate(rows):
-            hidden[i, real_slice(layouts[i])] = row.to(hidden.device, hidden.dtype)
-        self._serving = hidden
+        self._serving = assemble(self.store, keys, layouts, int(shaped.shape[1]), shaped.device, self._dtype)
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
         served = self._serving is not None and self._served
@@ -331,13 +307,7 @@ class PrefixActivations(object):
                 f"leave prefix_cache unset for this model.")
 
     def metrics(self) -> Dict[str, float]:
-        return {
-            "layer_schedule/prefix_cache_bytes": float(self.store.ram_bytes + self.store.disk_bytes),
-            "layer_schedule/prefix_cache_disk_bytes": float(self.store.disk_bytes),
-            "layer_schedule/prefix_cache_hits": float(self.hits),
-            "layer_schedule/prefix_cache_misses": float(self.misses),
-            "layer_schedule/prefix_cache_boundary": float(self.boundary),
-        }
+        return cache_metrics(self.store, self.hits, self.misses, self.boundary)
 
     def close(self) -> None:
         """Remove every hook and patch and drop the rows (nothing is kept after the run)."""

@@ -7,6 +7,7 @@ RAM up to a byte cap, then in files of a folder, or nowhere.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -19,6 +20,10 @@ import torch
 # the attention sums over S positions, and pad positions have states too); ("right", n): with
 # any_pad_length, a right-padded row's n real tokens, under any padded length.
 Layout = Tuple[Any, ...]
+
+# Arguments of a forward that the cached modules do not read (loss scaling, output switches): not part of
+# a row's key.
+NOT_PREFIX_INPUTS = ("use_cache", "return_dict", "num_items_in_batch", "logits_to_keep")
 
 
 def row_layouts(mask: Optional[torch.Tensor], batch: int, length: int, any_pad_length: bool = False) -> List[Layout]:
@@ -56,6 +61,55 @@ def row_keys(inputs: Dict[str, Any], layouts: List[Layout], length: int) -> List
             digest.update(f"{name}:{part.dtype}:{tuple(part.shape)};".encode())
             digest.update(part.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return [digest.digest() for digest in digests]
+
+
+def bound_inputs(signature: inspect.Signature, args: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A forward's arguments by name, its ``**kwargs`` spread out."""
+    inputs: Dict[str, Any] = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            inputs.update(value)
+        else:
+            inputs[name] = value
+    return inputs
+
+
+def batch_keys(inputs: Dict[str, Any], config: Any) -> Optional[Tuple[torch.Tensor, List[Layout], List[bytes]]]:
+    """A batch's ids (or embeddings), row layouts and row keys (``None``: no batch of rows to key);
+    ``config``: the cache's options."""
+    shaped = inputs.get("input_ids")
+    if shaped is None:
+        shaped = inputs.get("inputs_embeds")
+    if shaped is None or shaped.dim() < 2:
+        return None
+    batch, length = int(shaped.shape[0]), int(shaped.shape[1])
+    layouts = row_layouts(inputs.get("attention_mask"), batch, length, config.any_pad_length)
+    keys = row_keys({k: v for k, v in inputs.items() if v is not None and k not in NOT_PREFIX_INPUTS},
+                    layouts, length)
+    return shaped, layouts, keys
+
+
+def assemble(store: "RowStore", keys: List[bytes], layouts: List[Layout], length: int, device: Any,
+             dtype: torch.dtype) -> torch.Tensor:
+    """The batch of kept rows, padded to ``length`` (zeros where a row keeps its real tokens only)."""
+    rows = [store.get(key) for key in keys]
+    if all(layout[0] == "full" for layout in layouts):
+        return torch.stack(rows).to(device, dtype)
+    hidden = torch.zeros((len(rows), length) + tuple(rows[0].shape[1:]), dtype=dtype, device=device)
+    for i, row in enumerate(rows):
+        hidden[i, real_slice(layouts[i])] = row.to(hidden.device, hidden.dtype)
+    return hidden
+
+
+def cache_metrics(store: "RowStore", hits: int, misses: int, boundary: int) -> Dict[str, float]:
+    """A cache's ``metrics()``: its bytes, hits and misses in rows, and its boundary."""
+    return {
+        "layer_schedule/prefix_cache_bytes": float(store.ram_bytes + store.disk_bytes),
+        "layer_schedule/prefix_cache_disk_bytes": float(store.disk_bytes),
+        "layer_schedule/prefix_cache_hits": float(hits),
+        "layer_schedule/prefix_cache_misses": float(misses),
+        "layer_schedule/prefix_cache_boundary": float(boundary),
+    }
 
 
 class RowStore(object):
