@@ -161,8 +161,8 @@ class PrefixActivations(object):
         self._served = False
         self._patched: List[nn.Module] = []
         self._handles = [
-            self.backbone.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.backbone.register_forward_hook(self._after),
+            self.backbone.register_forward_pre_hook(_uncompiled(self._before), with_kwargs=True),
+            self.backbone.register_forward_hook(_uncompiled(self._after)),
         ]
         self._layer_handles: List[Any] = []
 
@@ -183,8 +183,8 @@ class PrefixActivations(object):
         for module in [self.embedder] + layers[:boundary]:
             self._patch(module, module is self.embedder)
         self._layer_handles = [
-            layers[boundary].register_forward_pre_hook(self._record, with_kwargs=True),
-            layers[boundary].register_forward_hook(self._output_format),
+            layers[boundary].register_forward_pre_hook(_uncompiled(self._record), with_kwargs=True),
+            layers[boundary].register_forward_hook(_uncompiled(self._output_format)),
         ]
 
     def prefix_modules(self) -> List[nn.Module]:
@@ -317,6 +317,13 @@ class PrefixActivations(object):
         self._handles = []
         self.store.clear()
         self.boundary = 0
+
+
+def _uncompiled(hook: Any) -> Any:
+    # Under torch.compile the hooks run eagerly: traced, their key lookups guard on the store's size,
+    # and each recorded batch would recompile the model's forward until dynamo's limit.
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return hook if disable is None else disable(hook)
 
 
 def _hidden(args: Any, kwargs: Dict[str, Any]) -> Any:
