@@ -463,3 +463,51 @@ def test_old_torch_is_refused_with_the_version_it_needs():
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
     with pytest.raises(ValueError, match=r"prefix_cache needs torch >= 2\.0"):
         LayerScheduler(model, optimizer, total_steps=4, prefix_cache=True)
+
+
+class FailInEpoch(object):
+    """A Trainer callback that raises at the first step of ``epoch``, after checking the cache is in use."""
+
+    def __init__(self, epoch, folder):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Fail(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if int(state.epoch or 0) >= epoch:
+                    outer.files_before = len(list(folder.rglob("*")))
+                    raise RuntimeError("a failing step")
+
+        self.callback, self.files_before = Fail(), None
+
+
+@needs_torch2
+@pytest.mark.parametrize("mixin", [False, True], ids=["patched-trainer", "mixin-trainer"])
+def test_a_trainer_run_that_fails_takes_the_cache_off_the_model_and_disk(tmp_path, mixin):
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from peft_layersched import LayerScheduleCallback, LayerScheduleTrainerMixin
+
+    from helpers.toy_training import training_args
+
+    class MixinTrainer(LayerScheduleTrainerMixin, Trainer):
+        pass
+
+    model, folder = bert({0: [2, 3]}), tmp_path / "spill"
+    backbone = model.base_model.model.bert
+    hooks_before = (len(backbone._forward_pre_hooks), len(backbone._forward_hooks))
+    fail = FailInEpoch(2, folder)
+    callback = LayerScheduleCallback(prefix_cache=PrefixCache(max_bytes=4 * 12 * 32 * 4, dir=str(folder)))
+    trainer = (MixinTrainer if mixin else Trainer)(
+        model=model, args=training_args(tmp_path / "out", num_train_epochs=4, per_device_train_batch_size=5,
+                                        remove_unused_columns=False),
+        train_dataset=TokenRows(labels=True), data_collator=DataCollatorWithPadding(word_tokenizer()),
+        callbacks=[callback, fail.callback])
+    with pytest.raises(RuntimeError, match="a failing step"):
+        trainer.train()
+    assert fail.files_before > 1  # the cache was spilling when the run failed
+    assert list(folder.rglob("*")) == []
+    assert (len(backbone._forward_pre_hooks), len(backbone._forward_hooks)) == hooks_before
+    patched = [name for name, m in backbone.named_modules() if "forward" in m.__dict__]
+    assert not patched, patched

@@ -165,11 +165,8 @@ class LayerScheduleFinetuning(OptionsHolder, pl.Callback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._end_deferral()
-        sched = self.scheduler
-        if sched is not None and sched.prefix is not None:
-            # on_train_end does not come after a failed fit: its cache must not stay on the model or on disk
-            sched.prefix.close()
-            sched.prefix = None
+        if self.scheduler is not None:  # (on_train_end does not come after a failed fit)
+            self.scheduler.release()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._end_deferral()

@@ -86,12 +86,7 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         adopt.ensure_scheduled(model, layer_schedule, unit, self.adapter_name, "LayerScheduler")
         self.engine = choose(engine, options=taken)
         self.tuner: ScheduledLoraModel = find_scheduled_tuner(model, "LayerScheduler")
-        ddp = _ddp_module(model)
-        if ddp is not None:
-            check_ddp(
-                "LayerScheduler", ddp.find_unused_parameters, False, "Wrap with DistributedDataParallel(..., "
-                "find_unused_parameters=True) (accelerate: Accelerator(kwargs_handlers=[DistributedDataParallel"
-                "Kwargs(find_unused_parameters=True)])).", "")
+        _check_ddp_wrapper(model)
         self.adapter_name = self.tuner.scheduled_adapter(self.adapter_name).name
         self.clock = Clock(unit or getattr(self.tuner.peft_config[self.adapter_name], "schedule_unit", "epoch"),
                            total_steps, total_epochs, steps_per_epoch)
@@ -186,15 +181,20 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         self._switch(t)
         self._prepare_next()
 
+    def release(self) -> None:
+        """Take the run's hooks and its prefix cache (rows and files) off the model; :meth:`finish` does, and
+        the drivers do it when a run fails. The schedule's state stays (a resume reads it)."""
+        if self.adaptive is not None:
+            self.adaptive.close()
+        if self.prefix is not None:
+            self.prefix.close()
+            self.prefix = None
+
     def finish(self) -> List[int]:
         """The run is over: the no-update check of the last phase.  A switch made after the run's last
         optimizer step is undone (its layers never trained).  Returns the schedule times of the undone
         switches (no longer in :meth:`state_dict`'s ``switch_steps``)."""
-        if self.adaptive is not None:
-            self.adaptive.close()
-        if self.prefix is not None:
-            self.prefix.close()  # (nothing is kept after the run)
-            self.prefix = None
+        self.release()
         undo = self.switcher.pending_undo()
         self._check_phase_updates()
         if undo is None:
@@ -335,6 +335,15 @@ class LayerScheduler(OptionsHolder, ClockView, SwitchView):
         schedule = self._schedule
         self.factors.prepare(self.steps + 1, self.current, schedule,
                              lambda layer: self.switcher.join_step(schedule, layer))
+
+
+def _check_ddp_wrapper(model: Any) -> None:
+    ddp = _ddp_module(model)
+    if ddp is not None:
+        check_ddp(
+            "LayerScheduler", ddp.find_unused_parameters, False, "Wrap with DistributedDataParallel(..., "
+            "find_unused_parameters=True) (accelerate: Accelerator(kwargs_handlers=[DistributedDataParallel"
+            "Kwargs(find_unused_parameters=True)])).", "")
 
 
 def _ddp_module(model: Any) -> Any:

@@ -189,6 +189,10 @@ class LayerScheduleCallback(OptionsHolder, TrainerCallback):
         tuner = find_scheduled_tuner(trainer_.model, "LayerScheduleCallback")
         split_trainer_optimizer(trainer_, tuner.layer_parameters(self.adapter_name))
 
+    def _peft_layersched_failed(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.release()
+
     def _peft_layersched_log(self, trainer_: Any, logs: Dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:  # training records, not evaluation ones
             logs.update(self.tracker_scalars())

@@ -1,8 +1,9 @@
-"""The HF ``Trainer`` side of ``LayerScheduleCallback``: the run's engine, and three Trainer methods it reaches.
+"""The HF ``Trainer`` side of ``LayerScheduleCallback``: the run's engine, and four Trainer methods it reaches.
 
-``create_optimizer`` splits the groups by layer, ``log`` adds the tracker numbers, and
-``_load_from_checkpoint`` defers the weight check. Get them with :class:`LayerScheduleTrainerMixin`,
-or from the wrappers the callback installs on ``transformers.Trainer``.
+``create_optimizer`` splits the groups by layer, ``log`` adds the tracker numbers,
+``_load_from_checkpoint`` defers the weight check, and a ``train`` that raises takes the run's hooks off
+the model. Get them with :class:`LayerScheduleTrainerMixin`, or from the wrappers the callback installs on
+``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ...tuner import deferred_load_check
 
 _SPLIT_HOOK = "_peft_layersched_split"
 _LOG_HOOK = "_peft_layersched_log"
+_FAILED_HOOK = "_peft_layersched_failed"
 _PATCHED = "_peft_layersched_hook"
 
 
@@ -103,6 +105,12 @@ def add_tracker_numbers(trainer: Any, logs: Any) -> None:
             add(trainer, logs)
 
 
+def release_failed_run(trainer: Any) -> None:
+    """``train()`` raised: take the run's hooks and prefix cache off the model (``on_train_end`` never came)."""
+    for release in _hooks(trainer, _FAILED_HOOK):
+        release()
+
+
 class LayerScheduleTrainerMixin(object):
     """Gives a ``Trainer`` class what ``LayerScheduleCallback`` needs from inside it, without patching
     ``transformers.Trainer``: put it first, ``class MyTrainer(LayerScheduleTrainerMixin, Trainer)`` (works with
@@ -123,6 +131,13 @@ class LayerScheduleTrainerMixin(object):
         with deferred_load_check(self.model):
             return super()._load_from_checkpoint(*args, **kwargs)  # type: ignore[misc]
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            release_failed_run(self)
+            raise
+
 
 def _ours(trainer: Any) -> bool:
     """A Trainer the class-level wrappers act for: it holds our callback and is not a mixin subclass."""
@@ -130,8 +145,8 @@ def _ours(trainer: Any) -> bool:
 
 
 def install_trainer_hooks() -> None:
-    """Wrap ``Trainer.create_optimizer``, ``Trainer.log`` and ``Trainer._load_from_checkpoint`` once (see the
-    module docstring); the wrappers run the originals unchanged for a Trainer without our callback."""
+    """Wrap ``Trainer.create_optimizer``, ``Trainer.log``, ``Trainer._load_from_checkpoint`` and ``Trainer.train``
+    once (see the module docstring); the wrappers run the originals unchanged for a Trainer without our callback."""
     from transformers import Trainer
 
     original = Trainer.create_optimizer
@@ -167,6 +182,18 @@ def install_trainer_hooks() -> None:
                 return original_load(self, *args, **kwargs)
 
         Trainer._load_from_checkpoint = _load_from_checkpoint
+
+    original_train = Trainer.train
+
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original_train(self, *args, **kwargs)
+        except BaseException:
+            if _ours(self):
+                release_failed_run(self)
+            raise
+
+    Trainer.train = train
 
 
 def split_trainer_optimizer(trainer: Any, layer_params: Dict[Any, List[Any]]) -> None:
