@@ -45,11 +45,12 @@ class Calls(object):
         self.count += 1
 
 
-def compiled_run(model, collate, prefix_cache=None, on_epoch=None):
+def compiled_run(model, collate, prefix_cache=None, on_epoch=None, data=None):
+    """A compiled, shuffled plain loop over ``data`` (VariableLength()); returns the cache's hits."""
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    loader = DataLoader(VariableLength(), batch_size=5, shuffle=True, collate_fn=collate,
+    loader = DataLoader(data or VariableLength(), batch_size=5, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(LayerScheduler.param_groups(model), lr=1e-2)
     sched = LayerScheduler(model, optimizer, total_epochs=EPOCHS, prefix_cache=prefix_cache)
@@ -67,8 +68,10 @@ def compiled_run(model, collate, prefix_cache=None, on_epoch=None):
             if on_epoch is not None:
                 on_epoch(sched)
             sched.epoch_end()
+    hits = sched.prefix.hits if sched.prefix is not None else 0
     sched.finish()
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    return hits
 
 
 @pytest.mark.parametrize("collate", [pad_fixed, pad_right], ids=["fixed-padding", "dynamic-padding"])
@@ -93,3 +96,16 @@ def test_a_compiled_loop_with_the_cache_trains_bitwise_as_without_it_and_skips_t
         hits, misses, prefix_calls = seen[-1]
         assert hits > 0 and EPOCHS * 5 - prefix_calls >= 1, seen
     assert "forward" not in backbone.embeddings.__dict__  # closed after the run
+
+
+
+def test_a_compiled_t5_loop_with_the_encoder_cache_trains_bitwise_as_without_it():
+    from test_prefix_cache_encoder import Pairs, t5
+    from test_prefix_cache_encoder import pad_fixed as pad_pairs
+
+    uncached, cached = t5(), t5()
+    compiled_run(uncached, pad_pairs, data=Pairs())
+    hits = compiled_run(cached, pad_pairs, prefix_cache=True, data=Pairs())
+    assert_same_lora(uncached, cached)
+    assert hits == (EPOCHS - 1) * ROWS
+    assert "forward" not in cached.base_model.model.encoder.__dict__  # closed after the run

@@ -16,7 +16,7 @@ from torch import nn
 from ..schedules import AdaptiveSchedule
 from .prefix_checks import WHAT_WORKS, dropout_in, refuse_outputs, trained_parameters
 from .prefix_encoder import EncoderActivations
-from .prefix_store import RowStore, assemble, batch_keys, bound_inputs, cache_metrics, real_slice
+from .prefix_store import RowStore, assemble, batch_keys, bound_inputs, cache_metrics, real_slice, uncompiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +161,8 @@ class PrefixActivations(object):
         self._served = False
         self._patched: List[nn.Module] = []
         self._handles = [
-            self.backbone.register_forward_pre_hook(_uncompiled(self._before), with_kwargs=True),
-            self.backbone.register_forward_hook(_uncompiled(self._after)),
+            self.backbone.register_forward_pre_hook(uncompiled(self._before), with_kwargs=True),
+            self.backbone.register_forward_hook(uncompiled(self._after)),
         ]
         self._layer_handles: List[Any] = []
 
@@ -183,8 +183,8 @@ class PrefixActivations(object):
         for module in [self.embedder] + layers[:boundary]:
             self._patch(module, module is self.embedder)
         self._layer_handles = [
-            layers[boundary].register_forward_pre_hook(_uncompiled(self._record), with_kwargs=True),
-            layers[boundary].register_forward_hook(_uncompiled(self._output_format)),
+            layers[boundary].register_forward_pre_hook(uncompiled(self._record), with_kwargs=True),
+            layers[boundary].register_forward_hook(uncompiled(self._output_format)),
         ]
 
     def prefix_modules(self) -> List[nn.Module]:
@@ -317,13 +317,6 @@ class PrefixActivations(object):
         self._handles = []
         self.store.clear()
         self.boundary = 0
-
-
-def _uncompiled(hook: Any) -> Any:
-    # Under torch.compile the hooks run eagerly: traced, their key lookups guard on the store's size,
-    # and each recorded batch would recompile the model's forward until dynamo's limit.
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return hook if disable is None else disable(hook)
 
 
 def _hidden(args: Any, kwargs: Dict[str, Any]) -> Any:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..schedules import AdaptiveSchedule
 from .prefix_checks import WHAT_WORKS, dropout_in, refuse_outputs, trained_parameters
-from .prefix_store import RowStore, assemble, batch_keys, bound_inputs, cache_metrics, real_slice
+from .prefix_store import RowStore, assemble, batch_keys, bound_inputs, cache_metrics, real_slice, uncompiled
 
 
 class EncoderActivations(object):
@@ -52,6 +52,7 @@ class EncoderActivations(object):
         self._dtype = torch.float32
         self._verify = False
         self._original = encoder.forward
+        self._lookup, self._keep = uncompiled(self._look_up), uncompiled(self._store_rows)
         encoder.forward = self._forward
         self._patched = True
 
@@ -109,8 +110,20 @@ class EncoderActivations(object):
     # ------------------------------------------------------------------------ the encoder's forward
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        # The lookup and the keeping run uncompiled; the encoder itself is traced as usual.
+        served, plan = self._lookup(args, kwargs)
+        if served is not None:
+            return served
+        output = self._original(*args, **kwargs)
+        if plan is not None:
+            self._keep(plan, output)
+        return output
+
+    def _look_up(self, args: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+        """``(output, None)`` to serve a batch of kept rows, ``(None, plan)`` to run the encoder and keep
+        what ``plan`` names, ``(None, None)`` to run it as given."""
         if not self.on or not self.model.training:
-            return self._original(*args, **kwargs)
+            return None, None
         inputs = bound_inputs(self.signature, args, kwargs)
         for config in (getattr(self.encoder, "config", None), getattr(self.model, "config", None)):
             refuse_outputs(inputs, config, "the encoder does not run")
@@ -118,7 +131,7 @@ class EncoderActivations(object):
             self.encoder.eval()
         keyed = batch_keys(inputs, self.config)
         if keyed is None or any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values()):
-            return self._original(*args, **kwargs)  # (inputs that train: the output is not fixed)
+            return None, None  # (inputs that train: the output is not fixed)
         shaped, layouts, keys = keyed
         output_format = self.formats.get(inputs.get("return_dict"))
         missing = [i for i, key in enumerate(keys) if key not in self.store]
@@ -126,16 +139,18 @@ class EncoderActivations(object):
         self.hits += len(keys) - len(missing)
         if not missing and output_format is not None and not self._verify:
             hidden = assemble(self.store, keys, layouts, int(shaped.shape[1]), shaped.device, self._dtype)
-            return _output(output_format, hidden)
+            return _output(output_format, hidden), None
         before = _rng_states(shaped.device) if self._verify else None
-        output = self._original(*args, **kwargs)
+        return None, (inputs.get("return_dict"), keys, layouts, missing, before, shaped.device)
+
+    def _store_rows(self, plan: Tuple[Any, ...], output: Any) -> None:
+        return_dict, keys, layouts, missing, before, device = plan
         if before is not None:
-            self._check_no_random(before, _rng_states(shaped.device))
-        hidden, self.formats[inputs.get("return_dict")] = _hidden_and_format(output, self.encoder)
+            self._check_no_random(before, _rng_states(device))
+        hidden, self.formats[return_dict] = _hidden_and_format(output, self.encoder)
         self._dtype = hidden.dtype
         for i in missing:
             self.store.put(keys[i], hidden[i, real_slice(layouts[i])])
-        return output
 
     def _check_no_random(self, before: List[torch.Tensor], after: List[torch.Tensor]) -> None:
         """On the first batch recorded: the encoder must not draw random numbers in training mode (BART's

@@ -112,6 +112,13 @@ def cache_metrics(store: "RowStore", hits: int, misses: int, boundary: int) -> D
     }
 
 
+def uncompiled(hook: Any) -> Any:
+    """``hook``, run eagerly under ``torch.compile``: traced, a cache's key lookups guard on its size, and
+    each recorded batch would recompile the model's forward until dynamo's limit."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return hook if disable is None else disable(hook)
+
+
 class RowStore(object):
     """Hidden-state rows by key: in RAM up to ``max_bytes``, beyond it in files under ``folder`` (or dropped)."""
 
