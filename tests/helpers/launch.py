@@ -46,11 +46,22 @@ def torchrun(args, what, timeout):
     # cwd: tests/, where `-m helpers.<worker>` is found (`python -m` puts the working directory on sys.path).
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=TESTS, start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"), universal_newlines=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"), universal_newlines=True,
     )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # Where did it hang? SIGABRT makes each Python process print every thread's stack (faulthandler)
+        # into the output the failure shows.
+        for pid in descendants(process.pid):
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except OSError:
+                pass
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         # torchrun's ranks may sit in process groups of their own: kill every descendant, not only the group,
         # or a rank left alive keeps the output pipe open and communicate() never returns.
         for pid in [process.pid] + descendants(process.pid):
@@ -58,10 +69,11 @@ def torchrun(args, what, timeout):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            output = ""
+        if process.returncode is None:
+            try:
+                output, _ = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                output = ""
         pytest.fail(f"the 2-process {what} did not finish within {timeout} s; its output:\n{(output or '')[-6000:]}")
     assert process.returncode == 0, output[-6000:]
     return output
