@@ -22,6 +22,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from peft_layersched import LayerScheduleCallback  # noqa: E402
 
+from helpers.leave import leave_together
 from helpers.snapshots import layer_hashes  # noqa: E402
 from helpers.toy_training import scheduled_bert, train  # noqa: E402
 
@@ -50,3 +51,4 @@ def main(out, kind):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave_together()

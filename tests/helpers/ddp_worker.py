@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from peft_layersched import LayerScheduleCallback
 
+from helpers.leave import leave_together
 from helpers.snapshots import layer_hashes
 from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train, training_args
 
@@ -88,3 +89,4 @@ def main(out_dir, kind):
 if __name__ == "__main__":
     for name in sys.argv[2].split(","):
         main(sys.argv[1], name)
+    leave_together()

@@ -21,6 +21,7 @@ import torch
 from peft_layersched.lightning import LayerScheduleFinetuning
 
 from helpers import lightning_training as lt
+from helpers.leave import leave_together
 
 
 def fit(out_dir, strategy, callbacks):
@@ -52,3 +53,4 @@ def main(out_dir, kind):
 if __name__ == "__main__":
     for name in sys.argv[2].split(","):
         main(sys.argv[1], name)
+    leave_together()

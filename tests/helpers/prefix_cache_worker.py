@@ -14,6 +14,7 @@ import sys
 import torch
 from test_prefix_cache import bert, trainer_run
 
+from helpers.leave import leave_together
 from helpers.scheduled_cases import lora_params
 from helpers.toy_training import cpu_flag
 
@@ -42,3 +43,4 @@ def main(out_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_together()

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from peft_layersched import LayerScheduleCallback
 from peft_layersched.training.engines import LAYER_KEY
 
+from helpers.leave import leave_together
 from helpers.toy_training import ToyClassification, cpu_flag, scheduled_bert, train
 
 LAYERS = 4
@@ -176,3 +177,4 @@ if __name__ == "__main__":
         if name.startswith("fsdp") and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo")
         main(sys.argv[1], name)
+    leave_together()
