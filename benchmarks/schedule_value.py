@@ -300,7 +300,7 @@ class _Clock(TrainerCallback):
     def __init__(self, task, checks, device, schedule_callback=None):
         self.task, self.checks, self.device = task, set(checks), device
         self.schedule_callback = schedule_callback
-        self.cache = None  # the prefix cache's counters at the last step, and its largest size
+        self.cache = None  # the prefix cache's counters at the last step, and its largest size (cache arms)
         self.step_wall, self.params, self.evals = [], [], []
         self.eval_wall = self.eval_cpu = 0.0
 
@@ -323,11 +323,14 @@ class _Clock(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._sync()
         self.step_wall.append(time.perf_counter() - self._step)
-        metrics = self.schedule_callback.tracker_scalars() if self.schedule_callback is not None else {}
-        if "layer_schedule/prefix_cache_hits" in metrics:
+        if self.schedule_callback is not None:  # (a cache arm: its counters, read outside the train time)
+            w0, c0 = time.perf_counter(), time.process_time()
+            metrics = self.schedule_callback.tracker_scalars()
             most = max(metrics["layer_schedule/prefix_cache_bytes"], (self.cache or {}).get("max_bytes", 0))
             self.cache = {"hits": metrics["layer_schedule/prefix_cache_hits"],
                           "misses": metrics["layer_schedule/prefix_cache_misses"], "max_bytes": most}
+            self.eval_wall += time.perf_counter() - w0
+            self.eval_cpu += time.process_time() - c0
         if state.global_step in self.checks:
             wall, cpu = self.train_time()
             w0, c0 = time.perf_counter(), time.process_time()
@@ -345,7 +348,7 @@ def train_one(task, arm, seed, lr, steps, device, workdir, checks=(), batch=None
     model = get_peft_model(task.base(seed), ScheduledLoraConfig(
         layer_schedule=schedule, schedule_unit="step", init_seed=seed, **task.lora(rank)))
     scheduling = LayerScheduleCallback(prefix_cache=prefix_cache_for(arm)) if schedule is not None else None
-    clock = _Clock(task, checks, device, scheduling)
+    clock = _Clock(task, checks, device, scheduling if arm.endswith(CACHED) else None)
     callbacks = [scheduling, clock] if schedule is not None else [clock]
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     args = TrainingArguments(

@@ -148,8 +148,7 @@ class PrefixActivations(object):
         self.backbone = model.get_submodule(".".join(embed_parts[:common])) if common else model
         self.embedder = self.backbone.get_submodule(embed_parts[common])
         self.signature = inspect.signature(self.backbone.forward)
-        self.store = RowStore(config.max_bytes, config.dir,
-                              None if config.dtype is None else getattr(torch, config.dtype))
+        self.store = RowStore.for_options(config)
         self.boundary = 0
         self.hits = self.misses = 0
         self.output_format: Any = None  # a layer's output: None (a tensor) or the tuple's length

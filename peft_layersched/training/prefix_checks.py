@@ -35,5 +35,3 @@ def dropout_in(modules: List[nn.Module]) -> Optional[str]:
             if isinstance(p, (int, float)) and p > 0:
                 return f"{type(sub).__name__} p={p} in {type(module).__name__}"
     return None
-
-

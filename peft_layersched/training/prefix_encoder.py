@@ -43,8 +43,7 @@ class EncoderActivations(object):
                              f"prefix_cache unset for this model.")
         self.encoder_layers = len(positions)  # positions 0 .. encoder_layers - 1
         self.signature = inspect.signature(encoder.forward)
-        self.store = RowStore(config.max_bytes, config.dir,
-                              None if config.dtype is None else getattr(torch, config.dtype))
+        self.store = RowStore.for_options(config)
         self.boundary = 0
         self.on = False  # no encoder layer trains: rows are kept and served
         self.hits = self.misses = 0

@@ -130,6 +130,11 @@ class RowStore(object):
         self.full = False  # a row did not fit (folder None)
         self._tmp: Optional[str] = None
 
+    @classmethod
+    def for_options(cls, options: Any) -> "RowStore":
+        """The store a ``PrefixCache`` asks for."""
+        return cls(options.max_bytes, options.dir, None if options.dtype is None else getattr(torch, options.dtype))
+
     def __contains__(self, key: bytes) -> bool:
         return key in self.ram or key in self.disk
 
